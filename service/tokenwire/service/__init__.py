@@ -1,0 +1,61 @@
+"""tokenwire server: a grpc.aio gateway that streams tokens from Ollama."""
+
+from __future__ import annotations
+
+from ._config import Settings, ollama_url_from_env, parse_settings
+from ._exceptions import (
+    EngineError,
+    FirstTokenTimeout,
+    IdleTimeout,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    ProtocolError,
+    RunnerCrashed,
+    StreamError,
+    TruncatedStream,
+    UpstreamBusy,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
+from ._server import SERVICE_NAME, Runtime, build_server, serve
+from ._servicer import GenerationServicer, StreamSettings
+from ._status import STATUS_TABLE, status_for
+from ._upstream import OllamaUpstream
+from ._validate import Limits, ValidationFailed
+
+__all__ = [
+    "SERVICE_NAME",
+    "STATUS_TABLE",
+    "EngineError",
+    "FirstTokenTimeout",
+    "GenerationServicer",
+    "IdleTimeout",
+    "InvalidRequest",
+    "Limits",
+    "ModelNotFound",
+    "OllamaUpstream",
+    "PermissionDenied",
+    "ProtocolError",
+    "RunnerCrashed",
+    "Runtime",
+    "Settings",
+    "StreamError",
+    "StreamSettings",
+    "TruncatedStream",
+    "UpstreamBusy",
+    "UpstreamConnectError",
+    "UpstreamDisconnected",
+    "UpstreamError",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "ValidationFailed",
+    "build_server",
+    "ollama_url_from_env",
+    "parse_settings",
+    "serve",
+    "status_for",
+]

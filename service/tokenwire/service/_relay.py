@@ -1,0 +1,150 @@
+"""Moves chunks from one upstream stream to one caller.
+
+A reader task owns the upstream response. It appends each parsed chunk to a
+pending list and wakes the writer (the RPC handler). The writer takes
+everything pending at once: a caller that keeps up gets one message per chunk
+with no added delay; a caller that falls behind gets fewer, larger messages
+(adaptive coalescing: no timer ever waits for more). When the pending list is
+full the reader stops reading, so upstream TCP flow control holds back a fast
+model and memory stays bounded for a slow caller.
+
+The reader also enforces the first-token wait and the idle limit with one timer
+that is re-armed only when it fires, not once per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
+
+from ._exceptions import FirstTokenTimeout, IdleTimeout, UpstreamError
+from ._upstream import Chunk
+
+__all__ = ["Relay"]
+
+Opener = Callable[[], AbstractAsyncContextManager[AsyncIterator[Chunk]]]
+
+
+class Relay:
+    def __init__(
+        self,
+        opener: Opener,
+        *,
+        first_token_timeout: float,
+        idle_timeout: float,
+        max_pending: int = 1024,
+    ) -> None:
+        self._opener = opener
+        self._first_token_timeout = first_token_timeout
+        self._idle_timeout = idle_timeout
+        self._max_pending = max_pending
+        self._loop = asyncio.get_running_loop()
+        self._pending: list[Chunk] = []
+        self._wakeup: asyncio.Future[None] | None = None
+        self._space: asyncio.Future[None] | None = None
+        self._finished = False
+        self._error: BaseException | None = None
+        self._expired: type[UpstreamError] | None = None
+        self._timeout: asyncio.Timeout | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._started_at = self._loop.time()
+        #: Loop times of the first and the latest chunk, and how many arrived.
+        self.first_at: float | None = None
+        self.last_at: float | None = None
+        self.count = 0
+        self._task = self._loop.create_task(self._run())
+
+    # -- writer side ------------------------------------------------------------
+
+    async def take(self) -> list[Chunk]:
+        """Returns every chunk that arrived since the last call, waiting for at
+        least one. Returns [] after the stream ended cleanly; raises the
+        stream's error once everything before it was taken."""
+        while not self._pending:
+            if self._finished:
+                if self._error is not None:
+                    raise self._error
+                return []
+            self._wakeup = self._loop.create_future()
+            try:
+                await self._wakeup
+            finally:
+                self._wakeup = None
+        batch, self._pending = self._pending, []
+        if self._space is not None and not self._space.done():
+            self._space.set_result(None)
+        return batch
+
+    async def aclose(self) -> None:
+        """Stops the reader (closing the upstream response) and waits for it."""
+        if not self._task.done():
+            self._task.cancel()
+        await asyncio.wait([self._task])
+
+    # -- reader side ------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    def _check_timer(self) -> None:
+        """Fires the timeout when the current phase's limit has passed."""
+        now = self._loop.time()
+        kind: type[UpstreamError]
+        if self.last_at is None:
+            limit, since, kind = self._first_token_timeout, self._started_at, FirstTokenTimeout
+        else:
+            limit, since, kind = self._idle_timeout, self.last_at, IdleTimeout
+        if self._space is not None:  # paused by a slow caller: not the upstream's fault
+            since = now
+        due = since + limit
+        if now >= due and self._timeout is not None:
+            self._expired = kind
+            self._timeout.reschedule(now)
+        else:
+            self._timer = self._loop.call_at(due, self._check_timer)
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.timeout(None) as timeout:
+                self._timeout = timeout
+                self._timer = self._loop.call_at(
+                    self._started_at + self._first_token_timeout, self._check_timer
+                )
+                async with self._opener() as chunks:
+                    async for chunk in chunks:
+                        now = self._loop.time()
+                        if self.first_at is None:
+                            self.first_at = now
+                        self.last_at = now
+                        self.count += 1
+                        self._pending.append(chunk)
+                        self._wake()
+                        if len(self._pending) >= self._max_pending:
+                            self._space = self._loop.create_future()
+                            try:
+                                await self._space
+                            finally:
+                                self._space = None
+        except TimeoutError:
+            if self._expired is FirstTokenTimeout:
+                self._error = FirstTokenTimeout(
+                    f"no output from Ollama within {self._first_token_timeout:g}s "
+                    "(the model may still be loading); retry, give the call a longer "
+                    "deadline, or raise --first-token-timeout"
+                )
+            elif self._expired is IdleTimeout:
+                self._error = IdleTimeout(
+                    f"Ollama stopped sending output for {self._idle_timeout:g}s "
+                    f"after {self.count} chunk(s); raise --idle-timeout if the model is slow"
+                )
+            else:
+                self._error = UpstreamError("upstream read timed out")
+        except Exception as exc:  # anything else still ends the stream with an error
+            self._error = exc
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._finished = True
+            self._wake()

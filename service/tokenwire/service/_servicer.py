@@ -1,0 +1,231 @@
+"""GenerationService: validate, call upstream, turn chunks into Tokens.
+
+The servicer holds no HTTP, JSON or retry logic: the upstream adapter and
+the relay are passed in, conversions are pure functions in ``_convert``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.duration_pb2 import Duration
+
+from tokenwire.v1 import generation_pb2 as pb
+from tokenwire.v1 import generation_pb2_grpc as pb_grpc
+
+from ._convert import (
+    chat_payload,
+    embed_payload,
+    finish_reason,
+    generate_payload,
+    model_from_tag,
+    tool_calls_from,
+    usage_from,
+)
+from ._exceptions import ProtocolError, TruncatedStream
+from ._relay import Relay
+from ._status import map_errors
+from ._upstream import Chunk, OllamaUpstream
+from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
+
+__all__ = ["GenerationServicer", "StreamSettings"]
+
+# (text, thinking, tool calls) carried by one chunk.
+_Piece = tuple[str, str, list[Any] | None]
+_PieceOf = Callable[[Chunk], _Piece]
+_Sink = Callable[[pb.Token], Awaitable[None]]
+
+
+def _generate_piece(chunk: Chunk) -> _Piece:
+    return chunk.get("response") or "", chunk.get("thinking") or "", chunk.get("tool_calls")
+
+
+def _chat_piece(chunk: Chunk) -> _Piece:
+    message = chunk.get("message") or {}
+    return message.get("content") or "", message.get("thinking") or "", message.get("tool_calls")
+
+
+def _merge(batch: list[Chunk], piece_of: _PieceOf) -> pb.Token:
+    """Folds the chunks that piled up into one Token (order kept)."""
+    if len(batch) == 1:  # the common case: the caller keeps up
+        text, thinking, calls = piece_of(batch[0])
+        token = pb.Token(text=text, thinking=thinking)
+        if calls:
+            token.tool_calls.extend(tool_calls_from(calls))
+        return token
+    texts, thoughts = [], []
+    token = pb.Token()
+    for chunk in batch:
+        text, thinking, calls = piece_of(chunk)
+        texts.append(text)
+        thoughts.append(thinking)
+        if calls:
+            token.tool_calls.extend(tool_calls_from(calls))
+    token.text = "".join(texts)
+    token.thinking = "".join(thoughts)
+    return token
+
+
+def _duration(seconds: float) -> Duration:
+    d = Duration()
+    d.FromNanoseconds(int(seconds * 1e9))
+    return d
+
+
+@dataclass(frozen=True)
+class StreamSettings:
+    first_token_timeout: float = 120.0
+    idle_timeout: float = 60.0
+    max_pending_chunks: int = 1024
+
+
+class GenerationServicer(pb_grpc.GenerationServiceServicer):
+    def __init__(
+        self,
+        upstream: OllamaUpstream,
+        *,
+        limits: Limits | None = None,
+        stream: StreamSettings | None = None,
+    ) -> None:
+        self._upstream = upstream
+        self._limits = limits or Limits()
+        self._stream = stream or StreamSettings()
+
+    # -- streaming RPCs ---------------------------------------------------------
+
+    @map_errors
+    async def Generate(self, request: pb.GenerateRequest,
+                       context: grpc.aio.ServicerContext) -> None:
+        validate_generate(request, self._limits)
+        await self._relay(context, "/api/generate", generate_payload(request), _generate_piece,
+                          context.write, request.model)
+
+    @map_errors
+    async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
+        validate_chat(request, self._limits)
+        await self._relay(context, "/api/chat", chat_payload(request), _chat_piece,
+                          context.write, request.model)
+
+    @map_errors
+    async def Complete(self, request: pb.CompleteRequest,
+                       context: grpc.aio.ServicerContext) -> pb.CompleteResponse:
+        kind = request.WhichOneof("request")
+        if kind is None:
+            raise ValidationFailed([("request", "set exactly one of generate or chat")])
+        texts: list[str] = []
+        thoughts: list[str] = []
+        response = pb.CompleteResponse()
+
+        async def collect(token: pb.Token) -> None:
+            texts.append(token.text)
+            thoughts.append(token.thinking)
+            response.tool_calls.extend(token.tool_calls)
+            if token.done:
+                response.finish_reason = token.finish_reason
+                response.usage.CopyFrom(token.usage)
+                response.model = token.model
+
+        if kind == "generate":
+            validate_generate(request.generate, self._limits)
+            await self._relay(context, "/api/generate", generate_payload(request.generate),
+                              _generate_piece, collect, request.generate.model)
+        else:
+            validate_chat(request.chat, self._limits)
+            await self._relay(context, "/api/chat", chat_payload(request.chat), _chat_piece,
+                              collect, request.chat.model)
+        response.text = "".join(texts)
+        response.thinking = "".join(thoughts)
+        return response
+
+    async def _relay(self, context: grpc.aio.ServicerContext, path: str, payload: dict[str, Any],
+                     piece_of: _PieceOf, sink: _Sink, model: str) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first_token_wait = self._stream.first_token_timeout
+        remaining = context.time_remaining()
+        if remaining is not None:
+            # The caller's deadline wins: wait for the first token as long as it allows.
+            first_token_wait = remaining
+        relay = Relay(
+            lambda: self._upstream.stream(path, payload),
+            first_token_timeout=first_token_wait,
+            idle_timeout=self._stream.idle_timeout,
+            max_pending=self._stream.max_pending_chunks,
+        )
+        first_sent: float | None = None
+        carried = 0  # chunks folded into no message yet (empty pieces)
+        try:
+            while True:
+                batch = await relay.take()
+                if not batch:
+                    raise TruncatedStream("Ollama's stream ended without a final message")
+                token = _merge(batch, piece_of)
+                last = batch[-1]
+                done = last.get("done") is True
+                has_content = bool(token.text or token.thinking or token.tool_calls)
+                if not (done or has_content):
+                    carried += len(batch)
+                    continue
+                token.chunk_count = len(batch) + carried
+                carried = 0
+                if has_content and first_sent is None:
+                    first_sent = loop.time()
+                if done:
+                    self._finish(token, last, relay, started, first_sent, model)
+                    await sink(token)
+                    return
+                await sink(token)
+        finally:
+            await relay.aclose()
+
+    @staticmethod
+    def _finish(token: pb.Token, last: Chunk, relay: Relay, started: float,
+                first_sent: float | None, model: str) -> None:
+        now = asyncio.get_running_loop().time()
+        token.done = True
+        usage = usage_from(last)
+        token.finish_reason = finish_reason(usage.engine_finish_reason)
+        if first_sent is None and (token.text or token.thinking or token.tool_calls):
+            first_sent = now
+        if first_sent is not None:
+            usage.time_to_first_token.CopyFrom(_duration(first_sent - started))
+        if relay.count >= 2 and relay.first_at is not None and relay.last_at is not None:
+            span = relay.last_at - relay.first_at
+            if span > 0:
+                usage.tokens_per_second = (relay.count - 1) / span
+        usage.gateway_duration.CopyFrom(_duration(now - started))
+        token.usage.CopyFrom(usage)
+        token.model = str(last.get("model") or model)
+
+    # -- unary RPCs -------------------------------------------------------------
+
+    @map_errors
+    async def ListModels(self, request: pb.ListModelsRequest,
+                         context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
+        body = await self._upstream.tags()
+        tags = body.get("models")
+        if not isinstance(tags, list):
+            raise ProtocolError("Ollama's /api/tags answer has no models list")
+        models = [model_from_tag(t) for t in tags if isinstance(t, dict)]
+        return pb.ListModelsResponse(models=models)
+
+    @map_errors
+    async def Embed(self, request: pb.EmbedRequest,
+                    context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        validate_embed(request, self._limits)
+        body = await self._upstream.embed(embed_payload(request))
+        vectors = body.get("embeddings")
+        if not isinstance(vectors, list):
+            raise ProtocolError("Ollama's /api/embed answer has no embeddings list")
+        usage = usage_from(body)
+        return pb.EmbedResponse(
+            embeddings=[pb.Embedding(values=v) for v in vectors],
+            model=str(body.get("model") or request.model),
+            prompt_tokens=usage.prompt_tokens,
+            total_duration=usage.total_duration,
+            load_duration=usage.load_duration,
+        )

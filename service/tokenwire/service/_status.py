@@ -1,0 +1,139 @@
+"""The one place where failures become gRPC statuses.
+
+``STATUS_TABLE`` maps each exception class to a status code and an ErrorInfo
+reason; ``map_errors`` applies it to a handler. Details travel as
+google.rpc.Status (grpcio-status): ErrorInfo always, BadRequest for invalid
+fields, ResourceInfo for a missing model, RetryInfo when a retry may succeed.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from ._exceptions import (
+    EngineError,
+    FirstTokenTimeout,
+    IdleTimeout,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    ProtocolError,
+    RunnerCrashed,
+    StreamError,
+    TruncatedStream,
+    UpstreamBusy,
+    UpstreamConnectError,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamUnavailable,
+)
+from ._validate import ValidationFailed
+
+__all__ = ["DOMAIN", "STATUS_TABLE", "map_errors", "request_id_var", "status_for"]
+
+DOMAIN = "tokenwire.dev"
+log = logging.getLogger("tokenwire.service")
+
+#: The current call's request id (set by the request interceptor).
+request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+
+# Most specific classes first; the first match wins. (code, reason, retry after seconds)
+STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], ...] = (
+    (ValidationFailed, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", None),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", None),
+    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", None),
+    (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "UPSTREAM_FORBIDDEN", None),
+    (UpstreamConnectError, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE", 1.0),
+    (UpstreamBusy, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_BUSY", 1.0),
+    (UpstreamUnavailable, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", 1.0),
+    (FirstTokenTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, "FIRST_TOKEN_TIMEOUT", None),
+    (IdleTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, "IDLE_TIMEOUT", None),
+    (RunnerCrashed, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_RUNNER_FAILED", 1.0),
+    (StreamError, grpc.StatusCode.INTERNAL, "UPSTREAM_STREAM_ERROR", None),
+    (UpstreamDisconnected, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_DISCONNECTED", 1.0),
+    (TruncatedStream, grpc.StatusCode.INTERNAL, "UPSTREAM_TRUNCATED", None),
+    (ProtocolError, grpc.StatusCode.INTERNAL, "UPSTREAM_PROTOCOL_ERROR", None),
+    (EngineError, grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", None),
+    (UpstreamError, grpc.StatusCode.INTERNAL, "UPSTREAM_ERROR", None),
+)
+
+
+def _pack(message: Any) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)
+    return packed
+
+
+def status_for(exc: Exception) -> grpc.Status:
+    """Builds the rich status for one of our exceptions (or any other, as INTERNAL)."""
+    code, reason, retry_after = next(
+        ((c, r, after) for cls, c, r, after in STATUS_TABLE if isinstance(exc, cls)),
+        (grpc.StatusCode.INTERNAL, "INTERNAL", None),
+    )
+    rid = request_id_var.get()
+    metadata = {"request_id": rid}
+    details = []
+    if isinstance(exc, ValidationFailed):
+        message = "invalid request: " + "; ".join(f"{f}: {d}" for f, d in exc.violations)
+        violations = exc.violations
+    elif isinstance(exc, UpstreamError):
+        message = exc.message
+        violations = [(exc.field, exc.message)] if isinstance(exc, InvalidRequest) else []
+        if exc.http_status is not None:
+            metadata["upstream_http_status"] = str(exc.http_status)
+    else:
+        message = f"internal error in tokenwire (request id {rid}); see the server log"
+        violations = []
+    details.append(_pack(error_details_pb2.ErrorInfo(
+        reason=reason, domain=DOMAIN, metadata=metadata)))
+    if violations:
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
+            for f, d in violations
+        ])))
+    if isinstance(exc, ModelNotFound):
+        details.append(_pack(error_details_pb2.ResourceInfo(
+            resource_type="model", resource_name=exc.model, description=message)))
+    if retry_after is not None:
+        details.append(_pack(error_details_pb2.RetryInfo(
+            retry_delay=duration_pb2.Duration(seconds=int(retry_after)))))
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
+    return rpc_status.to_status(status)
+
+
+_Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def map_errors(handler: _Handler) -> _Handler:
+    """Ends the call with the mapped status when the handler raises.
+
+    Cancellation passes through untouched; so does an abort the handler did
+    itself.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except (ValidationFailed, UpstreamError) as exc:
+            status = status_for(exc)
+            log.info("request failed rid=%s code=%s reason=%s", request_id_var.get(),
+                     status.code.name, type(exc).__name__)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        except Exception as exc:
+            log.exception("unexpected error rid=%s", request_id_var.get())
+            status = status_for(exc)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+    return wrapper  # type: ignore[return-value]

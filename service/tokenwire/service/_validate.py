@@ -1,0 +1,189 @@
+"""Request validation: every problem found becomes one field violation.
+
+Checks run before anything is sent upstream, so a bad request costs nothing
+and the caller learns every problem at once (google.rpc.BadRequest).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tokenwire.v1 import generation_pb2 as pb
+
+__all__ = ["Limits", "ValidationFailed", "validate_chat", "validate_embed", "validate_generate"]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Input limits; each refusal names the limit and the value."""
+
+    max_prompt_bytes: int = 1 << 20
+    max_messages: int = 1000
+    max_stop_sequences: int = 16
+    max_images_bytes: int = 16 << 20
+    max_embed_inputs: int = 512
+    max_model_name_bytes: int = 512
+
+
+class ValidationFailed(Exception):
+    """The request is invalid; ``violations`` holds (field, description) pairs."""
+
+    def __init__(self, violations: list[tuple[str, str]]) -> None:
+        self.violations = violations
+        fields = ", ".join(field for field, _ in violations)
+        super().__init__(f"invalid request ({len(violations)} problem(s): {fields})")
+
+
+_Violations = list[tuple[str, str]]
+
+# (field, lowest, highest, lowest inclusive) for float options; None = unbounded.
+_FLOAT_RANGES: tuple[tuple[str, float | None, float | None, bool], ...] = (
+    ("temperature", 0.0, None, True),
+    ("top_p", 0.0, 1.0, True),
+    ("min_p", 0.0, 1.0, True),
+    ("typical_p", 0.0, 1.0, False),
+    ("repeat_penalty", 0.0, None, True),
+    ("presence_penalty", None, None, True),
+    ("frequency_penalty", None, None, True),
+)
+# (field, lowest) for integer options.
+_INT_FLOORS: tuple[tuple[str, int], ...] = (
+    ("top_k", 0),
+    ("max_tokens", -1),
+    ("repeat_last_n", -1),
+    ("num_ctx", 1),
+    ("num_keep", -1),
+)
+
+
+def _check_model(model: str, limits: Limits, out: _Violations) -> None:
+    if not model.strip():
+        out.append(("model", "required: name an installed model, e.g. \"llama3.2\" "
+                              "(ListModels shows what is installed)"))
+    elif len(model.encode()) > limits.max_model_name_bytes:
+        out.append(("model", f"longer than {limits.max_model_name_bytes} bytes"))
+
+
+def _check_options(options: pb.Options, limits: Limits, out: _Violations) -> None:
+    for name, low, high, low_inclusive in _FLOAT_RANGES:
+        if not options.HasField(name):
+            continue
+        value = getattr(options, name)
+        field = f"options.{name}"
+        if not math.isfinite(value):
+            out.append((field, f"must be a finite number, got {value}"))
+        elif low is not None and (value < low or (value == low and not low_inclusive)):
+            bound = "at least" if low_inclusive else "greater than"
+            out.append((field, f"must be {bound} {low:g}, got {value:g}"))
+        elif high is not None and value > high:
+            out.append((field, f"must be at most {high:g}, got {value:g}"))
+    for name, floor in _INT_FLOORS:
+        value = getattr(options, name)
+        if options.HasField(name) and value < floor:
+            out.append((f"options.{name}", f"must be at least {floor}, got {value}"))
+    if len(options.stop) > limits.max_stop_sequences:
+        out.append(("options.stop", f"at most {limits.max_stop_sequences} stop sequences are "
+                                    f"allowed, got {len(options.stop)}"))
+    for i, stop in enumerate(options.stop):
+        if not stop:
+            out.append((f"options.stop[{i}]", "stop sequences must not be empty"))
+
+
+def _check_format(fmt: pb.Format, out: _Violations) -> None:
+    if fmt.WhichOneof("kind") == "json_schema" and not fmt.json_schema.fields:
+        out.append(("format.json_schema", "must be a non-empty JSON Schema object"))
+
+
+def _check_enum(value: int, enum: type, field: str, out: _Violations) -> None:
+    if value not in enum.values():  # type: ignore[attr-defined]
+        out.append((field, f"unknown value {value}"))
+
+
+def _check_images(images: Iterable[bytes], field: str, out: _Violations) -> int:
+    """Flags empty images; returns their total size."""
+    total = 0
+    for i, image in enumerate(images):
+        if not image:
+            out.append((f"{field}[{i}]", "image must not be empty"))
+        total += len(image)
+    return total
+
+
+def _check_images_total(total: int, field: str, limits: Limits, out: _Violations) -> None:
+    if total > limits.max_images_bytes:
+        out.append((field, f"images total {total} bytes, over the limit of "
+                           f"{limits.max_images_bytes} bytes"))
+
+
+def _check_size(text: str, field: str, limits: Limits, out: _Violations) -> None:
+    size = len(text.encode())
+    if size > limits.max_prompt_bytes:
+        out.append((field, f"{size} bytes, over the limit of {limits.max_prompt_bytes} bytes"))
+
+
+def _check_common(request: pb.GenerateRequest | pb.ChatRequest, limits: Limits,
+                  out: _Violations) -> None:
+    _check_model(request.model, limits, out)
+    _check_options(request.options, limits, out)
+    _check_format(request.format, out)
+    _check_enum(request.think, pb.Think, "think", out)
+
+
+def validate_generate(request: pb.GenerateRequest, limits: Limits) -> None:
+    out: _Violations = []
+    _check_common(request, limits, out)
+    _check_size(request.prompt, "prompt", limits, out)
+    _check_size(request.system, "system", limits, out)
+    _check_size(request.suffix, "suffix", limits, out)
+    _check_images_total(_check_images(request.images, "images", out), "images", limits, out)
+    if request.raw and request.system:
+        out.append(("system", "must be empty when raw is true (raw prompts skip the template)"))
+    if out:
+        raise ValidationFailed(out)
+
+
+def validate_chat(request: pb.ChatRequest, limits: Limits) -> None:
+    out: _Violations = []
+    _check_common(request, limits, out)
+    if len(request.messages) > limits.max_messages:
+        out.append(("messages", f"{len(request.messages)} messages, over the limit of "
+                                f"{limits.max_messages}"))
+    total = images = 0
+    for i, message in enumerate(request.messages):
+        field = f"messages[{i}]"
+        if message.role == pb.ROLE_UNSPECIFIED:
+            out.append((f"{field}.role", "required: ROLE_SYSTEM, ROLE_USER, ROLE_ASSISTANT "
+                                         "or ROLE_TOOL"))
+        else:
+            _check_enum(message.role, pb.Role, f"{field}.role", out)
+        total += len(message.content.encode())
+        images += _check_images(message.images, f"{field}.images", out)
+    _check_images_total(images, "messages", limits, out)
+    if total > limits.max_prompt_bytes:
+        out.append(("messages", f"message text totals {total} bytes, over the limit of "
+                                f"{limits.max_prompt_bytes} bytes"))
+    for i, tool in enumerate(request.tools):
+        if not tool.name:
+            out.append((f"tools[{i}].name", "required"))
+    if out:
+        raise ValidationFailed(out)
+
+
+def validate_embed(request: pb.EmbedRequest, limits: Limits) -> None:
+    out: _Violations = []
+    _check_model(request.model, limits, out)
+    if not request.inputs:
+        out.append(("inputs", "give at least one text to embed"))
+    elif len(request.inputs) > limits.max_embed_inputs:
+        out.append(("inputs", f"{len(request.inputs)} inputs, over the limit of "
+                              f"{limits.max_embed_inputs}"))
+    total = sum(len(text.encode()) for text in request.inputs)
+    if total > limits.max_prompt_bytes:
+        out.append(("inputs", f"inputs total {total} bytes, over the limit of "
+                              f"{limits.max_prompt_bytes} bytes"))
+    if request.HasField("dimensions") and request.dimensions < 1:
+        out.append(("dimensions", f"must be at least 1, got {request.dimensions}"))
+    if out:
+        raise ValidationFailed(out)
