@@ -117,6 +117,11 @@ class Relay:
                         now = self._loop.time()
                         if self.first_at is None:
                             self.first_at = now
+                            # From now on the idle limit applies: re-arm once.
+                            if self._timer is not None:
+                                self._timer.cancel()
+                            self._timer = self._loop.call_at(now + self._idle_timeout,
+                                                             self._check_timer)
                         self.last_at = now
                         self.count += 1
                         self._pending.append(chunk)

@@ -1,0 +1,52 @@
+"""Settings: flags over environment over defaults; OLLAMA_HOST as Ollama reads it."""
+
+from __future__ import annotations
+
+import pytest
+
+from tokenwire.service import Settings, ollama_url_from_env, parse_settings
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        (None, "http://127.0.0.1:11434"),
+        ("", "http://127.0.0.1:11434"),
+        ("0.0.0.0", "http://0.0.0.0:11434"),
+        ("127.0.0.1:8080", "http://127.0.0.1:8080"),
+        ("example.internal", "http://example.internal:11434"),
+        ("http://example.internal", "http://example.internal:80"),
+        ("https://example.internal", "https://example.internal:443"),
+        ("https://example.internal:9999/ollama", "https://example.internal:9999/ollama"),
+        ("[::1]:11435", "http://[::1]:11435"),
+        ("::1", "http://[::1]:11434"),
+        ('"localhost:1234"', "http://localhost:1234"),
+    ],
+)
+def test_ollama_host_parsing(value: str | None, url: str) -> None:
+    assert ollama_url_from_env(value) == url
+
+
+def test_precedence_flags_env_defaults() -> None:
+    env = {"TOKENWIRE_LISTEN": "127.0.0.1:6000", "TOKENWIRE_IDLE_TIMEOUT": "7.5"}
+    assert parse_settings([], env).listen == "127.0.0.1:6000"
+    assert parse_settings([], env).idle_timeout == 7.5
+    assert parse_settings(["--listen", "127.0.0.1:7000"], env).listen == "127.0.0.1:7000"
+    assert parse_settings([], {}).listen == Settings().listen
+
+
+def test_ollama_url_from_env_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:9")
+    assert parse_settings([], {}).resolved_ollama_url() == "http://127.0.0.1:9"
+    settings = parse_settings(["--ollama-url", "http://10.0.0.1:1"], {})
+    assert settings.resolved_ollama_url() == "http://10.0.0.1:1"
+    assert "http://10.0.0.1:1" in settings.describe()
+
+
+def test_bad_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(["--idle-timeout", "0"], {})
+    assert "--idle-timeout" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_settings([], {"TOKENWIRE_CONNECT_TIMEOUT": "soon"})
+    assert "TOKENWIRE_CONNECT_TIMEOUT" in capsys.readouterr().err
