@@ -1,0 +1,357 @@
+"""The ``tokenwire`` command: a thin shell over ``tokenwire.client.Client``.
+
+It parses flags, calls the client, and prints; every behaviour it has is the library's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TextIO
+
+from google.protobuf import json_format
+
+from tokenwire.client._errors import TokenwireError
+from tokenwire.client._sync import Client, TokenStream
+from tokenwire.client._types import Completion, FormatLike, MessageLike
+from tokenwire.v1 import generation_pb2
+
+__all__ = ["main"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_SERVING = 3
+EXIT_INTERRUPTED = 130
+
+_EPILOG = f"""\
+exit codes:
+  {EXIT_OK}    success
+  {EXIT_FAILED}    the call failed: the gRPC status, its message and details go to stderr
+  {EXIT_USAGE}    usage error (bad flag, unreadable file)
+  {EXIT_NOT_SERVING}    health: the service is not SERVING
+  {EXIT_INTERRUPTED}  generate was interrupted (Ctrl-C); the call is cancelled
+"""
+_CHAT_HELP = """\
+Interactive chat: one user turn per line, the answer streams back; the conversation
+history is kept and sent with each turn. Ctrl-C during an answer cancels it, and the
+interrupted turn (question and partial answer) is dropped from the history; Ctrl-C or
+Ctrl-D at the prompt exits. When stdin is not a terminal, each line is one turn, and a
+failed turn stops the command."""
+_OPTION_FLAGS = ("temperature", "top_p", "top_k", "max_tokens", "stop", "seed", "num_ctx")
+_DIM, _RESET = "\x1b[2m", "\x1b[0m"
+
+Handler = Callable[[Client, argparse.Namespace], int]
+
+
+class _UsageError(Exception):
+    pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code."""
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already reported
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    try:
+        with Client(
+            args.target,
+            tls=args.tls,
+            root_certificates=_read_bytes(args.ca_file),
+            metadata=args.metadata,
+            timeout=args.timeout,
+        ) as client:
+            handler: Handler = args.handler
+            return handler(client, args)
+    except TokenwireError as exc:
+        _print_error(exc)
+        return EXIT_FAILED
+    except _UsageError as exc:
+        print(f"tokenwire: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (e.g. `| head`): stop quietly
+        _silence_stdout()
+        return EXIT_FAILED
+
+
+def _generate(client: Client, args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    stream = client.generate(args.model, prompt, system=args.system, **_request_params(args))
+    out = _TokenPrinter(args.json)
+    try:
+        out.show(stream)
+    except KeyboardInterrupt:
+        out.end_line()
+        print("tokenwire: interrupted; the call was cancelled", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if not args.quiet:
+        print(_stats(stream.completion), file=sys.stderr)
+    return EXIT_OK
+
+
+def _chat(client: Client, args: argparse.Namespace) -> int:
+    interactive = sys.stdin.isatty()
+    history: list[MessageLike] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    out = _TokenPrinter(args.json)
+    while (line := _read_turn(interactive)) is not None:
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line})
+        stream = client.chat(args.model, history, **_request_params(args))
+        try:
+            out.show(stream)
+        except KeyboardInterrupt:
+            history.pop()
+            print("[interrupted: turn dropped from the history]", file=sys.stderr)
+            continue
+        except TokenwireError as exc:
+            history.pop()
+            if not interactive:
+                raise
+            _print_error(exc)
+            continue
+        history.append(stream.completion.to_message())
+    return EXIT_OK
+
+
+def _models(client: Client, args: argparse.Namespace) -> int:
+    rows = [("NAME", "SIZE", "FAMILY", "PARAMS", "QUANTIZATION")]
+    rows += [
+        (m.name, _size(m.size_bytes), m.family, m.parameter_size, m.quantization_level)
+        for m in client.list_models()
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    return EXIT_OK
+
+
+def _health(client: Client, args: argparse.Namespace) -> int:
+    status = client.health(args.service)
+    print(status)
+    return EXIT_OK if status == "SERVING" else EXIT_NOT_SERVING
+
+
+def _embed(client: Client, args: argparse.Namespace) -> int:
+    vectors = client.embed(args.model, args.texts, dimensions=args.dimensions)
+    print(json.dumps(vectors))
+    return EXIT_OK
+
+
+class _TokenPrinter:
+    """Streams tokens to stdout (text, or one JSON object per line), thinking to stderr."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.open_line = False
+
+    def show(self, stream: TokenStream) -> None:
+        try:
+            with stream:
+                for token in stream:
+                    self._token(token)
+        finally:
+            self.end_line()
+
+    def _token(self, token: generation_pb2.Token) -> None:
+        if self.as_json:
+            _write(sys.stdout, json_format.MessageToJson(token, indent=None) + "\n")
+            return
+        if token.thinking:
+            dim = sys.stderr.isatty()
+            _write(sys.stderr, f"{_DIM}{token.thinking}{_RESET}" if dim else token.thinking)
+        if token.text:
+            _write(sys.stdout, token.text)
+            self.open_line = not token.text.endswith("\n")
+
+    def end_line(self) -> None:
+        if self.open_line:
+            _write(sys.stdout, "\n")
+            self.open_line = False
+
+
+def _write(stream: TextIO, text: str) -> None:
+    stream.write(text)
+    stream.flush()
+
+
+def _read_turn(interactive: bool) -> str | None:
+    if not interactive:
+        line = sys.stdin.readline()
+        return line.rstrip("\n") if line else None
+    try:
+        return input("> ")
+    except (EOFError, KeyboardInterrupt):
+        print(file=sys.stderr)
+        return None
+
+
+def _request_params(args: argparse.Namespace) -> dict[str, Any]:
+    options = {name: getattr(args, name) for name in _OPTION_FLAGS}
+    return {
+        "options": {k: v for k, v in options.items() if v is not None} or None,
+        "format": _format(args.format),
+        "keep_alive": args.keep_alive,
+        "think": args.think,
+    }
+
+
+def _format(value: str | None) -> FormatLike | None:
+    if value is None:
+        return None
+    if value == "json":
+        return "json"
+    schema = json.loads(_read_bytes(value) or b"null")
+    if not isinstance(schema, dict):
+        raise _UsageError(f"--format {value}: the file must hold a JSON Schema object")
+    return schema
+
+
+def _read_bytes(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        with open(path, "rb") as file:
+            return file.read()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _stats(completion: Completion) -> str:
+    parts = []
+    usage = completion.usage
+    if usage is not None:
+        parts.append(f"{usage.completion_tokens} tokens")
+        if usage.HasField("time_to_first_token"):
+            parts.append(f"first token {usage.time_to_first_token.ToMilliseconds()} ms")
+        rate = usage.eval_tokens_per_second or usage.tokens_per_second
+        if rate:
+            parts.append(f"{rate:.1f} tokens/s")
+    parts.append(f"finish {completion.finish_reason_name}")
+    if completion.request_id:
+        parts.append(f"request id {completion.request_id}")
+    return "[" + ", ".join(parts) + "]"
+
+
+def _print_error(exc: TokenwireError) -> None:
+    lines = [f"tokenwire: {exc}"]
+    lines += [f"  {field}: {description}" for field, description in exc.field_violations]
+    if exc.error_info is not None and exc.error_info.reason:
+        lines.append(f"  reason: {exc.error_info.reason}")
+    if exc.retry_after is not None:
+        lines.append(f"  retry after: {exc.retry_after:g} s")
+    if exc.request_id:
+        lines.append(f"  request id: {exc.request_id}")
+    print("\n".join(lines), file=sys.stderr)
+
+
+def _size(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1000:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _metadata_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tokenwire",
+        description="Stream LLM tokens from a tokenwire gateway.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--target", help="server host:port (default: $TOKENWIRE_TARGET, else 127.0.0.1:50051)"
+    )
+    parser.add_argument("--tls", action="store_true", help="connect with TLS")
+    parser.add_argument(
+        "--ca-file", help="PEM root certificates to verify the server (implies --tls)"
+    )
+    parser.add_argument("--timeout", type=float, help="deadline of each call, in seconds")
+    parser.add_argument(
+        "--metadata",
+        action="append",
+        type=_metadata_pair,
+        default=[],
+        metavar="KEY=VALUE",
+        help="metadata sent with every call (repeatable)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    generation = argparse.ArgumentParser(add_help=False)
+    group = generation.add_argument_group("generation options")
+    group.add_argument("--system", help="system prompt")
+    group.add_argument("--temperature", type=float)
+    group.add_argument("--top-p", type=float)
+    group.add_argument("--top-k", type=int)
+    group.add_argument("--max-tokens", type=int, help="tokens to generate at most (-1: no limit)")
+    group.add_argument("--stop", action="append", help="stop sequence (repeatable)")
+    group.add_argument("--seed", type=int)
+    group.add_argument("--num-ctx", type=int, help="context window, in tokens")
+    group.add_argument("--format", metavar="json|SCHEMA_FILE", help="answer as JSON")
+    group.add_argument(
+        "--think", action="store_const", const=True, help="let the model think before answering"
+    )
+    group.add_argument("--no-think", dest="think", action="store_const", const=False)
+    group.add_argument(
+        "--think-level", dest="think", choices=("low", "medium", "high"), help="thinking effort"
+    )
+    group.add_argument("--keep-alive", type=float, metavar="SECONDS", help="<0: forever")
+    group.add_argument("--json", action="store_true", help="print each Token as a JSON line")
+
+    cmd = commands.add_parser("generate", parents=[generation], help="complete one prompt")
+    cmd.add_argument("model")
+    cmd.add_argument("prompt", nargs="?", help="prompt text; '-' or omitted: read stdin")
+    cmd.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
+    cmd.set_defaults(handler=_generate)
+
+    cmd = commands.add_parser(
+        "chat", parents=[generation], help="interactive chat", description=_CHAT_HELP
+    )
+    cmd.add_argument("model")
+    cmd.set_defaults(handler=_chat)
+
+    cmd = commands.add_parser("models", help="list installed models")
+    cmd.set_defaults(handler=_models)
+
+    cmd = commands.add_parser("health", help="check serving status (exit 0 only if SERVING)")
+    cmd.add_argument("service", nargs="?", default="", help="service name (default: server)")
+    cmd.set_defaults(handler=_health)
+
+    cmd = commands.add_parser("embed", help="print embedding vectors as JSON")
+    cmd.add_argument("model")
+    cmd.add_argument("texts", nargs="+", metavar="TEXT")
+    cmd.add_argument("--dimensions", type=int, help="truncate vectors to this many dimensions")
+    cmd.set_defaults(handler=_embed)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,249 @@
+"""Exceptions raised by the client.
+
+Every failed call surfaces as a ``TokenwireError`` chosen by its gRPC status code, with the
+server's rich details (google.rpc.Status from the ``grpc-status-details-bin`` trailer)
+already unpacked:
+
+    TokenwireError               a call ended with a non-OK gRPC status
+    ├── InvalidArgument            INVALID_ARGUMENT: see .field_violations
+    ├── NotFound                   NOT_FOUND: e.g. the model is not installed
+    ├── Unavailable                UNAVAILABLE: server or engine unreachable (retryable)
+    ├── DeadlineExceeded           DEADLINE_EXCEEDED: the call's timeout passed
+    ├── Cancelled                  CANCELLED: the call was cancelled (by either side)
+    ├── ResourceExhausted          RESOURCE_EXHAUSTED: limits reached (retryable)
+    ├── Unauthenticated            UNAUTHENTICATED
+    ├── PermissionDenied           PERMISSION_DENIED
+    ├── Internal                   INTERNAL, UNKNOWN, DATA_LOSS
+    └── OtherError                 any other code (FAILED_PRECONDITION, UNIMPLEMENTED...)
+
+    CallbackError                an ``on_token`` callback raised (the cause is chained)
+
+Errors raised while streaming carry ``partial_text``: the answer text received before the
+failure, so nothing already delivered is lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2, descriptor_pool, message_factory
+from google.protobuf.message import Message as ProtoMessage
+from google.rpc import error_details_pb2, status_pb2
+
+__all__ = [
+    "CallbackError",
+    "Cancelled",
+    "DeadlineExceeded",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "OtherError",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "TokenwireError",
+    "Unauthenticated",
+    "Unavailable",
+    "from_rpc_error",
+]
+
+_DETAILS_KEY = "grpc-status-details-bin"
+_REQUEST_ID_KEY = "x-request-id"
+
+
+class TokenwireError(Exception):
+    """A call ended with a non-OK gRPC status.
+
+    ``details`` holds the unpacked google.rpc detail messages (``BadRequest``,
+    ``ErrorInfo``, ``ResourceInfo``, ``RetryInfo``...); a detail of a type this process
+    does not know stays a ``google.protobuf.Any``.
+    """
+
+    #: Whether the same request may succeed if sent again later.
+    retryable: bool = False
+
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        details: Iterable[ProtoMessage] = (),
+        request_id: str | None = None,
+        partial_text: str = "",
+    ) -> None:
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+        self.details: list[ProtoMessage] = list(details)
+        self.request_id = request_id
+        #: Answer text received before a streaming call failed ("" for unary calls).
+        self.partial_text = partial_text
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+    def _detail(self, kind: type[Any]) -> Any:
+        return next((d for d in self.details if isinstance(d, kind)), None)
+
+    @property
+    def field_violations(self) -> list[tuple[str, str]]:
+        """``(field, description)`` pairs from a ``BadRequest`` detail."""
+        return [
+            (violation.field, violation.description)
+            for detail in self.details
+            if isinstance(detail, error_details_pb2.BadRequest)
+            for violation in detail.field_violations
+        ]
+
+    @property
+    def retry_after(self) -> float | None:
+        """Seconds the server asks to wait before retrying (``RetryInfo``), if it said."""
+        info = self._detail(error_details_pb2.RetryInfo)
+        if info is None or not info.HasField("retry_delay"):
+            return None
+        return float(info.retry_delay.ToTimedelta().total_seconds())
+
+    @property
+    def error_info(self) -> error_details_pb2.ErrorInfo | None:
+        """The ``ErrorInfo`` detail (``reason``, ``domain``, ``metadata``), if any."""
+        return self._detail(error_details_pb2.ErrorInfo)
+
+    @property
+    def resource_info(self) -> error_details_pb2.ResourceInfo | None:
+        """The ``ResourceInfo`` detail (e.g. the missing model), if any."""
+        return self._detail(error_details_pb2.ResourceInfo)
+
+
+class InvalidArgument(TokenwireError):
+    pass
+
+
+class NotFound(TokenwireError):
+    pass
+
+
+class Unavailable(TokenwireError):
+    retryable = True
+
+
+class DeadlineExceeded(TokenwireError):
+    pass
+
+
+class Cancelled(TokenwireError):
+    pass
+
+
+class ResourceExhausted(TokenwireError):
+    retryable = True
+
+
+class Unauthenticated(TokenwireError):
+    pass
+
+
+class PermissionDenied(TokenwireError):
+    pass
+
+
+class Internal(TokenwireError):
+    pass
+
+
+class OtherError(TokenwireError):
+    pass
+
+
+class CallbackError(Exception):
+    """An ``on_token`` callback raised; the call was cancelled. ``__cause__`` is the error."""
+
+    def __init__(self, message: str, *, partial_text: str, request_id: str | None) -> None:
+        super().__init__(message)
+        self.partial_text = partial_text
+        self.request_id = request_id
+
+
+_BY_CODE: dict[grpc.StatusCode, type[TokenwireError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.INTERNAL: Internal,
+    grpc.StatusCode.UNKNOWN: Internal,
+    grpc.StatusCode.DATA_LOSS: Internal,
+}
+
+
+def error_for(
+    code: grpc.StatusCode,
+    message: str,
+    *,
+    details: Iterable[ProtoMessage] = (),
+    request_id: str | None = None,
+    partial_text: str = "",
+) -> TokenwireError:
+    """Build the exception class that matches ``code``."""
+    cls = _BY_CODE.get(code, OtherError)
+    return cls(code, message, details=details, request_id=request_id, partial_text=partial_text)
+
+
+def from_rpc_error(err: grpc.RpcError) -> TokenwireError:
+    """Translate a ``grpc.RpcError`` (sync) or ``grpc.aio.AioRpcError`` into our tree.
+
+    Both kinds expose ``code()``, ``details()`` and the metadata synchronously once the
+    call has failed, so one parser serves both twins. Unlike
+    ``grpc_status.rpc_status.from_call``, a rich status whose code or message disagrees
+    with the call's is still read rather than raising ``ValueError``.
+    """
+    code = _call_attr(err, "code")
+    text = _call_attr(err, "details") or ""
+    if code is None:  # an RpcError that is not a failed call
+        code, text = grpc.StatusCode.UNKNOWN, text or str(err)
+    trailing = _pairs(_call_attr(err, "trailing_metadata"))
+    initial = _pairs(_call_attr(err, "initial_metadata"))
+    details: list[ProtoMessage] = []
+    raw = trailing.get(_DETAILS_KEY)
+    if isinstance(raw, bytes):
+        status = status_pb2.Status.FromString(raw)
+        details = [_unpack(item) for item in status.details]
+        text = text or status.message
+    return error_for(
+        code,
+        text or code.name.replace("_", " ").lower(),
+        details=details,
+        request_id=request_id_from(initial) or request_id_from(trailing),
+    )
+
+
+def request_id_from(metadata: Any) -> str | None:
+    """The ``x-request-id`` value in a metadata mapping or sequence of pairs, if present."""
+    value = (metadata if isinstance(metadata, dict) else _pairs(metadata)).get(_REQUEST_ID_KEY)
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) and value else None
+
+
+def _call_attr(err: grpc.RpcError, name: str) -> Any:
+    getter = getattr(err, name, None)
+    return getter() if callable(getter) else None
+
+
+def _pairs(metadata: Any) -> dict[str, str | bytes]:
+    if not metadata:
+        return {}
+    return {str(key): value for key, value in metadata}
+
+
+def _unpack(item: any_pb2.Any) -> ProtoMessage:
+    try:
+        descriptor = descriptor_pool.Default().FindMessageTypeByName(item.TypeName())
+    except KeyError:
+        return item
+    unpacked: ProtoMessage = message_factory.GetMessageClass(descriptor)()
+    item.Unpack(unpacked)
+    return unpacked

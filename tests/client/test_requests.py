@@ -1,0 +1,145 @@
+"""Request builders: friendly Python values in, contract messages out."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+from google.protobuf import duration_pb2
+
+from tokenwire.client import (
+    build_chat_request,
+    build_embed_request,
+    build_generate_request,
+    build_message,
+    build_options,
+    build_tool,
+    build_tool_call,
+)
+from tokenwire.v1 import generation_pb2 as pb
+
+
+def test_generate_request_defaults_leave_everything_unset() -> None:
+    request = build_generate_request("tiny", "hi")
+    assert (request.model, request.prompt, request.system) == ("tiny", "hi", "")
+    for name in ("options", "format", "keep_alive"):
+        assert not request.HasField(name)
+    assert request.think == pb.THINK_UNSPECIFIED
+
+
+def test_generate_request_with_every_argument() -> None:
+    request = build_generate_request(
+        "tiny",
+        "hi",
+        system="be brief",
+        options={"temperature": 0.0, "stop": ["\n"], "max_tokens": 5, "seed": None},
+        format="json",
+        keep_alive=1.5,
+        images=[b"\x89PNG"],
+        think="low",
+        suffix="end",
+        raw=True,
+    )
+    assert request.options.HasField("temperature") and request.options.temperature == 0.0
+    assert not request.options.HasField("seed")
+    assert list(request.options.stop) == ["\n"]
+    assert request.format.json
+    assert (request.keep_alive.seconds, request.keep_alive.nanos) == (1, 500_000_000)
+    assert list(request.images) == [b"\x89PNG"]
+    assert request.think == pb.THINK_LOW
+    assert (request.suffix, request.raw) == ("end", True)
+
+
+def test_options_message_passes_through_and_unknown_keys_fail() -> None:
+    options = pb.Options(top_k=3)
+    assert build_options(options) is options
+    with pytest.raises(ValueError, match="num_predict"):
+        build_options({"num_predict": 5})
+
+
+@pytest.mark.parametrize(
+    ("think", "expected"),
+    [
+        (True, pb.THINK_ENABLED),
+        (False, pb.THINK_DISABLED),
+        ("high", pb.THINK_HIGH),
+        (pb.THINK_MEDIUM, pb.THINK_MEDIUM),
+    ],
+)
+def test_think_values(think: bool | str, expected: int) -> None:
+    assert build_generate_request("m", "p", think=think).think == expected  # type: ignore[arg-type]
+
+
+def test_bad_think_and_format_values_fail() -> None:
+    with pytest.raises(ValueError, match="think"):
+        build_generate_request("m", "p", think="max")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="format"):
+        build_generate_request("m", "p", format="yaml")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("keep_alive", "seconds"),
+    [
+        (-1, -1),
+        (0, 0),
+        (datetime.timedelta(minutes=10), 600),
+        (duration_pb2.Duration(seconds=7), 7),
+    ],
+)
+def test_keep_alive_forms(keep_alive: float, seconds: int) -> None:
+    request = build_generate_request("m", "p", keep_alive=keep_alive)
+    assert request.HasField("keep_alive")
+    assert request.keep_alive.seconds == seconds
+
+
+def test_json_schema_format() -> None:
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+    request = build_chat_request("m", [], format=schema)
+    assert request.format.json_schema["properties"]["n"]["type"] == "integer"
+
+
+def test_chat_messages_from_dicts() -> None:
+    request = build_chat_request(
+        "m",
+        [
+            {"role": "system", "content": "s"},
+            {"role": "user", "content": "u", "images": [b"img"]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "f", "arguments": '{"x": 1}'}}],
+            },
+            {"role": "tool", "content": "42", "tool_name": "f", "tool_call_id": "c1"},
+            pb.Message(role=pb.ROLE_USER, content="as message"),
+        ],
+    )
+    roles = [m.role for m in request.messages]
+    assert roles == [pb.ROLE_SYSTEM, pb.ROLE_USER, pb.ROLE_ASSISTANT, pb.ROLE_TOOL, pb.ROLE_USER]
+    assert request.messages[2].tool_calls[0].arguments["x"] == 1
+    assert request.messages[3].tool_call_id == "c1"
+
+
+def test_bad_messages_fail() -> None:
+    with pytest.raises(ValueError, match="role"):
+        build_message({"role": "robot", "content": "x"})
+    with pytest.raises(ValueError, match="text"):
+        build_message({"role": "user", "text": "x"})
+
+
+def test_tools_plain_and_openai_style() -> None:
+    parameters = {"type": "object", "properties": {"city": {"type": "string"}}}
+    plain = build_tool({"name": "weather", "description": "d", "parameters": parameters})
+    wrapped = build_tool(
+        {"type": "function", "function": {"name": "weather", "parameters": parameters}}
+    )
+    assert plain.name == wrapped.name == "weather"
+    assert plain.parameters == wrapped.parameters
+    call = build_tool_call({"id": "c1", "name": "weather", "arguments": {"city": "Oslo"}})
+    assert (call.id, call.arguments["city"]) == ("c1", "Oslo")
+
+
+def test_embed_request() -> None:
+    assert list(build_embed_request("e", "one").inputs) == ["one"]
+    request = build_embed_request("e", ["a", "b"], truncate=False, dimensions=8)
+    assert request.HasField("truncate") and not request.truncate
+    assert request.dimensions == 8
