@@ -21,6 +21,9 @@ FAST = Settings(
     idle_timeout=10.0,
     health_interval=0.2,
     shutdown_grace=2.0,
+    # Fault tests inject one failure at a time; the breaker and retries have tests of their own.
+    breaker_threshold=0,
+    upstream_retries=0,
 )
 
 

@@ -87,6 +87,46 @@ class Settings:
     shutdown_grace: float = field(default=30.0, metadata={
         "help": "seconds in-flight calls get to finish on SIGTERM/SIGINT"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    # -- who may call ---------------------------------------------------------
+    tls_cert: str = field(default="", metadata={
+        "help": "PEM certificate chain of the server; enables TLS"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key of the server"})
+    tls_client_ca: str = field(default="", metadata={
+        "help": "PEM CA bundle; when set, clients must present a certificate it signed (mTLS)"})
+    tls_allowed_clients: str = field(default="", metadata={
+        "help": "comma-separated patterns of client certificate CN/SAN allowed in (mTLS)"})
+    callers_file: str = field(default="", metadata={
+        "help": "TOML file of callers: bearer tokens, allowed models/methods, limits "
+                "(reloaded when it changes); tokens may also come from TOKENWIRE_AUTH_TOKENS"})
+    open_health: bool = field(default=False, metadata={
+        "help": "leave health checks and reflection open to callers without credentials"})
+    insecure: bool = field(default=False, metadata={
+        "help": "allow plaintext on a non-loopback address"})
+    # -- admission ------------------------------------------------------------
+    max_streams: int = field(default=1024, metadata={
+        "help": "concurrent model calls (Generate, Chat, Complete, Embed) in all"})
+    max_streams_per_caller: int = field(default=256, metadata={
+        "help": "concurrent model calls per caller (token, certificate or peer address)"})
+    rate: float = field(default=0.0, metadata={
+        "help": "requests per second per caller (token bucket); 0 = no limit"})
+    burst: int = field(default=20, metadata={"help": "token bucket size for --rate"})
+    queue_timeout: float = field(default=0.0, metadata={
+        "help": "seconds a call over the concurrency limits may wait for a slot; 0 = refuse"})
+    max_messages: int = field(default=1000, metadata={
+        "help": "chat messages per request"})
+    max_output_tokens: int = field(default=0, metadata={
+        "help": "cap on tokens generated per request (applied when a request sets none); "
+                "0 = no cap"})
+    # -- upstream faults ------------------------------------------------------
+    upstream_retries: int = field(default=2, metadata={
+        "help": "retries of a failed upstream call before its first token (backoff, "
+                "never past the deadline)"})
+    retry_backoff: float = field(default=0.2, metadata={
+        "help": "first retry delay in seconds (doubles each time)"})
+    breaker_threshold: int = field(default=5, metadata={
+        "help": "consecutive upstream failures that open the circuit; 0 = no breaker"})
+    breaker_cooldown: float = field(default=5.0, metadata={
+        "help": "seconds the circuit stays open before a trial call"})
 
     def resolved_ollama_url(self) -> str:
         return self.ollama_url or ollama_url_from_env(os.environ.get("OLLAMA_HOST"))
@@ -107,6 +147,17 @@ class Settings:
             return False
 
 
+def _convert(kind: type, raw: str | None) -> object:
+    if kind is bool:
+        lowered = (raw or "").strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    return kind(raw)
+
+
 def parse_settings(argv: Sequence[str] | None = None,
                    environ: Mapping[str, str] | None = None) -> Settings:
     """Flags win over TOKENWIRE_* variables, which win over defaults."""
@@ -123,23 +174,42 @@ def parse_settings(argv: Sequence[str] | None = None,
         kind = type(getattr(defaults, f.name))
         raw = env.get(env_name)
         try:
-            default = kind(raw) if raw not in (None, "") else getattr(defaults, f.name)
+            default = _convert(kind, raw) if raw not in (None, "") else getattr(defaults, f.name)
         except ValueError:
             parser.error(f"{env_name}={raw!r} is not a valid {kind.__name__}")
-        parser.add_argument(
-            "--" + f.name.replace("_", "-"), type=kind, default=default,
-            help=f"{f.metadata['help']} [env {env_name}; default %(default)s]",
-        )
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env {env_name}; default %(default)s]"
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
     args = parser.parse_args(argv)
     settings = Settings(**vars(args))
     problems = [
         name for name in ("connect_timeout", "first_token_timeout", "idle_timeout",
                           "health_interval", "max_message_bytes", "max_prompt_bytes",
-                          "upstream_connections", "max_concurrent_streams")
+                          "upstream_connections", "max_concurrent_streams", "max_streams",
+                          "max_streams_per_caller", "burst", "max_messages")
         if getattr(settings, name) <= 0
+    ] + [
+        name for name in ("rate", "queue_timeout", "max_output_tokens", "upstream_retries",
+                          "retry_backoff", "breaker_threshold", "breaker_cooldown")
+        if getattr(settings, name) < 0
     ]
     if problems:
-        parser.error("must be positive: " + ", ".join("--" + p.replace("_", "-") for p in problems))
+        parser.error("out of range (must be positive, or not negative): "
+                     + ", ".join("--" + p.replace("_", "-") for p in problems))
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if (settings.tls_client_ca or settings.tls_allowed_clients) and not settings.tls_cert:
+        parser.error("--tls-client-ca/--tls-allowed-clients need TLS: set --tls-cert and "
+                     "--tls-key")
+    if not settings.tls_cert and not settings.insecure and not settings.listen_is_loopback():
+        parser.error(f"refusing to serve plaintext on {settings.listen}, which is not a "
+                     "loopback address: anyone on the network could read prompts and answers. "
+                     "Set --tls-cert/--tls-key, or pass --insecure if a proxy in front "
+                     "terminates TLS")
     return settings

@@ -7,7 +7,8 @@ status codes in one table.
     UpstreamError                 anything that went wrong talking to the engine
     ├── UpstreamUnavailable       the engine could not take the request (retryable)
     │   ├── UpstreamConnectError    no connection (refused, DNS, TLS, connect timeout)
-    │   └── UpstreamBusy            the engine said 503: its queue is full
+    │   ├── UpstreamBusy            the engine said 503: its queue is full
+    │   └── CircuitOpen             failing fast after repeated failures
     ├── UpstreamTimeout           the engine went quiet
     │   ├── FirstTokenTimeout       nothing arrived within the first-token wait
     │   └── IdleTimeout             a gap between two chunks exceeded the idle limit
@@ -25,6 +26,7 @@ status codes in one table.
 from __future__ import annotations
 
 __all__ = [
+    "CircuitOpen",
     "EngineError",
     "FirstTokenTimeout",
     "IdleTimeout",
@@ -65,6 +67,12 @@ class UpstreamConnectError(UpstreamUnavailable):
 
 class UpstreamBusy(UpstreamUnavailable):
     pass
+
+
+class CircuitOpen(UpstreamUnavailable):
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class UpstreamTimeout(UpstreamError):

@@ -1,28 +1,38 @@
-"""Server interceptors: request ids and one access-log line per call.
+"""The call guard: request id → authentication → authorization → admission →
+the handler → one access-log line.
 
-The access log names the method, model-free outcome and timings; it never
-contains prompt or answer text.
+grpc.aio interceptors see only the method name and metadata, so the guard
+wraps each handler; the wrapper has the request (for the model name) and the
+context (for the peer's certificate). The access log names the method,
+caller, outcome and time; it never contains prompt or answer text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import inspect
 import logging
 import re
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
 
-from ._status import request_id_var
+from ._admission import Admission, Overloaded, Ticket
+from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated
+from ._status import request_id_var, status_for
 
-__all__ = ["RequestInterceptor"]
+__all__ = ["GuardInterceptor"]
 
 log = logging.getLogger("tokenwire.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
+_SERVICE = "/tokenwire.v1.GenerationService/"
+#: Methods that run the model and so take an admission slot.
+MODEL_CALLS = frozenset(_SERVICE + m for m in ("Generate", "Chat", "Complete", "Embed"))
+_OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def _request_id(metadata: Any) -> str:
@@ -32,9 +42,46 @@ def _request_id(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
-class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Gives each call a request id (the caller's ``x-request-id`` if it sent a
-    sane one), returns it in initial metadata and logs the call's outcome."""
+def _bearer(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str):
+            scheme, _, token = value.partition(" ")
+            return token.strip() if scheme.lower() == "bearer" else ""
+    return None
+
+
+def _model_of(request: Any) -> str | None:
+    inner = request
+    if hasattr(request, "WhichOneof") and request.DESCRIPTOR.name == "CompleteRequest":
+        kind = request.WhichOneof("request")
+        inner = getattr(request, kind) if kind else None
+    model = getattr(inner, "model", None)
+    return model if isinstance(model, str) else None
+
+
+def _peer_host(peer: str) -> str:
+    # "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000" / "unix:..."
+    kind, _, rest = peer.partition(":")
+    host = rest.rsplit(":", 1)[0] if kind in ("ipv4", "ipv6") else rest
+    return f"peer:{host.strip('[]')}"
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(
+        self,
+        *,
+        admission: Admission,
+        registry: CallerRegistry | None = None,
+        allowed_cert_names: Sequence[str] = (),
+        mtls: bool = False,
+        open_health: bool = False,
+    ) -> None:
+        self._admission = admission
+        self._registry = registry if registry is not None and registry.enabled else None
+        self._allowed = tuple(allowed_cert_names)
+        self._mtls = mtls
+        self._auth_required = self._registry is not None or mtls
+        self._open_health = open_health
 
     async def intercept_service(
         self,
@@ -44,17 +91,36 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
-        rid = _request_id(details.invocation_metadata)
+        method: str = details.method
+        metadata = details.invocation_metadata
+        rid = _request_id(metadata)
+        infrastructure = method.startswith(_OPEN_PREFIXES)
+        needs_auth = self._auth_required and not (infrastructure and self._open_health)
 
         def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 request_id_var.set(rid)
                 await context.send_initial_metadata((("x-request-id", rid),))
                 started = time.perf_counter()
-                outcome = "OK"
+                outcome, who = "OK", "-"
+                ticket: Ticket | None = None
                 try:
+                    caller = self._authenticate(context, metadata) if needs_auth else None
+                    who = caller.name if caller else _peer_host(context.peer())
+                    if not infrastructure:
+                        if caller is not None:
+                            caller.check(method, _model_of(request))
+                        self._admission.check_rate(who, caller.rate if caller else None,
+                                                   caller.burst if caller else None)
+                        if method in MODEL_CALLS:
+                            ticket = await self._admission.admit(
+                                who, max_streams=caller.max_streams if caller else None,
+                                deadline=context.time_remaining())
                     return await behavior(request, context)
+                except (AuthError, Overloaded) as exc:
+                    status = status_for(exc)
+                    outcome = status.code.name
+                    await context.abort(status.code, status.details, status.trailing_metadata)
                 except asyncio.CancelledError:
                     outcome = "CANCELLED"
                     raise
@@ -63,10 +129,12 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                     outcome = code.name if isinstance(code, grpc.StatusCode) else "ERROR"
                     raise
                 finally:
-                    log.info("rpc method=%s rid=%s outcome=%s ms=%.1f", method, rid, outcome,
-                             (time.perf_counter() - started) * 1000)
+                    if ticket is not None:
+                        ticket.release()
+                    log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid,
+                             who, outcome, (time.perf_counter() - started) * 1000)
 
-            return wrapped
+            return guarded
 
         if inspect.isasyncgenfunction(handler.unary_stream):
             return handler  # streaming via yield (none of ours): passed through unchanged
@@ -79,3 +147,29 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 wrap(handler.unary_stream), handler.request_deserializer,
                 handler.response_serializer)
         return handler
+
+    def _authenticate(self, context: grpc.aio.ServicerContext, metadata: Any) -> Caller:
+        token = _bearer(metadata)
+        if token is not None:
+            caller = self._registry.by_token(token) if self._registry and token else None
+            if caller is None:
+                raise NotAuthenticated("the bearer token is not valid; send `authorization: "
+                                       "Bearer <token>` with a token this server knows")
+            return caller
+        names = self._cert_names(context)
+        if names:
+            if self._allowed and not any(fnmatch.fnmatchcase(n, p) for n in names
+                                         for p in self._allowed):
+                raise NotAuthenticated(f"client certificate {names[0]!r} is not on this "
+                                       "server's allow-list")
+            known = self._registry.by_cert(names) if self._registry else None
+            return known or Caller(name=names[0])
+        raise NotAuthenticated("this server needs credentials: a bearer token in "
+                               "`authorization: Bearer <token>` metadata"
+                               + (" or a client certificate" if self._mtls else ""))
+
+    @staticmethod
+    def _cert_names(context: grpc.aio.ServicerContext) -> list[str]:
+        auth = context.auth_context()
+        names = [*auth.get("x509_common_name", ()), *auth.get("x509_subject_alternative_name", ())]
+        return [n.decode() if isinstance(n, bytes) else str(n) for n in names]

@@ -15,11 +15,14 @@ that is re-armed only when it fires, not once per chunk.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 from ._exceptions import FirstTokenTimeout, IdleTimeout, UpstreamError
-from ._upstream import Chunk
+from ._upstream import Chunk, is_outage
+
+log = logging.getLogger("tokenwire.service")
 
 __all__ = ["Relay"]
 
@@ -34,11 +37,17 @@ class Relay:
         first_token_timeout: float,
         idle_timeout: float,
         max_pending: int = 1024,
+        retries: int = 0,
+        retry_backoff: float = 0.2,
     ) -> None:
         self._opener = opener
         self._first_token_timeout = first_token_timeout
         self._idle_timeout = idle_timeout
         self._max_pending = max_pending
+        self._retries = retries
+        self._retry_backoff = retry_backoff
+        #: Upstream attempts made (1 + retries used).
+        self.attempts = 0
         self._loop = asyncio.get_running_loop()
         self._pending: list[Chunk] = []
         self._wakeup: asyncio.Future[None] | None = None
@@ -76,6 +85,12 @@ class Relay:
             self._space.set_result(None)
         return batch
 
+    def interrupt(self, error: BaseException) -> None:
+        """Ends the stream with ``error`` (after what is pending is taken)."""
+        if not self._finished:
+            self._error = error
+            self._task.cancel()
+
     async def aclose(self) -> None:
         """Stops the reader (closing the upstream response) and waits for it."""
         if not self._task.done():
@@ -105,6 +120,47 @@ class Relay:
         else:
             self._timer = self._loop.call_at(due, self._check_timer)
 
+    async def _read_with_retries(self) -> None:
+        """Reads the stream; an outage before the first chunk is retried with
+        exponential backoff (the first-token timer keeps running, so retries
+        never outlast it or the caller's deadline)."""
+        while True:
+            self.attempts += 1
+            try:
+                await self._read()
+                return
+            except UpstreamError as exc:
+                if self.count or self.attempts > self._retries or not is_outage(exc):
+                    raise
+                delay = self._retry_backoff * 2 ** (self.attempts - 1)
+                if self._loop.time() + delay >= self._started_at + self._first_token_timeout:
+                    raise
+                log.info("upstream attempt %d failed before the first token (%s); retrying in "
+                         "%.2fs", self.attempts, type(exc).__name__, delay)
+                await asyncio.sleep(delay)
+
+    async def _read(self) -> None:
+        async with self._opener() as chunks:
+            async for chunk in chunks:
+                now = self._loop.time()
+                if self.first_at is None:
+                    self.first_at = now
+                    # From now on the idle limit applies: re-arm once.
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = self._loop.call_at(now + self._idle_timeout,
+                                                     self._check_timer)
+                self.last_at = now
+                self.count += 1
+                self._pending.append(chunk)
+                self._wake()
+                if len(self._pending) >= self._max_pending:
+                    self._space = self._loop.create_future()
+                    try:
+                        await self._space
+                    finally:
+                        self._space = None
+
     async def _run(self) -> None:
         try:
             async with asyncio.timeout(None) as timeout:
@@ -112,26 +168,7 @@ class Relay:
                 self._timer = self._loop.call_at(
                     self._started_at + self._first_token_timeout, self._check_timer
                 )
-                async with self._opener() as chunks:
-                    async for chunk in chunks:
-                        now = self._loop.time()
-                        if self.first_at is None:
-                            self.first_at = now
-                            # From now on the idle limit applies: re-arm once.
-                            if self._timer is not None:
-                                self._timer.cancel()
-                            self._timer = self._loop.call_at(now + self._idle_timeout,
-                                                             self._check_timer)
-                        self.last_at = now
-                        self.count += 1
-                        self._pending.append(chunk)
-                        self._wake()
-                        if len(self._pending) >= self._max_pending:
-                            self._space = self._loop.create_future()
-                            try:
-                                await self._space
-                            finally:
-                                self._space = None
+                await self._read_with_retries()
         except TimeoutError:
             if self._expired is FirstTokenTimeout:
                 self._error = FirstTokenTimeout(
@@ -147,7 +184,8 @@ class Relay:
             else:
                 self._error = UpstreamError("upstream read timed out")
         except Exception as exc:  # anything else still ends the stream with an error
-            self._error = exc
+            if self._error is None:
+                self._error = exc
         finally:
             if self._timer is not None:
                 self._timer.cancel()

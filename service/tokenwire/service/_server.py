@@ -13,9 +13,12 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenwire.v1 import generation_pb2, generation_pb2_grpc
 
+from ._admission import Admission
+from ._auth import CallerRegistry
+from ._breaker import CircuitBreaker
 from ._config import Settings
 from ._health import HealthMonitor
-from ._interceptors import RequestInterceptor
+from ._interceptors import GuardInterceptor
 from ._servicer import GenerationServicer, StreamSettings
 from ._upstream import OllamaUpstream
 from ._validate import Limits
@@ -37,28 +40,56 @@ class Runtime:
     health: HealthMonitor
     upstream: OllamaUpstream
     settings: Settings
+    servicer: GenerationServicer
 
     @property
     def target(self) -> str:
         return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING first, then refuse new calls and let in-flight ones
-        finish within ``grace`` seconds, then close the upstream pool."""
+        """Drains: NOT_SERVING first; new calls refused; in-flight calls get
+        ``grace`` seconds to finish; the rest end with UNAVAILABLE
+        (SHUTTING_DOWN) and keep what they already received."""
+        grace = self.settings.shutdown_grace if grace is None else grace
         await self.health.shutdown()
-        await self.server.stop(self.settings.shutdown_grace if grace is None else grace)
+        # Refuses new calls at once; the extra second lets interrupted calls
+        # send their status before grpc cancels whatever is left.
+        stopping = asyncio.create_task(self.server.stop(grace + 1.0))
+        try:
+            if self.servicer.active_streams:
+                await asyncio.wait_for(self.servicer.drained(), grace)
+        except TimeoutError:
+            log.warning("grace period over: ending %d call(s) with UNAVAILABLE",
+                        self.servicer.active_streams)
+            self.servicer.interrupt_all()
+        await stopping
         await self.upstream.aclose()
 
 
 async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = None) -> Runtime:
     """Builds and starts the server; returns it with its bound port."""
+    url = settings.resolved_ollama_url()
     upstream = upstream or OllamaUpstream(
-        settings.resolved_ollama_url(),
+        url,
         connect_timeout=settings.connect_timeout,
         max_connections=settings.upstream_connections,
+        breaker=CircuitBreaker(threshold=settings.breaker_threshold,
+                               cooldown=settings.breaker_cooldown, url=url),
+    )
+    registry = CallerRegistry(settings.callers_file or None, CallerRegistry.env_tokens())
+    guard = GuardInterceptor(
+        admission=Admission(
+            max_streams=settings.max_streams,
+            max_streams_per_caller=settings.max_streams_per_caller,
+            rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout),
+        registry=registry,
+        allowed_cert_names=[p.strip() for p in settings.tls_allowed_clients.split(",")
+                            if p.strip()],
+        mtls=bool(settings.tls_client_ca),
+        open_health=settings.open_health,
     )
     server = grpc.aio.server(
-        interceptors=[RequestInterceptor()],
+        interceptors=[guard],
         options=[
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
@@ -72,9 +103,14 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
     servicer = GenerationServicer(
         upstream,
         limits=Limits(max_prompt_bytes=settings.max_prompt_bytes,
-                      max_images_bytes=settings.max_images_bytes),
+                      max_images_bytes=settings.max_images_bytes,
+                      max_messages=settings.max_messages,
+                      max_output_tokens=settings.max_output_tokens),
         stream=StreamSettings(first_token_timeout=settings.first_token_timeout,
-                              idle_timeout=settings.idle_timeout),
+                              idle_timeout=settings.idle_timeout,
+                              retries=settings.upstream_retries,
+                              retry_backoff=settings.retry_backoff,
+                              max_output_tokens=settings.max_output_tokens),
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         servicer, server)
@@ -82,14 +118,28 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(settings.listen)
+    port = _bind(server, settings)
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     monitor = HealthMonitor(health_servicer, upstream, (SERVICE_NAME,),
                             interval=settings.health_interval)
     await server.start()
     await monitor.start()
-    return Runtime(server, port, monitor, upstream, settings)
+    return Runtime(server, port, monitor, upstream, settings, servicer)
+
+
+def _bind(server: grpc.aio.Server, settings: Settings) -> int:
+    if not settings.tls_cert:
+        return int(server.add_insecure_port(settings.listen))
+    with open(settings.tls_key, "rb") as key, open(settings.tls_cert, "rb") as cert:
+        pair = (key.read(), cert.read())
+    client_ca = None
+    if settings.tls_client_ca:
+        with open(settings.tls_client_ca, "rb") as ca:
+            client_ca = ca.read()
+    credentials = grpc.ssl_server_credentials(
+        [pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+    return int(server.add_secure_port(settings.listen, credentials))
 
 
 async def serve(settings: Settings) -> int:

@@ -28,7 +28,7 @@ from ._convert import (
 )
 from ._exceptions import ProtocolError, TruncatedStream
 from ._relay import Relay
-from ._status import map_errors
+from ._status import ShuttingDown, map_errors
 from ._upstream import Chunk, OllamaUpstream
 from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
 
@@ -81,6 +81,11 @@ class StreamSettings:
     first_token_timeout: float = 120.0
     idle_timeout: float = 60.0
     max_pending_chunks: int = 1024
+    #: Retries of an upstream outage before the first token, and the first delay.
+    retries: int = 0
+    retry_backoff: float = 0.2
+    #: num_predict applied when a request sets no max_tokens (0 = none).
+    max_output_tokens: int = 0
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -94,6 +99,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._upstream = upstream
         self._limits = limits or Limits()
         self._stream = stream or StreamSettings()
+        self._relays: set[Relay] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._relays)
+
+    async def drained(self) -> None:
+        """Returns once no model call is running."""
+        await self._idle.wait()
+
+    def interrupt_all(self) -> None:
+        """Ends every running model call with UNAVAILABLE (shutdown after grace)."""
+        for relay in list(self._relays):
+            relay.interrupt(ShuttingDown())
 
     # -- streaming RPCs ---------------------------------------------------------
 
@@ -145,6 +166,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                      piece_of: _PieceOf, sink: _Sink, model: str) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
+        cap = self._stream.max_output_tokens
+        if cap:
+            options = payload.setdefault("options", {})
+            options.setdefault("num_predict", cap)
         first_token_wait = self._stream.first_token_timeout
         remaining = context.time_remaining()
         if remaining is not None:
@@ -155,7 +180,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             first_token_timeout=first_token_wait,
             idle_timeout=self._stream.idle_timeout,
             max_pending=self._stream.max_pending_chunks,
+            retries=self._stream.retries,
+            retry_backoff=self._stream.retry_backoff,
         )
+        self._relays.add(relay)
+        self._idle.clear()
         first_sent: float | None = None
         carried = 0  # chunks folded into no message yet (empty pieces)
         try:
@@ -181,6 +210,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 await sink(token)
         finally:
             await relay.aclose()
+            self._relays.discard(relay)
+            if not self._relays:
+                self._idle.set()
 
     @staticmethod
     def _finish(token: pb.Token, last: Chunk, relay: Relay, started: float,

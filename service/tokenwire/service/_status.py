@@ -19,7 +19,10 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from ._admission import Overloaded
+from ._auth import NotAllowed, NotAuthenticated
 from ._exceptions import (
+    CircuitOpen,
     EngineError,
     FirstTokenTimeout,
     IdleTimeout,
@@ -38,7 +41,14 @@ from ._exceptions import (
 )
 from ._validate import ValidationFailed
 
-__all__ = ["DOMAIN", "STATUS_TABLE", "map_errors", "request_id_var", "status_for"]
+__all__ = ["DOMAIN", "STATUS_TABLE", "ShuttingDown", "map_errors", "request_id_var", "status_for"]
+
+
+class ShuttingDown(Exception):
+    """The server's grace period ended while this call was still running."""
+
+    message = ("the server is shutting down and its grace period ended; retry, another "
+               "instance will take the call")
 
 DOMAIN = "tokenwire.dev"
 log = logging.getLogger("tokenwire.service")
@@ -49,6 +59,11 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 # Most specific classes first; the first match wins. (code, reason, retry after seconds)
 STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], ...] = (
     (ValidationFailed, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", None),
+    (NotAuthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", None),
+    (NotAllowed, grpc.StatusCode.PERMISSION_DENIED, "NOT_ALLOWED", None),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", 1.0),
+    (ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0),
+    (CircuitOpen, grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN", 1.0),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", None),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", None),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "UPSTREAM_FORBIDDEN", None),
@@ -85,6 +100,9 @@ def status_for(exc: Exception) -> grpc.Status:
     if isinstance(exc, ValidationFailed):
         message = "invalid request: " + "; ".join(f"{f}: {d}" for f, d in exc.violations)
         violations = exc.violations
+    elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown):
+        message = exc.message
+        violations = []
     elif isinstance(exc, UpstreamError):
         message = exc.message
         violations = [(exc.field, exc.message)] if isinstance(exc, InvalidRequest) else []
@@ -103,9 +121,11 @@ def status_for(exc: Exception) -> grpc.Status:
     if isinstance(exc, ModelNotFound):
         details.append(_pack(error_details_pb2.ResourceInfo(
             resource_type="model", resource_name=exc.model, description=message)))
+    retry_after = getattr(exc, "retry_after", retry_after)
     if retry_after is not None:
-        details.append(_pack(error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=int(retry_after)))))
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(max(retry_after, 0.001) * 1e9))
+        details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     return rpc_status.to_status(status)
 

@@ -14,7 +14,9 @@ from typing import Any
 import httpx
 import orjson
 
+from ._breaker import CircuitBreaker
 from ._exceptions import (
+    CircuitOpen,
     EngineError,
     InvalidRequest,
     ModelNotFound,
@@ -30,7 +32,7 @@ from ._exceptions import (
     UpstreamUnavailable,
 )
 
-__all__ = ["Chunk", "OllamaUpstream", "classify_http_error"]
+__all__ = ["Chunk", "OllamaUpstream", "classify_http_error", "is_outage"]
 
 #: One parsed NDJSON object from Ollama.
 Chunk = dict[str, Any]
@@ -59,8 +61,10 @@ class OllamaUpstream:
         connect_timeout: float = 5.0,
         max_connections: int = 1000,
         transport: httpx.AsyncBaseTransport | None = None,
+        breaker: CircuitBreaker | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.breaker = breaker or CircuitBreaker(threshold=0, url=self.base_url)
         self._client = httpx.AsyncClient(
             base_url=self.base_url,
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=30.0, pool=None),
@@ -78,8 +82,9 @@ class OllamaUpstream:
     # -- plain JSON endpoints -------------------------------------------------
 
     async def version(self, *, timeout: float | None = None) -> str:  # noqa: ASYNC109
-        """Returns Ollama's version; doubles as the liveness probe."""
-        body = await self._request_json("GET", "/api/version", timeout=timeout)
+        """Returns Ollama's version; doubles as the liveness probe (which goes
+        through even while the circuit is open, and can close it)."""
+        body = await self._request_json("GET", "/api/version", timeout=timeout, probe=True)
         return str(body.get("version", ""))
 
     async def tags(self) -> Chunk:
@@ -91,16 +96,29 @@ class OllamaUpstream:
     async def _request_json(
         self, method: str, path: str, payload: Chunk | None = None, *,
         timeout: float | None = None,  # noqa: ASYNC109 - httpx's own per-request timeout
+        probe: bool = False,
     ) -> Chunk:
+        if not probe:
+            self.breaker.before_call()
         content = orjson.dumps(payload) if payload is not None else None
         extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
         try:
             response = await self._client.request(method, path, content=content, **extra)
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc, path) from exc
+            raise self._failed(self._transport_error(exc, path)) from exc
         if response.status_code != 200:
-            raise classify_http_error(response.status_code, response.content, _model_of(payload))
+            raise self._failed(
+                classify_http_error(response.status_code, response.content, _model_of(payload)))
+        self.breaker.success()
         return _parse_object(response.content)
+
+    def _failed(self, exc: UpstreamError) -> UpstreamError:
+        """Tells the breaker about failures that mean "Ollama is not well"."""
+        if is_outage(exc):
+            self.breaker.failure()
+        else:
+            self.breaker.success()  # Ollama answered; the request was the problem
+        return exc
 
     # -- streams --------------------------------------------------------------
 
@@ -112,21 +130,27 @@ class OllamaUpstream:
         closes the HTTP response; a response closed before its end also closes
         its connection, which is how Ollama learns to stop generating.
         """
+        self.breaker.before_call()
         request = self._client.build_request("POST", path, content=orjson.dumps(payload))
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
-            raise self._transport_error(exc, path) from exc
+            raise self._failed(self._transport_error(exc, path)) from exc
         try:
             if response.status_code != 200:
                 try:
                     body = await response.aread()
                 except httpx.HTTPError as exc:
-                    raise self._transport_error(exc, path) from exc
-                raise classify_http_error(response.status_code, body, _model_of(payload))
+                    raise self._failed(self._transport_error(exc, path)) from exc
+                raise self._failed(
+                    classify_http_error(response.status_code, body, _model_of(payload)))
+            self.breaker.success()
             chunks = _iter_chunks(response, self._transport_error, path)
             async with contextlib.aclosing(chunks):
-                yield chunks
+                try:
+                    yield chunks
+                except UpstreamError as exc:
+                    raise self._failed(exc) from None
         finally:
             await response.aclose()
 
@@ -186,6 +210,15 @@ async def _iter_chunks(
         raise TruncatedStream(
             "Ollama ended the stream without a final (done) message; the answer is incomplete"
         )
+
+
+def is_outage(exc: UpstreamError) -> bool:
+    """Failures that say Ollama (not the request) is in trouble; these count
+    towards the circuit breaker and may be retried before the first token."""
+    if isinstance(exc, CircuitOpen):
+        return False
+    return isinstance(exc, UpstreamUnavailable | RunnerCrashed | UpstreamDisconnected) or (
+        isinstance(exc, EngineError) and (exc.http_status or 500) >= 500)
 
 
 def _parse_line(line: bytes) -> Chunk:

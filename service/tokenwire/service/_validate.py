@@ -25,6 +25,8 @@ class Limits:
     max_images_bytes: int = 16 << 20
     max_embed_inputs: int = 512
     max_model_name_bytes: int = 512
+    #: Largest options.max_tokens accepted (0 = no cap).
+    max_output_tokens: int = 0
 
 
 class ValidationFailed(Exception):
@@ -83,6 +85,10 @@ def _check_options(options: pb.Options, limits: Limits, out: _Violations) -> Non
         value = getattr(options, name)
         if options.HasField(name) and value < floor:
             out.append((f"options.{name}", f"must be at least {floor}, got {value}"))
+    cap = limits.max_output_tokens
+    if cap and options.HasField("max_tokens") and not 0 <= options.max_tokens <= cap:
+        out.append(("options.max_tokens", f"at most {cap} (this server's --max-output-tokens), "
+                                          f"got {options.max_tokens}"))
     if len(options.stop) > limits.max_stop_sequences:
         out.append(("options.stop", f"at most {limits.max_stop_sequences} stop sequences are "
                                     f"allowed, got {len(options.stop)}"))

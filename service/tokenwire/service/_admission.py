@@ -1,0 +1,149 @@
+"""Admission control: concurrent model calls (global and per caller) and a
+per-caller request rate (token bucket).
+
+Ollama queues requests for a loaded model without limit or timeout, so this is
+the only place where pressure can be pushed back. Over a limit a call either
+waits in a bounded queue (``queue_timeout`` > 0, never past its deadline) or is
+refused at once with RESOURCE_EXHAUSTED and a retry hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass
+
+__all__ = ["Admission", "Overloaded", "Ticket"]
+
+
+class Overloaded(Exception):
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+class _Slots:
+    """A counting limit with a FIFO of waiters."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def try_take(self) -> bool:
+        if self.used < self.limit and not self._waiters:
+            self.used += 1
+            return True
+        return False
+
+    async def take(self, wait: float) -> bool:
+        """Takes a slot, waiting up to ``wait`` seconds in FIFO order."""
+        if self.try_take():
+            return True
+        if wait <= 0:
+            return False
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(wait):
+                await waiter
+        except BaseException as exc:
+            granted = waiter.done() and not waiter.cancelled()
+            if isinstance(exc, TimeoutError):
+                if granted:  # handed over just as the wait ran out: keep it
+                    return True
+                self._remove(waiter)
+                return False
+            if granted:
+                self.give()
+            else:
+                self._remove(waiter)
+            raise
+        return True
+
+    def _remove(self, waiter: asyncio.Future[None]) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    def give(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes straight to the waiter
+                return
+        self.used -= 1
+
+
+class Ticket:
+    """Held for the length of one admitted call; ``release`` is idempotent."""
+
+    def __init__(self, slots: tuple[_Slots, ...]) -> None:
+        self._slots = slots
+
+    def release(self) -> None:
+        slots, self._slots = self._slots, ()
+        for s in slots:
+            s.give()
+
+
+class Admission:
+    def __init__(self, *, max_streams: int, max_streams_per_caller: int, rate: float,
+                 burst: int, queue_timeout: float) -> None:
+        self._global = _Slots(max_streams)
+        self._per_caller_default = max_streams_per_caller
+        self._per_caller: dict[str, _Slots] = {}
+        self._rate = rate
+        self._burst = burst
+        self._buckets: dict[str, _Bucket] = {}
+        self._queue_timeout = queue_timeout
+
+    @property
+    def in_use(self) -> int:
+        return self._global.used
+
+    def check_rate(self, caller: str, rate: float | None = None, burst: int | None = None) -> None:
+        """Takes one request from the caller's bucket or raises Overloaded."""
+        rate = self._rate if rate is None else rate
+        burst = self._burst if burst is None else burst
+        if rate <= 0:
+            return
+        now = time.monotonic()
+        bucket = self._buckets.get(caller)
+        if bucket is None:
+            bucket = self._buckets[caller] = _Bucket(float(burst), now)
+        bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
+        bucket.stamp = now
+        if bucket.tokens < 1.0:
+            wait = (1.0 - bucket.tokens) / rate
+            raise Overloaded(f"caller '{caller}' is over its rate limit of {rate:g} "
+                             f"requests/s (burst {burst}); retry in {wait:.2f}s",
+                             retry_after=wait)
+        bucket.tokens -= 1.0
+
+    async def admit(self, caller: str, *, max_streams: int | None = None,
+                    deadline: float | None = None) -> Ticket:
+        """Takes a global and a per-caller slot, waiting at most the queue
+        timeout (and never past ``deadline``, seconds from now)."""
+        wait = self._queue_timeout if deadline is None else min(self._queue_timeout, deadline)
+        limit = max_streams or self._per_caller_default
+        mine = self._per_caller.setdefault(caller, _Slots(limit))
+        mine.limit = limit  # follows a reloaded policy
+        if not await mine.take(wait):
+            raise Overloaded(f"caller '{caller}' already has {mine.used} model calls running, "
+                             f"its limit (max streams per caller: {mine.limit}); retry when one "
+                             "ends", retry_after=1.0)
+        if not await self._global.take(wait):
+            mine.give()
+            raise Overloaded(f"the gateway is at its limit of {self._global.limit} concurrent "
+                             "model calls; retry shortly", retry_after=1.0)
+        return Ticket((self._global, mine))
