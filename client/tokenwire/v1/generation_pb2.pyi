@@ -12,6 +12,13 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DeliveryMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELIVERY_MODE_UNSPECIFIED: _ClassVar[DeliveryMode]
+    DELIVERY_MODE_ADAPTIVE: _ClassVar[DeliveryMode]
+    DELIVERY_MODE_EACH_TOKEN: _ClassVar[DeliveryMode]
+    DELIVERY_MODE_BATCH: _ClassVar[DeliveryMode]
+
 class Think(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     THINK_UNSPECIFIED: _ClassVar[Think]
@@ -38,6 +45,10 @@ class Role(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROLE_USER: _ClassVar[Role]
     ROLE_ASSISTANT: _ClassVar[Role]
     ROLE_TOOL: _ClassVar[Role]
+DELIVERY_MODE_UNSPECIFIED: DeliveryMode
+DELIVERY_MODE_ADAPTIVE: DeliveryMode
+DELIVERY_MODE_EACH_TOKEN: DeliveryMode
+DELIVERY_MODE_BATCH: DeliveryMode
 THINK_UNSPECIFIED: Think
 THINK_DISABLED: Think
 THINK_ENABLED: Think
@@ -58,7 +69,7 @@ ROLE_ASSISTANT: Role
 ROLE_TOOL: Role
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "system", "options", "format", "keep_alive", "images", "think", "suffix", "raw")
+    __slots__ = ("model", "prompt", "system", "options", "format", "keep_alive", "images", "think", "suffix", "raw", "delivery")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +80,7 @@ class GenerateRequest(_message.Message):
     THINK_FIELD_NUMBER: _ClassVar[int]
     SUFFIX_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     system: str
@@ -79,10 +91,11 @@ class GenerateRequest(_message.Message):
     think: Think
     suffix: str
     raw: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., system: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., format: _Optional[_Union[Format, _Mapping]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., think: _Optional[_Union[Think, str]] = ..., suffix: _Optional[str] = ..., raw: _Optional[bool] = ...) -> None: ...
+    delivery: Delivery
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., system: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., format: _Optional[_Union[Format, _Mapping]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., think: _Optional[_Union[Think, str]] = ..., suffix: _Optional[str] = ..., raw: _Optional[bool] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("model", "messages", "tools", "options", "format", "keep_alive", "think")
+    __slots__ = ("model", "messages", "tools", "options", "format", "keep_alive", "think", "delivery")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +103,7 @@ class ChatRequest(_message.Message):
     FORMAT_FIELD_NUMBER: _ClassVar[int]
     KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
     THINK_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     tools: _containers.RepeatedCompositeFieldContainer[Tool]
@@ -97,7 +111,20 @@ class ChatRequest(_message.Message):
     format: Format
     keep_alive: _duration_pb2.Duration
     think: Think
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., format: _Optional[_Union[Format, _Mapping]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., think: _Optional[_Union[Think, str]] = ...) -> None: ...
+    delivery: Delivery
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., format: _Optional[_Union[Format, _Mapping]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., think: _Optional[_Union[Think, str]] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ...) -> None: ...
+
+class Delivery(_message.Message):
+    __slots__ = ("mode", "max_tokens", "max_delay", "at_sentence_end")
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_DELAY_FIELD_NUMBER: _ClassVar[int]
+    AT_SENTENCE_END_FIELD_NUMBER: _ClassVar[int]
+    mode: DeliveryMode
+    max_tokens: int
+    max_delay: _duration_pb2.Duration
+    at_sentence_end: bool
+    def __init__(self, mode: _Optional[_Union[DeliveryMode, str]] = ..., max_tokens: _Optional[int] = ..., max_delay: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., at_sentence_end: _Optional[bool] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("generate", "chat")

@@ -66,10 +66,11 @@ class Relay:
 
     # -- writer side ------------------------------------------------------------
 
-    async def take(self) -> list[Chunk]:
-        """Returns every chunk that arrived since the last call, waiting for at
-        least one. Returns [] after the stream ended cleanly; raises the
-        stream's error once everything before it was taken."""
+    async def take(self, max_items: int = 0, wait: float | None = None) -> list[Chunk] | None:
+        """Returns the chunks that arrived since the last call (at most
+        ``max_items`` if > 0), waiting for at least one. Returns [] after the
+        stream ended cleanly, None when ``wait`` seconds passed with nothing
+        new; raises the stream's error once everything before it was taken."""
         while not self._pending:
             if self._finished:
                 if self._error is not None:
@@ -77,10 +78,19 @@ class Relay:
                 return []
             self._wakeup = self._loop.create_future()
             try:
-                await self._wakeup
+                if wait is None:
+                    await self._wakeup
+                else:
+                    await asyncio.wait([self._wakeup], timeout=wait)
+                    if not self._wakeup.done():
+                        return None
             finally:
                 self._wakeup = None
-        batch, self._pending = self._pending, []
+        if 0 < max_items < len(self._pending):
+            batch = self._pending[:max_items]
+            del self._pending[:max_items]
+        else:
+            batch, self._pending = self._pending, []
         if self._space is not None and not self._space.done():
             self._space.set_result(None)
         return batch

@@ -26,6 +26,7 @@ from ._convert import (
     tool_calls_from,
     usage_from,
 )
+from ._delivery import Grouper
 from ._exceptions import ProtocolError, TruncatedStream
 from ._relay import Relay
 from ._status import ShuttingDown, map_errors
@@ -38,6 +39,7 @@ __all__ = ["GenerationServicer", "StreamSettings"]
 _Piece = tuple[str, str, list[Any] | None]
 _PieceOf = Callable[[Chunk], _Piece]
 _Sink = Callable[[pb.Token], Awaitable[None]]
+_ADAPTIVE = pb.Delivery(mode=pb.DELIVERY_MODE_ADAPTIVE)
 
 
 def _generate_piece(chunk: Chunk) -> _Piece:
@@ -123,13 +125,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                        context: grpc.aio.ServicerContext) -> None:
         validate_generate(request, self._limits)
         await self._relay(context, "/api/generate", generate_payload(request), _generate_piece,
-                          context.write, request.model)
+                          context.write, request.model, request.delivery)
 
     @map_errors
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
         validate_chat(request, self._limits)
         await self._relay(context, "/api/chat", chat_payload(request), _chat_piece,
-                          context.write, request.model)
+                          context.write, request.model, request.delivery)
 
     @map_errors
     async def Complete(self, request: pb.CompleteRequest,
@@ -152,18 +154,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
         if kind == "generate":
             validate_generate(request.generate, self._limits)
+            # Nobody reads between messages here: adaptive grouping packs
+            # everything that is waiting, which is the cheapest.
             await self._relay(context, "/api/generate", generate_payload(request.generate),
-                              _generate_piece, collect, request.generate.model)
+                              _generate_piece, collect, request.generate.model, _ADAPTIVE)
         else:
             validate_chat(request.chat, self._limits)
             await self._relay(context, "/api/chat", chat_payload(request.chat), _chat_piece,
-                              collect, request.chat.model)
+                              collect, request.chat.model, _ADAPTIVE)
         response.text = "".join(texts)
         response.thinking = "".join(thoughts)
         return response
 
     async def _relay(self, context: grpc.aio.ServicerContext, path: str, payload: dict[str, Any],
-                     piece_of: _PieceOf, sink: _Sink, model: str) -> None:
+                     piece_of: _PieceOf, sink: _Sink, model: str,
+                     delivery: pb.Delivery) -> None:
         loop = asyncio.get_running_loop()
         started = loop.time()
         cap = self._stream.max_output_tokens
@@ -183,13 +188,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             retries=self._stream.retries,
             retry_backoff=self._stream.retry_backoff,
         )
+        grouper = Grouper(relay, delivery, lambda chunk: piece_of(chunk)[0])
         self._relays.add(relay)
         self._idle.clear()
         first_sent: float | None = None
         carried = 0  # chunks folded into no message yet (empty pieces)
         try:
             while True:
-                batch = await relay.take()
+                batch = await grouper.next()
                 if not batch:
                     raise TruncatedStream("Ollama's stream ended without a final message")
                 token = _merge(batch, piece_of)

@@ -129,12 +129,24 @@ def _check_size(text: str, field: str, limits: Limits, out: _Violations) -> None
         out.append((field, f"{size} bytes, over the limit of {limits.max_prompt_bytes} bytes"))
 
 
+def _check_delivery(delivery: pb.Delivery, out: _Violations) -> None:
+    _check_enum(delivery.mode, pb.DeliveryMode, "delivery.mode", out)
+    delay = delivery.max_delay.ToNanoseconds() / 1e9 if delivery.HasField("max_delay") else 0.0
+    if delay < 0 or delay > 60:
+        out.append(("delivery.max_delay", f"must be between 0 and 60 seconds, got {delay:g}"))
+    if delivery.mode == pb.DELIVERY_MODE_BATCH and not (
+            delivery.max_tokens or delay > 0 or delivery.at_sentence_end):
+        out.append(("delivery", "DELIVERY_MODE_BATCH needs max_tokens, max_delay or "
+                                "at_sentence_end"))
+
+
 def _check_common(request: pb.GenerateRequest | pb.ChatRequest, limits: Limits,
                   out: _Violations) -> None:
     _check_model(request.model, limits, out)
     _check_options(request.options, limits, out)
     _check_format(request.format, out)
     _check_enum(request.think, pb.Think, "think", out)
+    _check_delivery(request.delivery, out)
 
 
 def validate_generate(request: pb.GenerateRequest, limits: Limits) -> None:

@@ -1,0 +1,84 @@
+"""Grouping of upstream chunks into messages (Delivery in the proto).
+
+adaptive    everything that piled up while the caller was busy, never waiting
+each token  exactly one chunk per message
+batch       wait until N chunks, or the oldest is M ms old, or a sentence ends
+The final (done) chunk is never held back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+
+from tokenwire.v1 import generation_pb2 as pb
+
+from ._relay import Relay
+from ._upstream import Chunk
+
+__all__ = ["Grouper"]
+
+_SENTENCE_END = re.compile(r"[.!?\n]\s*$")
+
+
+class Grouper:
+    def __init__(self, relay: Relay, delivery: pb.Delivery,
+                 text_of: Callable[[Chunk], str]) -> None:
+        self._relay = relay
+        self._mode = delivery.mode
+        self._max_tokens = delivery.max_tokens
+        self._max_delay = (delivery.max_delay.ToNanoseconds() / 1e9
+                           if delivery.HasField("max_delay") else 0.0)
+        self._sentences = delivery.at_sentence_end
+        self._text_of = text_of
+        self._held: list[Chunk] = []
+        self._since = 0.0  # when the oldest held chunk arrived
+        self._error: Exception | None = None
+
+    async def next(self) -> list[Chunk]:
+        """The next group of chunks; [] once the stream has ended."""
+        if self._error is not None:
+            raise self._error
+        if self._mode == pb.DELIVERY_MODE_EACH_TOKEN:
+            return await self._relay.take(max_items=1) or []
+        if self._mode != pb.DELIVERY_MODE_BATCH:
+            return await self._relay.take() or []
+        return await self._next_batch()
+
+    def _cut(self) -> int:
+        """How many held chunks form a complete group (0: none yet)."""
+        for i, chunk in enumerate(self._held):
+            if (chunk.get("done") is True
+                    or (self._max_tokens and i + 1 >= self._max_tokens)
+                    or (self._sentences and _SENTENCE_END.search(self._text_of(chunk)))):
+                return i + 1
+        return 0
+
+    async def _next_batch(self) -> list[Chunk]:
+        loop = asyncio.get_running_loop()
+        while True:
+            cut = self._cut()
+            if cut:
+                return self._flush_upto(cut)
+            wait = None
+            if self._held and self._max_delay:
+                wait = max(self._since + self._max_delay - loop.time(), 0.0)
+            try:
+                got = await self._relay.take(wait=wait)
+            except Exception as exc:
+                if not self._held:
+                    raise
+                self._error = exc  # deliver what is held first, fail on the next call
+                return self._flush_upto(len(self._held))
+            if not got:  # None: the oldest held chunk is max_delay old; []: the end
+                return self._flush_upto(len(self._held))
+            if not self._held:
+                self._since = loop.time()
+            self._held.extend(got)
+
+    def _flush_upto(self, n: int) -> list[Chunk]:
+        group, self._held = self._held[:n], self._held[n:]
+        if self._held:
+            self._since = asyncio.get_running_loop().time()
+        return group
