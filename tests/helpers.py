@@ -40,3 +40,8 @@ def reason(err: grpc.aio.AioRpcError) -> str:
 
 def joined(tokens: list[pb.Token]) -> str:
     return "".join(t.text for t in tokens)
+
+
+def last_body(fake: Any, path: str) -> Any:
+    """The JSON body of the latest request to ``path`` (health probes run in between)."""
+    return [r for r in fake.requests if r.path == path][-1].body

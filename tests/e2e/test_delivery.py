@@ -8,7 +8,7 @@ import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from tests.fakeollama import Fault, FakeOllama
+from tests.fakeollama import FakeOllama, Fault
 from tests.helpers import joined, violations
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub

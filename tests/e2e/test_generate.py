@@ -9,7 +9,7 @@ import pytest
 from google.protobuf.duration_pb2 import Duration
 
 from tests.fakeollama import FakeOllama
-from tests.helpers import joined
+from tests.helpers import joined, last_body
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
@@ -34,8 +34,8 @@ async def test_generate_streams_every_chunk_then_one_final(
         final.usage.time_to_first_token.ToNanoseconds())
     assert final.usage.engine_finish_reason == "stop"
     assert sum(t.chunk_count for t in tokens) == len(fake.tokens) + 1
-    assert fake.requests[-1].body["prompt"] == "sky?"
-    assert fake.requests[-1].body["stream"] is True
+    assert last_body(fake, "/api/generate")["prompt"] == "sky?"
+    assert last_body(fake, "/api/generate")["stream"] is True
 
 
 async def test_true_streaming_each_chunk_arrives_before_the_next_is_made(
@@ -90,7 +90,7 @@ async def test_options_reach_ollama(stub: GenerationServiceStub, fake: FakeOllam
         format=pb.Format(json=True), keep_alive=Duration(seconds=90),
     )
     tokens = [t async for t in stub.Generate(request)]
-    body = fake.requests[-1].body
+    body = last_body(fake, "/api/generate")
     assert body["options"] == {"temperature": 0.0, "num_predict": 3, "stop": ["."], "seed": 1}
     assert (body["system"], body["format"], body["keep_alive"]) == ("sys", "json", 90)
     assert tokens[-1].finish_reason == pb.FINISH_REASON_LENGTH
@@ -124,7 +124,7 @@ async def test_chat_streams_thinking_apart_and_tool_calls(
     calls = [c for t in tokens for c in t.tool_calls]
     assert [(c.id, c.name, dict(c.arguments)) for c in calls] == [
         ("call_1", "weather", {"city": "Paris"})]
-    body = fake.requests[-1].body
+    body = last_body(fake, "/api/chat")
     assert [m["role"] for m in body["messages"]] == ["system", "user", "assistant", "user"]
     assert body["think"] is True and body["tools"][0]["function"]["name"] == "weather"
 
