@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 from ._exceptions import CircuitOpen
 
@@ -27,6 +28,8 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._probing = False
+        #: Called with True when the circuit opens and False when it closes.
+        self.on_change: Callable[[bool], None] | None = None
 
     @property
     def is_open(self) -> bool:
@@ -46,16 +49,22 @@ class CircuitBreaker:
             f"for {retry:.1f}s more before trying again", retry_after=retry)
 
     def success(self) -> None:
-        if self._opened_at is not None:
-            log.info("circuit closed: Ollama at %s answers again", self._url)
+        was_open = self._opened_at is not None
         self._failures = 0
         self._opened_at = None
         self._probing = False
+        if was_open:
+            log.info("circuit closed: Ollama at %s answers again", self._url)
+            if self.on_change is not None:
+                self.on_change(False)
 
     def failure(self) -> None:
         self._failures += 1
         self._probing = False
         if self.threshold > 0 and self._failures >= self.threshold:
-            if self._opened_at is None:
-                log.warning("circuit open: %d consecutive upstream failures", self._failures)
+            newly = self._opened_at is None
             self._opened_at = time.monotonic()
+            if newly:
+                log.warning("circuit open: %d consecutive upstream failures", self._failures)
+                if self.on_change is not None:
+                    self.on_change(True)

@@ -26,8 +26,18 @@ class HealthMonitor:
         self._services = ("", *services)
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
+        self._publishing: set[asyncio.Task[None]] = set()
         self.serving: bool | None = None
         self._stopping = False
+        upstream.breaker.on_change = self._breaker_changed
+
+    def _breaker_changed(self, is_open: bool) -> None:
+        """An open circuit means NOT_SERVING now, not at the next probe."""
+        if self._stopping:
+            return
+        task = asyncio.get_running_loop().create_task(self._publish(not is_open))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
 
     async def _publish(self, serving: bool) -> None:
         if serving != self.serving:
