@@ -1,0 +1,241 @@
+#!/usr/bin/env node
+// Calls tokenwire from Node.js with @grpc/grpc-js. The contract is loaded at
+// run time from protos/ with @grpc/proto-loader: no generated code, so there
+// is nothing to regenerate or to keep in step when the proto changes.
+// Runs the scenarios listed in ../scenarios.json.
+//
+//   node client.js <host:port> <scenario>   one JSON line on stdout
+//   node client.js golden                   hex of the golden GenerateRequest
+'use strict';
+
+const path = require('node:path');
+const { performance } = require('node:perf_hooks');
+const grpc = require('@grpc/grpc-js');
+const protoLoader = require('@grpc/proto-loader');
+const protobuf = require('protobufjs');
+const health = require('grpc-health-check');
+
+const PROTOS = process.env.TOKENWIRE_PROTOS || path.join(__dirname, '..', '..', '..', 'protos');
+
+// camelCase fields (topP, maxTokens) as usual in JS; int64 as strings and
+// enums as names, both lossless.
+const definition = protoLoader.loadSync('tokenwire/v1/generation.proto', {
+  includeDirs: [PROTOS],
+  longs: String,
+  enums: String,
+  defaults: false,
+  oneofs: true,
+});
+const tokenwire = grpc.loadPackageDefinition(definition).tokenwire.v1;
+const HealthClient = grpc.makeClientConstructor(health.service, 'grpc.health.v1.Health');
+
+// google.rpc.Status and its details, from the googleapis protos that the
+// google-proto-files package ships (google/protobuf/* come with protobufjs).
+const googleapis = path.dirname(require.resolve('google-proto-files/package.json'));
+const rpcTypes = new protobuf.Root();
+rpcTypes.resolvePath = (_origin, target) => path.join(googleapis, target);
+// keepCase: field names as in the .proto files (type_url, field_violations).
+rpcTypes.loadSync(['google/rpc/status.proto', 'google/rpc/error_details.proto'], { keepCase: true });
+const Status = rpcTypes.lookupType('google.rpc.Status');
+
+/** The google.rpc.Status in the trailers, details unpacked, or null. */
+function richStatus(err) {
+  const raw = err.metadata && err.metadata.get('grpc-status-details-bin')[0];
+  if (!raw) return null;
+  const status = Status.decode(raw);
+  const details = status.details.map((any) => {
+    const type = rpcTypes.lookupType(any.type_url.slice(any.type_url.lastIndexOf('/') + 1));
+    return { type: type.fullName.slice(1), value: type.decode(any.value) };
+  });
+  return { code: status.code, message: status.message, details };
+}
+
+function richError(err, report) {
+  report.message = err.details;
+  const status = richStatus(err);
+  for (const { type, value } of status ? status.details : []) {
+    if (type === 'google.rpc.ErrorInfo') {
+      Object.assign(report, { reason: value.reason, domain: value.domain });
+    } else if (type === 'google.rpc.ResourceInfo') {
+      Object.assign(report, { resource_type: value.resource_type, resource_name: value.resource_name });
+    } else if (type === 'google.rpc.BadRequest') {
+      report.fields = value.field_violations.map((v) => v.field);
+      report.descriptions = value.field_violations.map((v) => v.description);
+    }
+  }
+}
+
+/** Reads a token stream with for-await, printing tokens as they arrive. */
+async function consume(call, started, report, { stopAfter = 0 } = {}) {
+  report.tokens = 0;
+  report.text = '';
+  for await (const token of call) {
+    const ms = performance.now() - started;
+    process.stderr.write(`[${ms.toFixed(1).padStart(8)} ms] ${JSON.stringify(token.text || '')}\n`);
+    if (report.tokens === 0) report.first_ms = ms;
+    report.last_ms = ms;
+    report.tokens += 1;
+    report.text += token.text || '';
+    if (token.done) {
+      report.finish_reason = token.finishReason;
+      report.completion_tokens = (token.usage && token.usage.completionTokens) || 0;
+      report.model = token.model;
+    }
+    if (stopAfter && report.tokens === stopAfter) call.cancel();
+  }
+}
+
+const unary = (client, method, request) => new Promise((resolve, reject) => {
+  client[method](request, { deadline: Date.now() + 30_000 }, (err, response) =>
+    (err ? reject(err) : resolve(response)));
+});
+
+async function drain(client, request, report) {
+  try {
+    for await (const _ of client.Generate(request)); // eslint-disable-line no-unused-vars
+  } catch (err) {
+    richError(err, report);
+    throw err;
+  }
+}
+
+const scenarios = {
+  generate_stream: ['OK', async (client, report) => {
+    const started = performance.now();
+    await consume(client.Generate({ model: 'tiny', prompt: 'Why is the sky blue?' }), started, report);
+  }],
+  chat_history: ['OK', async (client, report) => {
+    const started = performance.now();
+    const call = client.Chat({
+      model: 'tiny',
+      messages: [
+        { role: 'ROLE_SYSTEM', content: 'You answer in one short sentence.' },
+        { role: 'ROLE_USER', content: 'Name a primary colour.' },
+        { role: 'ROLE_ASSISTANT', content: 'Red.' },
+        { role: 'ROLE_USER', content: 'Another one?' },
+      ],
+    });
+    await consume(call, started, report);
+  }],
+  cancel_after_2: ['CANCELLED', async (client, report) => {
+    const started = performance.now();
+    const call = client.Generate({ model: 'tiny', prompt: 'Tell me a long story.' });
+    await consume(call, started, report, { stopAfter: 2 });
+  }],
+  deadline: ['DEADLINE_EXCEEDED', async (client, report) => {
+    // connect first, so that the deadline measures the call, not the connection set-up
+    await new Promise((resolve, reject) => client.waitForReady(Date.now() + 30_000,
+      (err) => (err ? reject(err) : resolve())));
+    const started = performance.now();
+    try {
+      const call = client.Generate({ model: 'tiny', prompt: 'Tell me a long story.' },
+        { deadline: Date.now() + 800 });
+      await consume(call, started, report);
+    } finally {
+      report.elapsed_ms = Math.round(performance.now() - started);
+    }
+  }],
+  not_found: ['NOT_FOUND', (client, report) =>
+    drain(client, { model: 'nope', prompt: 'p' }, report)],
+  invalid_argument: ['INVALID_ARGUMENT', (client, report) =>
+    drain(client, { model: '', prompt: 'p', options: { topP: 2 } }, report)],
+  health: ['OK', async (_client, report, target) => {
+    const client = new HealthClient(target, grpc.credentials.createInsecure());
+    try {
+      report.status = (await unary(client, 'check', { service: '' })).status;
+    } finally {
+      client.close();
+    }
+  }],
+  list_models: ['OK', async (client, report) => {
+    const response = await unary(client, 'ListModels', {});
+    report.models = response.models.map((m) => m.name);
+    report.formats = response.models.map((m) => m.format);
+  }],
+};
+
+/** A plain JS value as google.protobuf.Value (what structpb.NewValue does in Go). */
+function toValue(v) {
+  if (v === null) return { nullValue: 'NULL_VALUE' };
+  if (Array.isArray(v)) return { listValue: { values: v.map(toValue) } };
+  switch (typeof v) {
+    case 'string': return { stringValue: v };
+    case 'number': return { numberValue: v };
+    case 'boolean': return { boolValue: v };
+    default: return { structValue: toStruct(v) };
+  }
+}
+
+/** A plain object as google.protobuf.Struct. Keys are sorted: protobufjs
+ * writes map entries in insertion order, so sorting is what makes the bytes
+ * deterministic (as Go's and Java's deterministic modes do). */
+function toStruct(obj) {
+  const fields = {};
+  for (const key of Object.keys(obj).sort()) fields[key] = toValue(obj[key]);
+  return { fields };
+}
+
+/** ../golden_request.json, built as a plain object (proto-loader's builder). */
+function goldenRequest() {
+  return {
+    model: 'smollm2:135m',
+    prompt: 'Why is the sky blue? Réponds en une ligne ✨',
+    system: 'Answer in one line.',
+    options: {
+      temperature: 0, // explicit zero: present on the wire
+      topP: 0.9,
+      topK: 40,
+      maxTokens: -1,
+      stop: ['\n\n', 'User:'],
+      seed: '-42',
+      repeatPenalty: 1.1,
+      presencePenalty: -0.5,
+      numCtx: 8192,
+    },
+    format: { jsonSchema: toStruct({ properties: { answer: { enum: ['yes', 'no', 42.5, true, null] } } }) },
+    keepAlive: { seconds: '90', nanos: 500_000_000 },
+    images: [Buffer.from([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0x00, 0xff])],
+    think: 'THINK_LOW',
+    // suffix: '' and raw: false are left out, unlike in the other languages:
+    // protobufjs writes a proto3 scalar that is set explicitly even when it
+    // holds the default, so they would add bytes 4a00 and 5000 (harmless to
+    // readers, but not the canonical encoding the golden test compares).
+  };
+}
+
+async function main(argv) {
+  if (argv.length === 1 && argv[0] === 'golden') {
+    const serialize = definition['tokenwire.v1.GenerationService'].Generate.requestSerialize;
+    process.stdout.write(`${serialize(goldenRequest()).toString('hex')}\n`);
+    return;
+  }
+  if (argv.length !== 2) {
+    process.stderr.write('usage: client.js <host:port> <scenario> | client.js golden\n');
+    process.exitCode = 2;
+    return;
+  }
+  const [target, name] = argv;
+  if (!(name in scenarios)) throw new Error(`unknown scenario ${JSON.stringify(name)}`);
+  const [expect, run] = scenarios[name];
+  const client = new tokenwire.GenerationService(target, grpc.credentials.createInsecure());
+  const report = { scenario: name, lang: 'node' };
+  let code = 'OK';
+  try {
+    await run(client, report, target);
+  } catch (err) {
+    if (typeof err.code !== 'number') throw err;
+    code = grpc.status[err.code];
+  }
+  Object.assign(report, { code, ok: code === expect });
+  process.stdout.write(`${JSON.stringify(report)}\n`);
+  if (process.env.TOKENWIRE_POLYGLOT_HOLD === '1') {
+    // keep the channel open until stdin closes
+    await new Promise((resolve) => process.stdin.on('end', resolve).resume());
+  }
+  client.close();
+}
+
+main(process.argv.slice(2)).catch((err) => {
+  process.stderr.write(`polyglot-node: ${err && err.stack ? err.stack : err}\n`);
+  process.exit(1);
+});
