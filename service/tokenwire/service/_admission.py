@@ -142,7 +142,12 @@ class Admission:
             raise Overloaded(f"caller '{caller}' already has {mine.used} model calls running, "
                              f"its limit (max streams per caller: {mine.limit}); retry when one "
                              "ends", retry_after=1.0)
-        if not await self._global.take(wait):
+        try:
+            admitted = await self._global.take(wait)
+        except BaseException:
+            mine.give()  # cancelled (or past its deadline) while queued
+            raise
+        if not admitted:
             mine.give()
             raise Overloaded(f"the gateway is at its limit of {self._global.limit} concurrent "
                              "model calls; retry shortly", retry_after=1.0)

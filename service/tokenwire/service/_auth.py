@@ -69,9 +69,16 @@ class Caller:
         if not any(fnmatch.fnmatchcase(short, p) for p in self.methods):
             raise NotAllowed(f"caller '{self.name}' may not call {short}; allowed: "
                              f"{', '.join(self.methods)}")
-        if model is not None and not any(fnmatch.fnmatchcase(model, p) for p in self.models):
+        names = {model, _with_tag(model)} if model is not None else set()
+        if model is not None and not any(fnmatch.fnmatchcase(n, p) for n in names
+                                         for p in self.models):
             raise NotAllowed(f"caller '{self.name}' may not use model '{model}'; allowed: "
                              f"{', '.join(self.models)}")
+
+
+def _with_tag(model: str) -> str:
+    """Ollama reads a name without a tag as ":latest"."""
+    return model if ":" in model.rsplit("/", 1)[-1] else model + ":latest"
 
 
 def _digest(token: str) -> bytes:
@@ -131,7 +138,9 @@ class CallerRegistry:
 
     @property
     def enabled(self) -> bool:
-        return bool(self._callers)
+        """Configured (a callers file or env tokens), even with nobody listed yet:
+        authentication is then on and fails closed."""
+        return self._path is not None or bool(self._env)
 
     def _reload(self, *, initial: bool = False) -> None:
         callers = list(self._env)

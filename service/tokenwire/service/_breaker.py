@@ -48,6 +48,10 @@ class CircuitBreaker:
             f"Ollama at {self._url} failed {self._failures} times in a row; failing fast "
             f"for {retry:.1f}s more before trying again", retry_after=retry)
 
+    def abandon(self) -> None:
+        """The trial call ended without an answer (its caller went away)."""
+        self._probing = False
+
     def success(self) -> None:
         was_open = self._opened_at is not None
         self._failures = 0

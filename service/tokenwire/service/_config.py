@@ -14,6 +14,17 @@ __all__ = ["Settings", "ollama_url_from_env", "parse_settings"]
 _ENV_PREFIX = "TOKENWIRE_"
 
 
+def redact_url(url: str) -> str:
+    """The URL without a password (user:password@ becomes user:***@)."""
+    scheme, sep, rest = url.partition("://")
+    hostport, slash, path = rest.partition("/")
+    userinfo, at, host = hostport.rpartition("@")
+    if not sep or not at:
+        return url
+    user = userinfo.partition(":")[0]
+    return f"{scheme}://{user}:***@{host}{slash}{path}"
+
+
 def ollama_url_from_env(value: str | None) -> str:
     """Reads OLLAMA_HOST the way Ollama's own CLI does.
 
@@ -134,7 +145,7 @@ class Settings:
     def describe(self) -> str:
         """One line per setting (no secrets exist yet; keep it that way here)."""
         values = dataclasses.asdict(self)
-        values["ollama_url"] = self.resolved_ollama_url()
+        values["ollama_url"] = redact_url(self.resolved_ollama_url())
         return "\n".join(f"  {k:<24} {v}" for k, v in values.items())
 
     def listen_is_loopback(self) -> bool:

@@ -97,8 +97,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         infrastructure = method.startswith(_OPEN_PREFIXES)
         needs_auth = self._auth_required and not (infrastructure and self._open_health)
 
-        def wrap(behavior: Callable[..., Any]) -> Callable[..., Any]:
-            async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def wrap(behavior: Callable[..., Any],
+                 deserialize: Callable[[bytes], Any] | None) -> Callable[..., Any]:
+            async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
                 request_id_var.set(rid)
                 await context.send_initial_metadata((("x-request-id", rid),))
                 started = time.perf_counter()
@@ -107,6 +108,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 try:
                     caller = self._authenticate(context, metadata) if needs_auth else None
                     who = caller.name if caller else _peer_host(context.peer())
+                    try:
+                        request = deserialize(raw) if deserialize is not None else raw
+                    except Exception as exc:  # DecodeError: bad bytes, bad UTF-8, too deep
+                        outcome = "INVALID_ARGUMENT"
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                            f"the request could not be decoded: {exc}")
                     if not infrastructure:
                         if caller is not None:
                             caller.check(method, _model_of(request))
@@ -136,16 +143,42 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             return guarded
 
-        if inspect.isasyncgenfunction(handler.unary_stream):
-            return handler  # streaming via yield (none of ours): passed through unchanged
+        if inspect.isasyncgenfunction(handler.unary_stream) or handler.stream_stream \
+                or handler.stream_unary:
+            # Not wrapped (reflection, streams written with yield): still authenticated.
+            return self._gate(handler, rid, metadata) if needs_auth else handler
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary), handler.request_deserializer,
+                wrap(handler.unary_unary, handler.request_deserializer), None,
                 handler.response_serializer)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream), handler.request_deserializer,
+                wrap(handler.unary_stream, handler.request_deserializer), None,
                 handler.response_serializer)
+        return handler
+
+    def _gate(self, handler: grpc.RpcMethodHandler, rid: str, metadata: Any) -> Any:
+        """Authenticates, then delegates, for handlers the guard does not wrap."""
+        guard = self
+
+        async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id_var.set(rid)
+            try:
+                guard._authenticate(context, metadata)
+            except AuthError as exc:
+                status = status_for(exc)
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            async for item in behavior(request, context):
+                yield item
+
+        if handler.stream_stream is not None:
+            behavior = handler.stream_stream
+            return grpc.stream_stream_rpc_method_handler(
+                gated, handler.request_deserializer, handler.response_serializer)
+        if handler.unary_stream is not None:
+            behavior = handler.unary_stream
+            return grpc.unary_stream_rpc_method_handler(
+                gated, handler.request_deserializer, handler.response_serializer)
         return handler
 
     def _authenticate(self, context: grpc.aio.ServicerContext, metadata: Any) -> Caller:

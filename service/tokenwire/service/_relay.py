@@ -53,6 +53,7 @@ class Relay:
         self._wakeup: asyncio.Future[None] | None = None
         self._space: asyncio.Future[None] | None = None
         self._finished = False
+        self._complete = False  # the final (done) chunk arrived
         self._error: BaseException | None = None
         self._expired: type[UpstreamError] | None = None
         self._timeout: asyncio.Timeout | None = None
@@ -99,13 +100,28 @@ class Relay:
         """Ends the stream with ``error`` (after what is pending is taken)."""
         if not self._finished:
             self._error = error
-            self._task.cancel()
+            self._cancel_reader()
 
     async def aclose(self) -> None:
-        """Stops the reader (closing the upstream response) and waits for it."""
-        if not self._task.done():
-            self._task.cancel()
+        """Stops the reader (closing the upstream response) and waits for it.
+
+        A reader that already has the final chunk is left to finish on its own:
+        cancelling it while httpx closes the response (which awaits a lock)
+        leaves the pool connection marked active for ever."""
+        if not self._task.done() and not self._complete:
+            self._cancel_reader()
         await asyncio.wait([self._task])
+
+    def _cancel_reader(self) -> None:
+        """Cancels the reader exactly once: a second cancellation (say, the
+        first-token timer firing as the caller's deadline passes) would land in
+        the response's clean-up and leave its pool connection marked busy."""
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._timeout is not None and not self._timeout.expired():
+            self._timeout.reschedule(None)
+        if not self._task.cancelling():
+            self._task.cancel()
 
     # -- reader side ------------------------------------------------------------
 
@@ -162,6 +178,8 @@ class Relay:
                                                      self._check_timer)
                 self.last_at = now
                 self.count += 1
+                if chunk.get("done") is True:
+                    self._complete = True
                 self._pending.append(chunk)
                 self._wake()
                 if len(self._pending) >= self._max_pending:

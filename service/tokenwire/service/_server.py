@@ -16,7 +16,7 @@ from tokenwire.v1 import generation_pb2, generation_pb2_grpc
 from ._admission import Admission
 from ._auth import CallerRegistry
 from ._breaker import CircuitBreaker
-from ._config import Settings
+from ._config import Settings, redact_url
 from ._health import HealthMonitor
 from ._interceptors import GuardInterceptor
 from ._servicer import GenerationServicer, StreamSettings
@@ -41,29 +41,39 @@ class Runtime:
     upstream: OllamaUpstream
     settings: Settings
     servicer: GenerationServicer
+    admission: Admission
 
     @property
     def target(self) -> str:
         return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains: NOT_SERVING first; new calls refused; in-flight calls get
-        ``grace`` seconds to finish; the rest end with UNAVAILABLE
-        (SHUTTING_DOWN) and keep what they already received."""
+        """Drains: NOT_SERVING first; new calls refused; in-flight model calls
+        get ``grace`` seconds to finish; the ones still running then end with
+        UNAVAILABLE (SHUTTING_DOWN) and keep what they already received;
+        whatever is left (health watchers, reflection) is cancelled."""
         grace = self.settings.shutdown_grace if grace is None else grace
+        loop = asyncio.get_running_loop()
         await self.health.shutdown()
-        # Refuses new calls at once; the extra second lets interrupted calls
-        # send their status before grpc cancels whatever is left.
-        stopping = asyncio.create_task(self.server.stop(grace + 1.0))
-        try:
-            if self.servicer.active_streams:
-                await asyncio.wait_for(self.servicer.drained(), grace)
-        except TimeoutError:
+        # Refuses new calls at once; the stop below with no grace ends the rest.
+        stopping = asyncio.create_task(self.server.stop(grace + 2.0))
+        if not await self._model_calls_done(loop.time() + grace):
             log.warning("grace period over: ending %d call(s) with UNAVAILABLE",
-                        self.servicer.active_streams)
+                        self.admission.in_use)
             self.servicer.interrupt_all()
+            await self._model_calls_done(loop.time() + 1.0)  # their statuses go out
+        await self.server.stop(None)
         await stopping
         await self.upstream.aclose()
+
+    async def _model_calls_done(self, deadline: float) -> bool:
+        """Waits (polling; shutdown only) until no model call is admitted."""
+        loop = asyncio.get_running_loop()
+        while self.admission.in_use or self.servicer.active_streams:
+            if loop.time() >= deadline:
+                return False
+            await asyncio.sleep(0.01)
+        return True
 
 
 async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = None) -> Runtime:
@@ -74,14 +84,15 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
         connect_timeout=settings.connect_timeout,
         max_connections=settings.upstream_connections,
         breaker=CircuitBreaker(threshold=settings.breaker_threshold,
-                               cooldown=settings.breaker_cooldown, url=url),
+                               cooldown=settings.breaker_cooldown, url=redact_url(url)),
     )
     registry = CallerRegistry(settings.callers_file or None, CallerRegistry.env_tokens())
+    admission = Admission(
+        max_streams=settings.max_streams,
+        max_streams_per_caller=settings.max_streams_per_caller,
+        rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout)
     guard = GuardInterceptor(
-        admission=Admission(
-            max_streams=settings.max_streams,
-            max_streams_per_caller=settings.max_streams_per_caller,
-            rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout),
+        admission=admission,
         registry=registry,
         allowed_cert_names=[p.strip() for p in settings.tls_allowed_clients.split(",")
                             if p.strip()],
@@ -125,7 +136,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
                             interval=settings.health_interval)
     await server.start()
     await monitor.start()
-    return Runtime(server, port, monitor, upstream, settings, servicer)
+    return Runtime(server, port, monitor, upstream, settings, servicer, admission)
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -146,7 +157,7 @@ async def serve(settings: Settings) -> int:
     """Runs until SIGTERM or SIGINT, then drains. Returns the exit code."""
     runtime = await build_server(settings)
     log.info("tokenwire-server listening on %s (upstream %s: %s)", runtime.target,
-             settings.resolved_ollama_url(),
+             redact_url(settings.resolved_ollama_url()),
              "reachable" if runtime.health.serving else "NOT reachable yet")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

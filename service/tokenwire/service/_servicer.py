@@ -102,16 +102,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._limits = limits or Limits()
         self._stream = stream or StreamSettings()
         self._relays: set[Relay] = set()
-        self._idle = asyncio.Event()
-        self._idle.set()
 
     @property
     def active_streams(self) -> int:
         return len(self._relays)
-
-    async def drained(self) -> None:
-        """Returns once no model call is running."""
-        await self._idle.wait()
 
     def interrupt_all(self) -> None:
         """Ends every running model call with UNAVAILABLE (shutdown after grace)."""
@@ -190,7 +184,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         )
         grouper = Grouper(relay, delivery, lambda chunk: piece_of(chunk)[0])
         self._relays.add(relay)
-        self._idle.clear()
         first_sent: float | None = None
         carried = 0  # chunks folded into no message yet (empty pieces)
         try:
@@ -215,10 +208,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     return
                 await sink(token)
         finally:
-            await relay.aclose()
             self._relays.discard(relay)
-            if not self._relays:
-                self._idle.set()
+            await relay.aclose()
 
     @staticmethod
     def _finish(token: pb.Token, last: Chunk, relay: Relay, started: float,

@@ -51,6 +51,8 @@ class ShuttingDown(Exception):
                "instance will take the call")
 
 DOMAIN = "tokenwire.dev"
+#: Violations sent back at most: the status travels in trailers (8 KiB by default).
+MAX_VIOLATIONS = 20
 log = logging.getLogger("tokenwire.service")
 
 #: The current call's request id (set by the request interceptor).
@@ -98,8 +100,13 @@ def status_for(exc: Exception) -> grpc.Status:
     metadata = {"request_id": rid}
     details = []
     if isinstance(exc, ValidationFailed):
-        message = "invalid request: " + "; ".join(f"{f}: {d}" for f, d in exc.violations)
-        violations = exc.violations
+        violations = [(f[:200], d[:300]) for f, d in exc.violations[:MAX_VIOLATIONS]]
+        if len(exc.violations) > MAX_VIOLATIONS:
+            violations.append(("...", f"and {len(exc.violations) - MAX_VIOLATIONS} more "
+                                      "problems of the same kinds"))
+        message = "invalid request: " + "; ".join(f"{f}: {d}" for f, d in violations[:5])
+        if len(violations) > 5:
+            message += f"; ... ({len(exc.violations)} problems in all, see BadRequest)"
     elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown):
         message = exc.message
         violations = []
@@ -146,7 +153,7 @@ def map_errors(handler: _Handler) -> _Handler:
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except (ValidationFailed, UpstreamError) as exc:
+        except (ValidationFailed, UpstreamError, ShuttingDown) as exc:
             status = status_for(exc)
             log.info("request failed rid=%s code=%s reason=%s", request_id_var.get(),
                      status.code.name, type(exc).__name__)

@@ -7,6 +7,7 @@ failure leaves this module as an exception from ``_exceptions.py``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -15,6 +16,7 @@ import httpx
 import orjson
 
 from ._breaker import CircuitBreaker
+from ._config import redact_url
 from ._exceptions import (
     CircuitOpen,
     EngineError,
@@ -63,10 +65,16 @@ class OllamaUpstream:
         transport: httpx.AsyncBaseTransport | None = None,
         breaker: CircuitBreaker | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        url = httpx.URL(base_url.rstrip("/"))
+        # Credentials in the URL become basic auth: the URL itself (in messages and
+        # in httpx's own request log) never carries the password.
+        auth = httpx.BasicAuth(url.username, url.password) if url.userinfo else None
+        self._url = str(url.copy_with(userinfo=b""))
+        self.base_url = redact_url(base_url.rstrip("/"))
         self.breaker = breaker or CircuitBreaker(threshold=0, url=self.base_url)
         self._client = httpx.AsyncClient(
-            base_url=self.base_url,
+            base_url=self._url,
+            auth=auth,
             timeout=httpx.Timeout(connect=connect_timeout, read=None, write=30.0, pool=None),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
@@ -136,6 +144,9 @@ class OllamaUpstream:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:
             raise self._failed(self._transport_error(exc, path)) from exc
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
         try:
             if response.status_code != 200:
                 try:
@@ -152,7 +163,8 @@ class OllamaUpstream:
                 except UpstreamError as exc:
                     raise self._failed(exc) from None
         finally:
-            await response.aclose()
+            # Shielded: a second cancellation must not cut the clean-up short.
+            await asyncio.shield(response.aclose())
 
     def _transport_error(self, exc: httpx.HTTPError, path: str) -> UpstreamError:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
