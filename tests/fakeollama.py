@@ -3,7 +3,7 @@
 Built on plain ``asyncio.start_server`` (no web framework) and run in the test's own event
 loop, so that it can do what only a real socket shows:
 
-* stream NDJSON like Ollama v0.20 (chunked encoding, headers go out with the first chunk, one
+* stream NDJSON like Ollama (chunked encoding, headers go out with the first chunk, one
   ``json + "\\n"`` line written and drained per chunk);
 * inject transport faults (:class:`Fault`): error statuses, an ``{"error": ...}`` line mid-stream,
   an abrupt close, a clean end without ``done:true``, hangs, raw bodies, slow first tokens;
@@ -13,10 +13,15 @@ loop, so that it can do what only a real socket shows:
   the observable "Ollama stopped generating" signal for cancellation tests, and it does not wait
   for the next write, however large ``token_delay`` is.
 
-Validation, status codes and messages follow our notes on Ollama v0.20.0 (OLLAMA.md), in
-Ollama's order: body decoding (400) → ``top_logprobs`` (400) → model (404, or 400 when empty on
-chat/embed) → raw conflicts (400) → unload → ``think`` (400) → option types (500) → the injected
-fault (it stands in for scheduling) → load → ``format`` (500) → generation.
+Validation, status codes and messages follow our notes on Ollama v0.20.0 (OLLAMA.md),
+reconciled with the pinned real Ollama v0.24.0 (scripts/ollama-wire-notes.md); the real tier's
+``tests/real/test_wire_parity.py`` sends the same requests to both and compares status, headers,
+framing and JSON layout. Checks run in Ollama's order: body decoding (400) → ``top_logprobs``
+(400) → model (404, or 400 when empty on chat) → raw conflicts (400) → unload → ``think`` (400)
+→ capabilities: tools, insert (400) → option types (500) → the injected fault (it stands in for
+scheduling) → load → ``format`` (500; on a streaming request with a bare ``application/json``,
+chunked, as the real one) → generation. Like Go's net/http, whole JSON bodies over 2048 bytes
+are sent chunked, smaller ones with a Content-Length.
 
 Usage::
 
@@ -39,7 +44,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from email.utils import formatdate
 from typing import Any
@@ -57,7 +62,17 @@ DEFAULT_TOKENS: tuple[str, ...] = (
 _NDJSON = "application/x-ndjson"
 _JSON = "application/json; charset=utf-8"
 _TEXT = "text/plain; charset=utf-8"
+#: gin's own 404/405 pages say text/plain with no charset (real v0.24.0).
+_TEXT_BARE = "text/plain"
+#: Errors raised inside Ollama's streaming goroutine before the first chunk (invalid format,
+#: context overflow) go out with this Content-Type, no charset, chunked (real v0.24.0).
+_JSON_BARE = "application/json"
 _EMBED_DIMS = 8
+#: Go's net/http buffers this much of a handler's output: a body that fits is sent with a
+#: Content-Length, a larger one with Transfer-Encoding: chunked (real v0.24.0: the 576-float
+#: /api/embed answer and long stream:false answers arrive chunked).
+_GO_BUFFER = 2048
+_THINK_VALUES = ("high", "medium", "low", "max")
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,6 +227,8 @@ def _float32(value: float) -> float:
 
 def _embedding(text: str, dims: int) -> list[float]:
     digest = hashlib.sha256(text.encode()).digest()
+    while len(digest) < dims:  # longer vectors: keep hashing
+        digest += hashlib.sha256(f"{len(digest)}:{text}".encode()).digest()
     raw = [(b - 127.5) / 127.5 for b in digest[:dims]]
     norm = math.sqrt(sum(v * v for v in raw)) or 1.0
     return [_float32(v / norm) for v in raw]
@@ -334,12 +351,12 @@ def _field_error(struct_name: str, path: str, kind: str, value: Any) -> str | No
         go_type = {"bool": "bool", "array": "[]interface {}"}.get(_json_kind(value))
         return f"Unsupported type: '{go_type or 'map[string]interface {}'}'"
     if kind == "think":
-        if isinstance(value, bool) or value in ("high", "medium", "low"):
+        if isinstance(value, bool) or value in _THINK_VALUES:
             return None
         shown = value if isinstance(value, str) else orjson.dumps(value).decode()
         return (
             f"invalid think value: {_go_quote(shown)} "
-            '(must be "high", "medium", "low", true, or false)'
+            '(must be "high", "medium", "low", "max", true, or false)'
         )
     if kind in ("string", "bool"):
         ok = isinstance(value, str) if kind == "string" else isinstance(value, bool)
@@ -471,7 +488,10 @@ class _Answer:
 
     def _metrics(self, eval_count: int) -> dict[str, int]:
         prompt_count = len(self.prompt_ids) + 1
-        load, prompt_eval, evaluation = 1_500_000, 300_000 * prompt_count, 2_000_000 * eval_count
+        # Real Ollama samples the first token in the prompt step: eval_duration covers the
+        # eval_count - 1 tokens after it, and is absent (omitempty) when only one was made.
+        steps = max(eval_count - 1, 0)
+        load, prompt_eval, evaluation = 1_500_000, 300_000 * prompt_count, 2_000_000 * steps
         elapsed = time.monotonic_ns() - self.started_ns
         metrics = {
             "total_duration": max(elapsed, load + prompt_eval + evaluation + 100_000),
@@ -667,11 +687,21 @@ class _Conn:
 
     async def respond(
         self, status: int, body: bytes, content_type: str | None, keep: bool,
-        head_only: bool = False,
+        head_only: bool = False, *, chunked: bool | None = None,
+        extra: Sequence[tuple[str, str]] = (),
     ) -> None:  # fmt: skip
-        headers = [("Content-Type", content_type)] if content_type else []
-        headers.append(("Content-Length", str(len(body))))
-        await self.send(_head(status, headers, keep) + (b"" if head_only else body))
+        """One whole response. Like Go's net/http, a body larger than its 2048-byte buffer
+        goes out chunked unless ``chunked`` says otherwise."""
+        headers = [*extra, *([("Content-Type", content_type)] if content_type else [])]
+        if chunked is None:
+            chunked = len(body) > _GO_BUFFER and not head_only
+        if chunked:
+            headers.append(("Transfer-Encoding", "chunked"))
+            payload = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+        else:
+            headers.append(("Content-Length", str(len(body))))
+            payload = body
+        await self.send(_head(status, headers, keep) + (b"" if head_only else payload))
 
     def begin_chunked(self, keep: bool) -> None:
         """Prepare NDJSON headers; they go out with the first chunk, as in Ollama."""
@@ -734,8 +764,19 @@ class FakeOllama:
         tokens: Sequence[str] | None = None,
         token_delay: float = 0.0,
         version: str = "0.20.0",
+        capabilities: Mapping[str, Iterable[str]] | None = None,
+        embed_dims: int = _EMBED_DIMS,
     ) -> None:
         self.models: list[str] = list(models)
+        #: Per model (any spelling Ollama accepts), what it can do: "thinking", "tools",
+        #: "insert" (suffix). Models not listed can use tools and suffix, and think when their
+        #: name contains "think". Real Ollama checks these after think values and before
+        #: option types: e.g. smollm2:135m has only "completion" (see tests/real).
+        self.capabilities: dict[str, frozenset[str]] = {
+            _normalize_model(name): frozenset(caps) for name, caps in (capabilities or {}).items()
+        }
+        #: Length of /api/embed vectors (smollm2:135m: 576, which makes the answer chunked).
+        self.embed_dims = embed_dims
         self.tokens: list[str] = list(DEFAULT_TOKENS if tokens is None else tokens)
         self.token_delay = token_delay
         self.version = version
@@ -918,11 +959,13 @@ class FakeOllama:
             return keep
         route = self._routes.get(req.path)
         if route is None:
-            await conn.respond(404, b"404 page not found", _TEXT, keep)
+            await conn.respond(404, b"404 page not found", _TEXT_BARE, keep)
             return keep
         methods, handler = route
         if req.method not in methods:
-            await conn.respond(405, b"405 method not allowed", _TEXT, keep)
+            allow = ", ".join(methods)
+            await conn.respond(405, b"405 method not allowed", _TEXT_BARE, keep,
+                               extra=[("Allow", allow)])
             return keep
         return await handler(conn, req, keep)
 
@@ -983,6 +1026,12 @@ class FakeOllama:
         wanted = _normalize_model(name)
         return any(_normalize_model(m) == wanted for m in self.models)
 
+    def _can(self, model: str, capability: str) -> bool:
+        caps = self.capabilities.get(_normalize_model(model))
+        if caps is not None:
+            return capability in caps
+        return capability != "thinking" or "think" in model.lower()
+
     async def _embed(self, conn: _Conn, req: Request, keep: bool) -> bool:
         body, error = _decode(req.raw, "EmbedRequest", _EMBED_FIELDS)
         if error:
@@ -997,8 +1046,8 @@ class FakeOllama:
         else:
             return await self._error(conn, 400, "invalid input type", keep)
         model = body.get("model") or ""
-        if not model:
-            return await self._error(conn, 400, "model is required", keep)
+        if not model:  # real v0.24.0: 404, quoted like generate's (not 400 "model is required")
+            return await self._error(conn, 404, "model '' not found", keep)
         if not self._has_model(model):
             message = f"model {_go_quote(model)} not found, try pulling it first"
             return await self._error(conn, 404, message, keep)
@@ -1009,8 +1058,8 @@ class FakeOllama:
             return applied
         if not inputs:
             return await self._reply(conn, 200, {"model": model, "embeddings": []}, keep)
-        dims = body.get("dimensions") or _EMBED_DIMS
-        dims = int(dims) if 0 < dims < _EMBED_DIMS else _EMBED_DIMS
+        dims = body.get("dimensions") or self.embed_dims
+        dims = int(dims) if 0 < dims < self.embed_dims else self.embed_dims
         obj = {
             "model": model,
             "embeddings": [_embedding(text, dims) for text in inputs],
@@ -1050,9 +1099,13 @@ class FakeOllama:
         if empty and _keep_alive_zero(body.get("keep_alive")):
             return await self._reply(conn, 200, self._load_object(model, chat, "unload"), keep)
         think = body.get("think")
-        if think is not None and think is not False and "think" not in model.lower():
+        if think is not None and think is not False and not self._can(model, "thinking"):
             message = f"{_go_quote(model)} does not support thinking"
             return await self._error(conn, 400, message, keep)
+        for wanted, capability in ((body.get("tools"), "tools"), (body.get("suffix"), "insert")):
+            if wanted and not self._can(model, capability):
+                message = f"{_normalize_model(model)} does not support {capability}"
+                return await self._error(conn, 400, message, keep)
         if error := _option_error(body.get("options")):
             return await self._error(conn, 500, error, keep)
         fault = self._take_fault(req.path, True)
@@ -1061,10 +1114,13 @@ class FakeOllama:
         if empty:
             load = self._load_object(model, chat, "load")
             return await self._run_whole(conn, keep, fault, None, 1, lambda _n, _c: load)
+        streaming = body.get("stream") is not False
         if error := _format_error(body.get("format")):
+            if streaming:  # raised in the streaming goroutine: bare Content-Type, chunked
+                await conn.respond(500, _json({"error": error}), _JSON_BARE, keep, chunked=True)
+                return keep
             return await self._error(conn, 500, error, keep)
         answer = _Answer(self, chat, body, model)
-        streaming = body.get("stream") is not False
         return await self._run_answer(conn, req, keep, fault, answer, streaming)
 
     def _load_object(self, model: str, chat: bool, reason: str) -> dict[str, Any]:
