@@ -1,0 +1,215 @@
+"""Turns the JSON figures of bench/run.py into the markdown report (figures and targets).
+
+    python bench/report.py bench/results/latest.json     # re-render a saved run
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+KEYS = ("A.py", "A.go", "B.py", "B.go", "C.py", "C.go")
+HEAD = ("A httpx→upstream · py", "A · go", "B FastAPI SSE · py", "B · go",
+        "C tokenwire · py", "C · go")
+CLK_TCK = 100
+
+
+def _get(d: dict[str, Any], *path: str) -> Any:
+    for p in path:
+        if not isinstance(d, dict) or p not in d:
+            return None
+        d = d[p]
+    return d
+
+
+def _num(x: float | None, fmt: str = "{:,.0f}") -> str:
+    return "–" if x is None else fmt.format(x)
+
+
+def _ms(ns: float | None) -> str:
+    return "–" if ns is None else f"{ns / 1e6:.2f}"
+
+
+def cpu_us_per_token(run: dict[str, Any] | None, clk_tck: int) -> float | None:
+    if not run or not run.get("tokens") or run.get("server_cpu_ticks") is None:
+        return None
+    if run.get("proto") == "ndjson":
+        return None
+    return run["server_cpu_ticks"] / clk_tck * 1e6 / run["tokens"]
+
+
+def render(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    ph = results.get("phases", {})
+    clk = int(meta.get("clk_tck", CLK_TCK))
+    zero = ph.get("zero_delay", {})
+    ttft = ph.get("ttft", {})
+    cancel = ph.get("cancel", {})
+    paced = ph.get("paced_1000x30", {})
+    lines: list[str] = []
+    out = lines.append
+
+    out(f"# tokenwire benchmark — {meta.get('date_utc', '?')}"
+        f"{' (quick)' if meta.get('quick') else ''}")
+    out("")
+    out(f"Machine: {meta.get('cpus')} × {meta.get('cpu')}, Linux {meta.get('kernel')}, "
+        f"Python {meta.get('python')}, {meta.get('go')}; tokenwire {meta.get('git_rev')}"
+        + (f" (server from {meta['server_pythonpath']})" if meta.get("server_pythonpath")
+           else "") + f"; run took {meta.get('duration_s', '?')} s.")
+    pk = meta.get("packages", {})
+    out("Packages: " + ", ".join(f"{k} {v}" for k, v in pk.items()) + ".")
+    out("")
+    out("Paths: **A** httpx reads the Go upstream's NDJSON directly (the floor); **B** the "
+        "FastAPI + SSE peer (uvicorn, uvloop, httptools, one shared httpx client); **C** "
+        "tokenwire. Each is read by a Python reader (`py`: httpx for A/B, "
+        "`tokenwire.client.AsyncClient` for C) and by the compiled Go reader (`go`). "
+        "Tokens are counted by text.")
+    out("")
+    out("## Figures")
+    out("")
+    out("| figure | " + " | ".join(HEAD) + " |")
+    out("|---" * (len(KEYS) + 1) + "|")
+
+    def row(label: str, f: Callable[[str], str]) -> None:
+        out(f"| {label} | " + " | ".join(f(k) for k in KEYS) + " |")
+
+    for label, name in (("single stream", "single"), ("10 streams", "c10"),
+                        ("100 streams", "c100"), ("1000 streams", "c1000")):
+        if name in zero:
+            row(f"tokens/s, zero delay, {label}",
+                lambda k, n=name: _num(_get(zero, n, k, "tokens_per_s")))
+    if ttft:
+        for q in ("p50", "p99"):
+            row(f"time to first token {q}, ms", lambda k, q=q: _ms(_get(ttft, k, "ttft_ns", q)))
+        for q in ("p50", "p99"):
+            def over(k: str, q: str = q) -> str:
+                base = _get(ttft, "A" + k[1:], "ttft_ns", q)
+                v = _get(ttft, k, "ttft_ns", q)
+                return "–" if k[0] == "A" or base is None or v is None else _ms(v - base)
+            row(f"TTFT overhead over A (same reader) {q}, ms", over)
+    if paced:
+        row("1000×30 tok/s: tokens/s delivered", lambda k: _num(_get(paced, k, "tokens_per_s")))
+        row("1000×30 tok/s: errors", lambda k: _num(_get(paced, k, "errors")))
+        for q in ("p50", "p99"):
+            row(f"1000×30: token latency (arrival − emission) {q}, ms",
+                lambda k, q=q: _ms(_get(paced, k, "latency_ns", q)))
+        for q in ("p50", "p99"):
+            # Only against the compiled reader: at 30 000 tokens/s a Python reader is
+            # itself the bottleneck, so its A figure is no floor.
+            def added(k: str, q: str = q) -> str:
+                base = _get(paced, "A.go", "latency_ns", q)
+                v = _get(paced, k, "latency_ns", q)
+                return "–" if k[0] == "A" or k[-2:] != "go" or base is None or v is None \
+                    else _ms(v - base)
+            row(f"1000×30: latency added over A {q}, ms (go reader)", added)
+    for label, name in (("zero delay, 100 streams", "c100"),
+                        ("zero delay, 1000 streams", "c1000")):
+        if name in zero:
+            row(f"tokens per message, {label}",
+                lambda k, n=name: _num(_per_msg(_get(zero, n, k)), "{:.1f}"))
+    if paced:
+        row("tokens per message, 1000×30 tok/s", lambda k: _num(_per_msg(_get(paced, k)), "{:.2f}"))
+    for label, src in (("zero delay, 100 streams", _get(zero, "c100")),
+                       ("zero delay, 1000 streams", _get(zero, "c1000")),
+                       ("1000×30 tok/s", paced or None)):
+        if src:
+            row(f"server CPU µs/token, {label}",
+                lambda k, s=src: _num(cpu_us_per_token(_get(s, k), clk), "{:.1f}"))
+    if paced:
+        row("server peak RSS, 1000 open streams (VmHWM), MiB",
+            lambda k: _num(_kb(_get(paced, k, "vm_hwm_kb")), "{:.0f}"))
+        row("server RSS before the 1000 streams, MiB",
+            lambda k: _num(_kb(_get(paced, k, "rss_idle_kb")), "{:.0f}"))
+    if cancel:
+        for q in ("p50", "p99"):
+            row(f"cancel → upstream close {q}, ms",
+                lambda k, q=q: _ms(_get(cancel, k, "cancel_to_close_ns", q)))
+        row("cancels never seen by upstream",
+            lambda k: _num(_get(cancel, k, "never_closed")))
+
+    out("")
+    out("## Targets (ratios within this run)")
+    out("")
+    out("| target | measured | result |")
+    out("|---|---|---|")
+    for name, measured, ok in targets(results, clk):
+        out(f"| {name} | {measured} | {'PASS' if ok else 'FAIL' if ok is not None else 'n/a'} |")
+    out("")
+    out("CPU is utime+stime of the server process (all threads) over the measurement window, "
+        "divided by the tokens read in it. Latency is per token: reader arrival time minus the "
+        "upstream's emission time carried in the token text (same host clock). Cancel: reader "
+        "clock at cancel to the upstream's clock when its request context ended.")
+    return "\n".join(lines)
+
+
+def _per_msg(run: dict[str, Any] | None) -> float | None:
+    if not run or not run.get("messages"):
+        return None
+    return float(run["tokens"]) / run["messages"]
+
+
+def _kb(kb: float | None) -> float | None:
+    return None if not kb else kb / 1024
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b == 0 else a / b
+
+
+def targets(results: dict[str, Any], clk: int) -> list[tuple[str, str, bool | None]]:
+    ph = results.get("phases", {})
+    zero, ttft = ph.get("zero_delay", {}), ph.get("ttft", {})
+    cancel, paced = ph.get("cancel", {}), ph.get("paced_1000x30", {})
+    rows: list[tuple[str, str, bool | None]] = []
+    for level in ("c10", "c100", "c1000"):
+        r = _ratio(_get(zero, level, "C.py", "tokens_per_s"),
+                   _get(zero, level, "B.py", "tokens_per_s"))
+        if r is not None:
+            rows.append((f"aggregate tokens/s ≥ 2× B, {level[1:]} streams (Python readers)",
+                         f"{r:.2f}×", r >= 2))
+    for reader in ("go", "py"):
+        for q, limit in (("p50", 1.0), ("p99", 3.0)):
+            a = _get(ttft, f"A.{reader}", "ttft_ns", q)
+            c = _get(ttft, f"C.{reader}", "ttft_ns", q)
+            if a is not None and c is not None:
+                d = (c - a) / 1e6
+                rows.append((f"TTFT overhead over A {q} ≤ {limit:g} ms ({reader} reader)",
+                             f"{d:.2f} ms", d <= limit))
+    for label, src in (("zero delay, 100 streams", _get(zero, "c100")),
+                       ("1000×30 tok/s", paced or None)):
+        for reader in ("go", "py"):
+            if src:
+                r = _ratio(cpu_us_per_token(_get(src, f"C.{reader}"), clk),
+                           cpu_us_per_token(_get(src, f"B.{reader}"), clk))
+                if r is not None:
+                    rows.append((f"server CPU/token ≤ 0.5× B, {label} ({reader} reader)",
+                                 f"{r:.2f}×", r <= 0.5))
+    for reader in ("go", "py"):
+        run = _get(paced, f"C.{reader}")
+        if run:
+            rows.append((f"1000×30 tok/s: zero errors ({reader} reader)",
+                         str(run.get("errors")), run.get("errors") == 0))
+            lat = _get(run, "latency_ns", "p99")
+            if lat is not None:
+                rows.append((f"1000×30 tok/s: token latency p99 ≤ 20 ms ({reader} reader)",
+                             f"{lat / 1e6:.2f} ms", lat / 1e6 <= 20))
+    for reader in ("go", "py"):
+        r = _ratio(_get(paced, f"C.{reader}", "vm_hwm_kb"), _get(paced, f"B.{reader}", "vm_hwm_kb"))
+        if r is not None:
+            rows.append((f"peak RSS, 1000 streams ≤ 0.75× B ({reader} reader)", f"{r:.2f}×",
+                         r <= 0.75))
+    for reader in ("go", "py"):
+        run = _get(cancel, f"C.{reader}")
+        if run:
+            p99 = _get(run, "cancel_to_close_ns", "p99")
+            ok = p99 is not None and p99 / 1e6 <= 50 and not run.get("never_closed")
+            rows.append((f"cancel → upstream close p99 ≤ 50 ms ({reader} reader)",
+                         f"{_ms(p99)} ms, {run.get('never_closed')} never closed", ok))
+    return rows
+
+
+if __name__ == "__main__":
+    with open(sys.argv[1]) as f:
+        print(render(json.load(f)))

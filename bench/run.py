@@ -1,0 +1,470 @@
+"""Runs the tokenwire benchmark suite and prints its figures (see bench/README.md).
+
+Started by ``scripts/bench``, which builds the Go programs first. Everything runs on this
+machine against 127.0.0.1, in one run, so that every comparison is a ratio of figures taken
+minutes apart on the same cores:
+
+- the Go upstream (``bench/upstream``): Ollama-compatible NDJSON, zero delay or 30 tokens/s;
+- path A: readers straight to the upstream (the floor);
+- path B: the FastAPI + SSE peer (``bench/peer_fastapi.py``);
+- path C: ``tokenwire-server``.
+
+Each path is read by a Python reader (``bench/pyload.py``: httpx for A and B, the tokenwire
+``AsyncClient`` for C) and by the compiled reader (``bench/loadgen``), each in its own
+process, so that server CPU is accounted per process and the compiled reader shows what a
+server can do when its reader is not the limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PACE_US = 1e6 / 30  # 30 tokens/s
+
+READERS = (  # (key, path, reader, proto)
+    ("A.py", "A", "py", "ndjson"),
+    ("A.go", "A", "go", "ndjson"),
+    ("B.py", "B", "py", "sse"),
+    ("B.go", "B", "go", "sse"),
+    ("C.py", "C", "py", "grpc"),
+    ("C.go", "C", "go", "grpc"),
+)
+PATH_NAMES = {
+    "A": "A: httpx → upstream (floor)",
+    "B": "B: FastAPI SSE peer",
+    "C": "C: tokenwire",
+}
+
+
+@dataclass
+class Sizes:
+    single_tokens: int
+    single_window: float
+    levels: tuple[int, ...]
+    agg_tokens: int
+    warmup: float
+    warmup_1000: float
+    window: float
+    ttft_requests: int
+    ttft_warmup: int
+    cancel_requests: int
+    cancel_warmup: int
+    paced_ramp: float
+    paced_warmup: float
+    paced_window: float
+
+
+FULL = Sizes(single_tokens=2000, single_window=4, levels=(10, 100, 1000), agg_tokens=256,
+             warmup=2, warmup_1000=6, window=5, ttft_requests=200, ttft_warmup=20,
+             cancel_requests=100, cancel_warmup=10, paced_ramp=2, paced_warmup=3,
+             paced_window=10)
+QUICK = Sizes(single_tokens=1000, single_window=1.5, levels=(10, 100, 1000), agg_tokens=256,
+              warmup=0.5, warmup_1000=3, window=1.5, ttft_requests=60, ttft_warmup=10,
+              cancel_requests=20, cancel_warmup=5, paced_ramp=1, paced_warmup=1.5,
+              paced_window=3)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"bench: {what} exited early (code {proc.returncode})")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"bench: {what} did not listen on 127.0.0.1:{port} in {timeout:g}s")
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime+stime of a process (all threads), in clock ticks."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])
+    except OSError:
+        return 0
+
+
+def machine_busy_ticks() -> int:
+    """Non-idle CPU time of the whole machine, in clock ticks (first line of /proc/stat)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return sum(values) - values[3] - values[4]  # minus idle and iowait
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A kB figure from /proc/<pid>/status (VmRSS, VmHWM)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class RssSampler(threading.Thread):
+    """Samples VmRSS of one process every 100 ms; keeps the maximum."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak_kb = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.wait(0.1):
+            self.peak_kb = max(self.peak_kb, proc_status(self.pid, "VmRSS"))
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join()
+        return self.peak_kb
+
+
+@dataclass
+class Server:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log: Path | None = None
+    starts: int = field(default=0)
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.sizes = QUICK if args.quick else FULL
+        self.bin = Path(args.bin_dir)
+        self.py = sys.executable
+        self.logs = Path(args.log_dir)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.servers: dict[str, Server] = {}
+        self.results: dict[str, Any] = {"phases": {}}
+        self.upstream_url = ""
+
+    # -- processes ---------------------------------------------------------------------
+
+    def start(self, server: Server) -> None:
+        server.port = server.port or free_port()
+        server.starts += 1
+        server.log = self.logs / f"{server.name}.log"
+        argv = [a.replace("{port}", str(server.port)) for a in server.argv]
+        log = open(server.log, "ab")  # noqa: SIM115 - lives as long as the process
+        server.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
+                                       env=server.env, cwd=ROOT, start_new_session=True)
+        wait_port(server.port, server.proc, server.name)
+        self.servers[server.name] = server
+
+    def stop(self, server: Server) -> None:
+        if server.proc is None or server.proc.poll() is not None:
+            return
+        server.proc.send_signal(signal.SIGTERM)
+        try:
+            server.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait()
+
+    def restart(self, name: str) -> None:
+        server = self.servers[name]
+        self.stop(server)
+        self.start(server)
+        time.sleep(0.5)
+
+    def start_all(self) -> None:
+        env = dict(os.environ)
+        for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy",
+                    "ALL_PROXY"):
+            env.pop(key, None)
+        upstream = Server("upstream", [str(self.bin / "upstream"), "-listen",
+                                       "127.0.0.1:{port}"], env)
+        self.start(upstream)
+        self.upstream_url = f"http://127.0.0.1:{upstream.port}"
+        peer = Server("peer", [self.py, str(BENCH / "peer_fastapi.py"), "--listen",
+                               "127.0.0.1:{port}", "--ollama-url", self.upstream_url], env)
+        self.start(peer)
+        gw_env = dict(env)
+        if self.args.server_pythonpath:
+            gw_env["PYTHONPATH"] = os.pathsep.join(
+                [self.args.server_pythonpath, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        # Limits raised above the 1000 streams of one reader (one caller, one connection):
+        # the admission default (256 per caller) refuses them by design, and an HTTP/2 limit
+        # of exactly 1000 makes the server refuse (REFUSED_STREAM) a new stream that a client
+        # opens as soon as an old one ended, before the server released it. Everything else
+        # is default.
+        gateway = Server("gateway", [self.args.server_cmd, "--listen", "127.0.0.1:{port}",
+                                     "--ollama-url", self.upstream_url,
+                                     "--max-streams", "4096", "--max-streams-per-caller", "4096",
+                                     "--max-concurrent-streams", "2048",
+                                     *self.args.server_arg], gw_env)
+        self.start(gateway)
+        time.sleep(1.0)  # first health probe done, caches warm
+
+    def stop_all(self) -> None:
+        for server in reversed(list(self.servers.values())):
+            self.stop(server)
+
+    def target(self, path: str) -> tuple[str, int]:
+        """(host:port, server pid) for a path; A has no server in between."""
+        name = {"A": "upstream", "B": "peer", "C": "gateway"}[path]
+        server = self.servers[name]
+        return f"127.0.0.1:{server.port}", (server.pid if path != "A" else 0)
+
+    def upstream_active(self) -> int:
+        with urllib.request.urlopen(f"{self.upstream_url}/stats?prefix=-none-", timeout=5) as r:
+            return int(json.load(r)["active"])
+
+    def settle(self, timeout: float = 30) -> float:
+        """Waits until the previous run is over: no open upstream stream and our servers
+        idle. Returns the CPU share (in cores) that processes other than ours used while
+        idle: anything else running on this machine skews every figure."""
+        deadline = time.monotonic() + timeout
+        pids = [s.pid for s in self.servers.values() if s.proc and s.proc.poll() is None]
+        while time.monotonic() < deadline:
+            ours0, busy0, t0 = sum(map(cpu_ticks, pids)), machine_busy_ticks(), time.monotonic()
+            time.sleep(0.3)
+            ours1, busy1, t1 = sum(map(cpu_ticks, pids)), machine_busy_ticks(), time.monotonic()
+            if ours1 - ours0 <= 0.05 * CLK_TCK * (t1 - t0) and self.upstream_active() == 0:
+                return max(0.0, (busy1 - busy0 - (ours1 - ours0)) / CLK_TCK / (t1 - t0))
+        self.log("warning: servers still busy after the previous run")
+        return -1.0
+
+    def read(self, key: str, mode: str, **flags: Any) -> dict[str, Any]:
+        """Runs one reader process and returns its JSON figures."""
+        _, path, reader, proto = next(r for r in READERS if r[0] == key)
+        target, pid = self.target(path)
+        opts = {"mode": mode, "proto": proto, "target": target, "server-pid": pid, **flags}
+        if reader == "go":
+            argv = [str(self.bin / "loadgen")]
+            argv += [f"-{k.replace('_', '-')}={v}" for k, v in opts.items()]
+        else:
+            argv = [self.py, str(BENCH / "pyload.py")]
+            argv += [f"--{k.replace('_', '-')}={v}" for k, v in opts.items()]
+        budget = (float(flags.get("warmup", 0)) + float(flags.get("window", 0))
+                  + float(flags.get("ramp", 0)) + 120)
+        background = self.settle()
+        if background > 0.15:
+            self.log(f"warning: other processes are using {background:.2f} cores; "
+                     "figures of this run are skewed")
+        started = time.monotonic()
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=budget, cwd=ROOT)
+        if done.returncode != 0:
+            raise SystemExit(f"bench: reader {key} {mode} failed:\n{done.stderr[-2000:]}")
+        out: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        out["wall_s"] = round(time.monotonic() - started, 2)
+        out["background_cores"] = round(background, 3)
+        if done.stderr.strip():
+            out["stderr"] = done.stderr.strip()[-500:]
+        return out
+
+    # -- phases --------------------------------------------------------------------------
+
+    def log(self, text: str) -> None:
+        print(f"bench: {text}", file=sys.stderr, flush=True)
+
+    def phase_throughput(self) -> None:
+        s = self.sizes
+        runs: dict[str, Any] = {}
+        plan = [("single", 1, s.single_tokens, s.warmup, s.single_window)]
+        plan += [(f"c{n}", n, s.agg_tokens, s.warmup_1000 if n >= 1000 else s.warmup, s.window)
+                 for n in s.levels]
+        for label, streams, tokens, warmup, window in plan:
+            for key, *_ in READERS:
+                if self.args.quick and key == "A.py" and streams >= 1000:
+                    continue  # httpx itself needs ~30 s to run 1000 streams; full runs only
+                self.log(f"zero delay, {streams} stream(s), {key}")
+                out = self.read(key, "throughput", streams=streams, tokens=tokens,
+                                warmup=warmup, window=window)
+                runs.setdefault(label, {})[key] = out
+                self.log(f"  {out['tokens_per_s']:,.0f} tokens/s, errors {out['errors']}")
+        self.results["phases"]["zero_delay"] = runs
+
+    def phase_ttft(self) -> None:
+        s = self.sizes
+        runs = {}
+        for key, *_ in READERS:
+            self.log(f"time to first token, {key}")
+            runs[key] = self.read(key, "ttft", tokens=8, requests=s.ttft_requests,
+                                  warmup_requests=s.ttft_warmup)
+        self.results["phases"]["ttft"] = runs
+
+    def phase_cancel(self) -> None:
+        s = self.sizes
+        runs = {}
+        for key, *_ in READERS:
+            self.log(f"cancel → upstream close, {key}")
+            runs[key] = self.read(key, "cancel", tokens=100000, interval_us=f"{PACE_US:.3f}",
+                                  cancel_after=3, requests=s.cancel_requests,
+                                  warmup_requests=s.cancel_warmup,
+                                  stats_url=f"{self.upstream_url}/stats",
+                                  id_prefix=f"cancel{key.replace('.', '')}{int(time.time())}")
+        self.results["phases"]["cancel"] = runs
+
+    def phase_paced(self) -> None:
+        """1000 streams × 30 tokens/s on fresh server processes: latency, errors, CPU, RSS."""
+        s = self.sizes
+        runs = {}
+        tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + s.paced_window + 3))
+        for key, path, _, _ in READERS:
+            name = {"B": "peer", "C": "gateway"}.get(path)
+            sampler = None
+            if name:
+                self.restart(name)
+                rss_idle = proc_status(self.servers[name].pid, "VmRSS")
+                sampler = RssSampler(self.servers[name].pid)
+                sampler.start()
+            self.log(f"1000 streams × 30 tokens/s, {key}")
+            out = self.read(key, "throughput", streams=1000, tokens=tokens,
+                            interval_us=f"{PACE_US:.3f}", ramp=s.paced_ramp,
+                            warmup=s.paced_warmup, window=s.paced_window)
+            if name and sampler:
+                out["rss_idle_kb"] = rss_idle
+                out["rss_peak_sampled_kb"] = sampler.stop()
+                out["vm_hwm_kb"] = proc_status(self.servers[name].pid, "VmHWM")
+            lat = out.get("latency_ns", {})
+            self.log(f"  {out['tokens_per_s']:,.0f} tokens/s, errors {out['errors']}, latency "
+                     f"p50 {lat.get('p50', 0) / 1e6:.2f} ms p99 {lat.get('p99', 0) / 1e6:.2f} ms")
+            runs[key] = out
+        self.results["phases"]["paced_1000x30"] = runs
+
+    def run(self) -> dict[str, Any]:
+        self.results["meta"] = meta(self.args)
+        self.start_all()
+        try:
+            phases = self.args.phases.split(",")
+            for name in ("throughput", "ttft", "cancel", "paced"):
+                if "all" in phases or name in phases:
+                    getattr(self, f"phase_{name}")()
+        finally:
+            self.stop_all()
+        return self.results
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "-"
+
+
+def meta(args: argparse.Namespace) -> dict[str, Any]:
+    cpu = "-"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), "-")
+    except OSError:
+        pass
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True, cwd=ROOT).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--", "service", "client"],
+                           capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    go = shutil.which("go")
+    return {
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "quick": args.quick, "host": platform.node(), "cpus": os.cpu_count(), "cpu": cpu,
+        "clk_tck": CLK_TCK,
+        "kernel": platform.release(), "python": platform.python_version(),
+        "go": subprocess.run([go, "env", "GOVERSION"], capture_output=True,
+                             text=True).stdout.strip() if go else "-",
+        "git_rev": rev + ("+dirty" if dirty else ""),
+        "server_pythonpath": args.server_pythonpath or "",
+        "packages": {d: _version(d) for d in ("grpcio", "protobuf", "httpx", "httpcore",
+                                              "anyio", "sniffio", "orjson", "uvloop",
+                                              "fastapi", "starlette", "uvicorn", "httptools")},
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short windows (about 3 minutes)")
+    parser.add_argument("--bin-dir", required=True, help="where upstream and loadgen are")
+    parser.add_argument("--log-dir", default="", help="server logs (default: a temp dir)")
+    parser.add_argument("--out", default=str(BENCH / "results" / "latest.json"))
+    parser.add_argument("--save", action="store_true",
+                        help="also write bench/results/<date>-<machine>.{json,md} to commit")
+    parser.add_argument("--phases", default="all",
+                        help="comma list of throughput,ttft,cancel,paced (default all)")
+    parser.add_argument("--server-cmd", default=str(Path(sys.executable).with_name(
+        "tokenwire-server")), help="tokenwire server command (default: the venv's)")
+    parser.add_argument("--server-pythonpath", default="",
+                        help="prepend to the gateway's PYTHONPATH, e.g. a patched copy of "
+                             "service/ to compare against")
+    parser.add_argument("--server-arg", action="append", default=[],
+                        help="extra tokenwire-server flag (repeatable), "
+                             "e.g. --server-arg=--log-level=WARNING")
+    args = parser.parse_args()
+    if not args.log_dir:
+        tmp = Path(os.environ.get("TMPDIR", "/tmp"))
+        args.log_dir = str(tmp / f"tokenwire-bench-{os.getpid()}")
+    from report import render  # bench/report.py, next to this file
+
+    def interrupted(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through Bench.run, which stops every server
+
+    signal.signal(signal.SIGTERM, interrupted)
+    signal.signal(signal.SIGINT, interrupted)
+
+    started = time.monotonic()
+    results = Bench(args).run()
+    results["meta"]["duration_s"] = round(time.monotonic() - started, 1)
+    table = render(results)
+    print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1) + "\n")
+    out.with_suffix(".md").write_text(table + "\n")
+    if args.save:
+        stem = f"{results['meta']['date_utc'][:10]}-{machine_label(results['meta'])}"
+        (out.parent / f"{stem}.json").write_text(json.dumps(results, indent=1) + "\n")
+        (out.parent / f"{stem}.md").write_text(table + "\n")
+        print(f"bench: saved bench/results/{stem}.{{json,md}}", file=sys.stderr)
+    print(f"bench: figures in {out} and {out.with_suffix('.md')}; server logs in {args.log_dir}",
+          file=sys.stderr)
+
+
+def machine_label(m: dict[str, Any]) -> str:
+    cpu = "".join(c if c.isalnum() else "-" for c in str(m.get("cpu", "cpu")).lower())
+    return f"{m.get('cpus')}cpu-{cpu.strip('-')}"[:40].strip("-")
+
+
+if __name__ == "__main__":
+    main()
