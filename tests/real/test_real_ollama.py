@@ -408,3 +408,30 @@ async def test_streamed_text_equals_ollamas_own_answer(
     figures["warm TTFT, direct Ollama / through tokenwire (best of 5; median)"] = (
         f"{min(direct) * 1000:.0f} / {min(gateway) * 1000:.0f} ms; "
         f"{statistics.median(direct) * 1000:.0f} / {statistics.median(gateway) * 1000:.0f} ms")
+
+
+async def test_repeated_mid_stream_cancels_do_not_starve_the_slot(
+    real_stub: GenerationServiceStub, figures: dict[str, str]
+) -> None:
+    """Ollama's open defect #17131: a stream whose client leaves mid-generation can keep the
+    model's parallel slot forever. With OLLAMA_NUM_PARALLEL=1 one such leak would make every
+    later request wait without end. Through tokenwire, 20 streams cancelled after 1-5 tokens
+    (at varied points) must leave the slot free: the next request answers promptly."""
+    loop = asyncio.get_running_loop()
+    for i in range(20):
+        call = real_stub.Generate(pb.GenerateRequest(model=MODEL, prompt=f"{STORY} ({i})",
+                                                     options=greedy(200, seed=i)))
+        received = 0
+        while received < 1 + i % 5:
+            token = await call.read()
+            assert token is not grpc.aio.EOF and not token.done
+            received += bool(token.text)
+        call.cancel()
+    started = loop.time()
+    after = await receive(real_stub.Generate(
+        pb.GenerateRequest(model=MODEL, prompt=PROMPT, options=greedy(4)), timeout=60))
+    check_final(after)
+    ttft = after.first_text_at
+    assert ttft < 5.0, f"first token after 20 cancels took {ttft:.2f} s: a slot is stuck"
+    figures["#17131: 20 mid-stream cancels, then first token after"] = (
+        f"{ttft:.2f} s ({loop.time() - started:.2f} s for the 4-token answer)")
