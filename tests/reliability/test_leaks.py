@@ -73,7 +73,8 @@ def _counts(runtime: Runtime, fake: FakeOllama, admission: RecordingAdmission) -
         tasks=len(asyncio.all_tasks()),
         fds=len(os.listdir("/proc/self/fd")),
         fake_conns=len(fake._conns),
-        pool_busy=sum(1 for c in connections if not c.is_idle() and not c.is_closed()),
+        pool_busy=sum(1 for c in connections if not c.is_idle() and not c.is_closed())
+        + (runtime.upstream._lean.in_use if runtime.upstream._lean else 0),  # streams' pool
         pool_total=len(connections),
         fake_streaming=fake.active_streams,
         relays=runtime.servicer.active_streams,

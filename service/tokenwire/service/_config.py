@@ -89,7 +89,7 @@ class Settings:
         "help": "largest prompt (or total chat text, or embed inputs), in bytes"})
     max_images_bytes: int = field(default=16 << 20, metadata={
         "help": "largest total image payload per request, in bytes"})
-    max_concurrent_streams: int = field(default=1000, metadata={
+    max_concurrent_streams: int = field(default=2048, metadata={
         "help": "HTTP/2 concurrent streams per client connection"})
     upstream_connections: int = field(default=1000, metadata={
         "help": "size of the connection pool to Ollama"})

@@ -20,6 +20,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
+    # httpx logs every request at INFO; the access log already covers calls.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     print("tokenwire-server configuration:\n" + settings.describe(), file=sys.stderr, flush=True)
     try:
         import uvloop

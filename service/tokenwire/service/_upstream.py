@@ -1,13 +1,18 @@
-"""The Ollama adapter: the only module that speaks HTTP.
+"""The Ollama adapter: the only module (with ``_ndjson.py``) that speaks HTTP.
 
-It owns one ``httpx.AsyncClient`` (one connection pool), sends requests to
-Ollama's native API and reads NDJSON streams line by line from raw bytes. Every
-failure leaves this module as an exception from ``_exceptions.py``.
+Streams from a plain ``http://`` Ollama go through ``_ndjson.NDJSONPool``, a
+small asyncio-Protocol HTTP/1.1 client that parses chunked NDJSON as bytes
+arrive: the benchmark measured httpx's per-chunk stack and pool scans at over
+half the gateway's CPU per token, and this path at 2.4x the throughput and a
+third of the CPU per token. Everything else (JSON endpoints, ``https://``,
+injected test transports) uses one ``httpx.AsyncClient``. Every failure leaves
+this module as an exception from ``_exceptions.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -33,6 +38,7 @@ from ._exceptions import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from ._ndjson import NDJSONPool
 
 __all__ = ["Chunk", "OllamaUpstream", "classify_http_error", "is_outage"]
 
@@ -83,8 +89,21 @@ class OllamaUpstream:
             headers={"Accept": "application/x-ndjson, application/json"},
             trust_env=False,
         )
+        # Streams on plain http:// go through the lean NDJSON client (_ndjson.py);
+        # https:// and injected test transports keep httpx.
+        self._lean: NDJSONPool | None = None
+        if transport is None and self._url.startswith("http://"):
+            authorization = None
+            if url.userinfo:
+                pair = f"{url.username}:{url.password}".encode()
+                authorization = "Basic " + base64.b64encode(pair).decode("ascii")
+            self._lean = NDJSONPool(self._url, connect_timeout=connect_timeout,
+                                    max_connections=max_connections, parse_line=_parse_line,
+                                    where=self.base_url, authorization=authorization)
 
     async def aclose(self) -> None:
+        if self._lean is not None:
+            self._lean.close()
         await self._client.aclose()
 
     # -- plain JSON endpoints -------------------------------------------------
@@ -139,6 +158,28 @@ class OllamaUpstream:
         its connection, which is how Ollama learns to stop generating.
         """
         self.breaker.before_call()
+        if self._lean is not None:
+            lean = self._lean
+            try:
+                lean_response = await lean.open(path, orjson.dumps(payload))
+            except UpstreamError as exc:
+                raise self._failed(exc) from None
+            except asyncio.CancelledError:
+                self.breaker.abandon()
+                raise
+            try:
+                if lean_response.status != 200:
+                    body = await lean_response.read_body()
+                    raise self._failed(classify_http_error(lean_response.status, body,
+                                                           _model_of(payload)))
+                self.breaker.success()
+                try:
+                    yield lean_response
+                except UpstreamError as exc:
+                    raise self._failed(exc) from None
+            finally:
+                lean.release(lean_response)  # synchronous: nothing a cancel can cut short
+            return
         request = self._client.build_request("POST", path, content=orjson.dumps(payload))
         try:
             response = await self._client.send(request, stream=True)
