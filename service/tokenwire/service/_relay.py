@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
@@ -63,6 +64,8 @@ class Relay:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.count = 0
+        #: perf_counter() of the first and latest chunk, for the speed figures.
+        self.first_perf = self.last_perf = 0.0
         self._task = self._loop.create_task(self._run())
 
     # -- writer side ------------------------------------------------------------
@@ -177,6 +180,9 @@ class Relay:
                     self._timer = self._loop.call_at(now + self._idle_timeout,
                                                      self._check_timer)
                 self.last_at = now
+                self.last_perf = time.perf_counter()
+                if not self.count:
+                    self.first_perf = self.last_perf
                 self.count += 1
                 if chunk.get("done") is True:
                     self._complete = True

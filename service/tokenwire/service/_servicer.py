@@ -6,7 +6,7 @@ the relay are passed in, conversions are pure functions in ``_convert``.
 
 from __future__ import annotations
 
-import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -163,8 +163,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def _relay(self, context: grpc.aio.ServicerContext, path: str, payload: dict[str, Any],
                      piece_of: _PieceOf, sink: _Sink, model: str,
                      delivery: pb.Delivery) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()  # figures: loop.time() is 1 ms coarse under uvloop
         cap = self._stream.max_output_tokens
         if cap:
             options = payload.setdefault("options", {})
@@ -201,7 +200,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 token.chunk_count = len(batch) + carried
                 carried = 0
                 if has_content and first_sent is None:
-                    first_sent = loop.time()
+                    first_sent = time.perf_counter()
                 if done:
                     self._finish(token, last, relay, started, first_sent, model)
                     await sink(token)
@@ -214,7 +213,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     @staticmethod
     def _finish(token: pb.Token, last: Chunk, relay: Relay, started: float,
                 first_sent: float | None, model: str) -> None:
-        now = asyncio.get_running_loop().time()
+        now = time.perf_counter()
         token.done = True
         usage = usage_from(last)
         token.finish_reason = finish_reason(usage.engine_finish_reason)
@@ -222,8 +221,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             first_sent = now
         if first_sent is not None:
             usage.time_to_first_token.CopyFrom(_duration(first_sent - started))
-        if relay.count >= 2 and relay.first_at is not None and relay.last_at is not None:
-            span = relay.last_at - relay.first_at
+        if relay.count >= 2:
+            span = relay.last_perf - relay.first_perf
             if span > 0:
                 usage.tokens_per_second = (relay.count - 1) / span
         usage.gateway_duration.CopyFrom(_duration(now - started))
