@@ -3,6 +3,7 @@ tokenwire server bound to 127.0.0.1:0 in the test's own event loop."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from typing import Any
@@ -36,20 +37,29 @@ async def fake() -> AsyncIterator[FakeOllama]:
 MakeRuntime = Callable[..., Awaitable[Runtime]]
 
 
-@pytest.fixture
-async def make_runtime(fake: FakeOllama) -> AsyncIterator[MakeRuntime]:
-    """Builds servers with settings overrides; all are stopped at teardown."""
+@contextlib.asynccontextmanager
+async def runtimes(base: Settings) -> AsyncIterator[MakeRuntime]:
+    """A factory of in-process servers (in the test's loop) built from ``base`` with
+    overrides; all are stopped on exit."""
     built: list[Runtime] = []
 
     async def make(**overrides: Any) -> Runtime:
-        settings = replace(FAST, ollama_url=fake.url, **overrides)
-        runtime = await build_server(settings)
+        runtime = await build_server(replace(base, **overrides))
         built.append(runtime)
         return runtime
 
-    yield make
-    for runtime in built:
-        await runtime.stop(0)
+    try:
+        yield make
+    finally:
+        for runtime in built:
+            await runtime.stop(0)
+
+
+@pytest.fixture
+async def make_runtime(fake: FakeOllama) -> AsyncIterator[MakeRuntime]:
+    """Builds servers against the test Ollama with settings overrides."""
+    async with runtimes(replace(FAST, ollama_url=fake.url)) as make:
+        yield make
 
 
 @pytest.fixture

@@ -29,7 +29,8 @@ import grpc
 import httpx
 import pytest
 
-from tokenwire.service import Runtime, Settings, build_server
+from tests.conftest import runtimes
+from tokenwire.service import Runtime, Settings
 from tokenwire.v1 import generation_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,16 +237,8 @@ MakeRuntime = Callable[..., Awaitable[Runtime]]
 @pytest.fixture
 async def make_real_runtime(real_ollama: RealOllama) -> AsyncIterator[MakeRuntime]:
     """Builds in-process gateways (in the test's loop) pointed at the real Ollama."""
-    built: list[Runtime] = []
-
-    async def make(**overrides: Any) -> Runtime:
-        runtime = await build_server(replace(REAL, ollama_url=real_ollama.url, **overrides))
-        built.append(runtime)
-        return runtime
-
-    yield make
-    for runtime in built:
-        await runtime.stop(0)
+    async with runtimes(replace(REAL, ollama_url=real_ollama.url)) as make:
+        yield make
 
 
 @pytest.fixture
