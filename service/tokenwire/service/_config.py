@@ -143,7 +143,8 @@ class Settings:
         return self.ollama_url or ollama_url_from_env(os.environ.get("OLLAMA_HOST"))
 
     def describe(self) -> str:
-        """One line per setting (no secrets exist yet; keep it that way here)."""
+        """One line per setting; the Ollama URL without its password, tokens never (they
+        live in the callers file or TOKENWIRE_AUTH_TOKENS, which are not settings)."""
         values = dataclasses.asdict(self)
         values["ollama_url"] = redact_url(self.resolved_ollama_url())
         return "\n".join(f"  {k:<24} {v}" for k, v in values.items())

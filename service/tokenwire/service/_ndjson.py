@@ -28,6 +28,7 @@ _END = object()
 _HIGH_WATER = 4096
 _LOW_WATER = 1024
 _MAX_HEAD = 64 * 1024
+#: Longest NDJSON line accepted (Ollama's own client allows 8 MiB); both stream paths use it.
 MAX_LINE_BYTES = 8 * 1024 * 1024
 
 

@@ -38,15 +38,13 @@ from ._exceptions import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from ._ndjson import NDJSONPool
+from ._ndjson import MAX_LINE_BYTES, NDJSONPool
 
 __all__ = ["Chunk", "OllamaUpstream", "classify_http_error", "is_outage"]
 
 #: One parsed NDJSON object from Ollama.
 Chunk = dict[str, Any]
 
-#: Longest NDJSON line accepted (Ollama's own client allows 8 MiB).
-MAX_LINE_BYTES = 8 * 1024 * 1024
 
 _RUNNER_DIED = (
     "model runner has unexpectedly stopped",
