@@ -4,14 +4,16 @@ an asyncio Protocol.
 One TCP connection per stream, kept alive in a LIFO idle list. The response is
 parsed in data_received (status line, headers, chunked or length framing),
 NDJSON lines are split and parsed with orjson right there, and the parsed
-chunks are queued for the reader. No per-chunk generator stack, no per-request
-pool scan, and the request goes out in one write.
+chunks are handed on from that callback: to a sink (``deliver``, the relay's
+path: no task wakes up per chunk) or to a queue (iteration). No per-chunk
+generator stack, no per-request pool scan, and the request goes out in one write.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,6 +32,10 @@ _LOW_WATER = 1024
 _MAX_HEAD = 64 * 1024
 #: Longest NDJSON line accepted (Ollama's own client allows 8 MiB); both stream paths use it.
 MAX_LINE_BYTES = 8 * 1024 * 1024
+
+#: Takes one parsed chunk; returns True when it wants no more for now (reading
+#: pauses until ``Response.resume``).
+Sink = Callable[[Any], bool]
 
 
 class _Conn(asyncio.Protocol):
@@ -75,6 +81,8 @@ class Response:
         self._stopped = False  # an error item was queued; ignore the rest
         self._paused = False
         self._ended = False
+        self._sink: Sink | None = None
+        self._outcome: asyncio.Future[None] | None = None  # deliver()'s end
         self.status = 0
         self.keep_alive = True
         self.complete = False
@@ -223,7 +231,12 @@ class Response:
             return
         if chunk.get("done") is True:
             self._saw_done = True
-        self._items.append(chunk)
+        sink = self._sink
+        if sink is None:
+            self._items.append(chunk)
+        elif sink(chunk) and not self._paused and self._conn.transport:
+            self._paused = True
+            self._conn.transport.pause_reading()
 
     def _fail(self, exc: BaseException) -> None:
         if not self._stopped:
@@ -263,6 +276,13 @@ class Response:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+        outcome = self._outcome
+        if outcome is not None and not outcome.done() and self._items:
+            item = self._items[0]  # only the end or an error is queued in sink mode
+            if isinstance(item, BaseException):
+                outcome.set_exception(item)
+            else:
+                outcome.set_result(None)
 
     # -- caller side ---------------------------------------------------------------------
 
@@ -277,6 +297,35 @@ class Response:
             finally:
                 self._waiter = None
         return bytes(self._raw or b"")
+
+    async def deliver(self, sink: Sink) -> None:
+        """Hands every chunk to ``sink`` from the protocol callback as it is
+        parsed, and returns once the stream ended (raises its error). When the
+        sink says it is full, reading pauses until ``resume()``."""
+        while self._items:  # parsed before we were called (e.g. with the head)
+            item = self._items.popleft()
+            if item is _END:
+                self._ended = True
+                return
+            if isinstance(item, BaseException):
+                self._ended = True
+                raise item
+            if sink(item) and not self._paused and self._conn.transport:
+                self._paused = True
+                self._conn.transport.pause_reading()
+        self._sink = sink
+        self._outcome = self._loop.create_future()
+        self._wake()  # the end may already be queued
+        try:
+            await self._outcome
+        finally:
+            self._ended = True
+
+    def resume(self) -> None:
+        """Reading goes on after the sink said it was full."""
+        if self._paused and self._conn.transport:
+            self._paused = False
+            self._conn.transport.resume_reading()
 
     def __aiter__(self) -> Response:
         return self

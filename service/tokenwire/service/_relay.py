@@ -1,12 +1,14 @@
 """Moves chunks from one upstream stream to one caller.
 
-A reader task owns the upstream response. It appends each parsed chunk to a
-pending list and wakes the writer (the RPC handler). The writer takes
-everything pending at once: a caller that keeps up gets one message per chunk
-with no added delay; a caller that falls behind gets fewer, larger messages
-(adaptive coalescing: no timer ever waits for more). When the pending list is
-full the reader stops reading, so upstream TCP flow control holds back a fast
-model and memory stays bounded for a slow caller.
+A reader task owns the upstream response. Each parsed chunk is appended to a
+pending list and wakes the writer (the RPC handler); on the lean http:// path
+that happens right in the socket callback (``Response.deliver``), so no task
+runs per chunk except the writer. The writer takes everything pending at once:
+a caller that keeps up gets one message per chunk with no added delay; a caller
+that falls behind gets fewer, larger messages (adaptive coalescing: no timer
+ever waits for more). When the pending list is full, reading stops, so upstream
+TCP flow control holds back a fast model and memory stays bounded for a slow
+caller.
 
 The reader also enforces the first-token wait and the idle limit with one timer
 that is re-armed only when it fires, not once per chunk.
@@ -21,6 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 from ._exceptions import FirstTokenTimeout, IdleTimeout, UpstreamError
+from ._ndjson import Response
 from ._upstream import Chunk, is_outage
 
 log = logging.getLogger("tokenwire.service")
@@ -52,7 +55,9 @@ class Relay:
         self._loop = asyncio.get_running_loop()
         self._pending: list[Chunk] = []
         self._wakeup: asyncio.Future[None] | None = None
-        self._space: asyncio.Future[None] | None = None
+        self._space: asyncio.Future[None] | None = None  # the pull path waits here
+        self._full = False  # pending is at its bound: reading is paused
+        self._resume: Callable[[], None] | None = None  # the push path's un-pause
         self._finished = False
         self._complete = False  # the final (done) chunk arrived
         self._error: BaseException | None = None
@@ -95,8 +100,12 @@ class Relay:
             del self._pending[:max_items]
         else:
             batch, self._pending = self._pending, []
-        if self._space is not None and not self._space.done():
-            self._space.set_result(None)
+        if self._full:
+            self._full = False
+            if self._resume is not None:
+                self._resume()
+            if self._space is not None and not self._space.done():
+                self._space.set_result(None)
         return batch
 
     def interrupt(self, error: BaseException) -> None:
@@ -140,7 +149,7 @@ class Relay:
             limit, since, kind = self._first_token_timeout, self._started_at, FirstTokenTimeout
         else:
             limit, since, kind = self._idle_timeout, self.last_at, IdleTimeout
-        if self._space is not None:  # paused by a slow caller: not the upstream's fault
+        if self._full:  # paused by a slow caller: not the upstream's fault
             since = now
         due = since + limit
         if now >= due and self._timeout is not None:
@@ -168,27 +177,39 @@ class Relay:
                          "%.2fs", self.attempts, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
 
+    def _push(self, chunk: Chunk) -> bool:
+        """Takes one chunk from the upstream; True when pending is full."""
+        now = self._loop.time()
+        if self.first_at is None:
+            self.first_at = now
+            # From now on the idle limit applies: re-arm once.
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self._loop.call_at(now + self._idle_timeout, self._check_timer)
+        self.last_at = now
+        self.last_perf = time.perf_counter()
+        if not self.count:
+            self.first_perf = self.last_perf
+        self.count += 1
+        if chunk.get("done") is True:
+            self._complete = True
+        self._pending.append(chunk)
+        self._wake()
+        if len(self._pending) >= self._max_pending:
+            self._full = True
+        return self._full
+
     async def _read(self) -> None:
         async with self._opener() as chunks:
+            if isinstance(chunks, Response):  # push: chunks arrive in the socket callback
+                self._resume = chunks.resume
+                try:
+                    await chunks.deliver(self._push)
+                finally:
+                    self._resume = None
+                return
             async for chunk in chunks:
-                now = self._loop.time()
-                if self.first_at is None:
-                    self.first_at = now
-                    # From now on the idle limit applies: re-arm once.
-                    if self._timer is not None:
-                        self._timer.cancel()
-                    self._timer = self._loop.call_at(now + self._idle_timeout,
-                                                     self._check_timer)
-                self.last_at = now
-                self.last_perf = time.perf_counter()
-                if not self.count:
-                    self.first_perf = self.last_perf
-                self.count += 1
-                if chunk.get("done") is True:
-                    self._complete = True
-                self._pending.append(chunk)
-                self._wake()
-                if len(self._pending) >= self._max_pending:
+                if self._push(chunk):
                     self._space = self._loop.create_future()
                     try:
                         await self._space

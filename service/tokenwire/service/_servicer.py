@@ -181,13 +181,17 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             retries=self._stream.retries,
             retry_backoff=self._stream.retry_backoff,
         )
-        grouper = Grouper(relay, delivery, lambda chunk: piece_of(chunk)[0])
+        next_batch: Callable[[], Awaitable[list[Chunk] | None]]
+        if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
+            next_batch = relay.take  # everything pending: no grouping layer per message
+        else:
+            next_batch = Grouper(relay, delivery, lambda chunk: piece_of(chunk)[0]).next
         self._relays.add(relay)
         first_sent: float | None = None
         carried = 0  # chunks folded into no message yet (empty pieces)
         try:
             while True:
-                batch = await grouper.next()
+                batch = await next_batch()
                 if not batch:
                     raise TruncatedStream("Ollama's stream ended without a final message")
                 token = _merge(batch, piece_of)
