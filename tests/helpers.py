@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -45,3 +51,76 @@ def joined(tokens: list[pb.Token]) -> str:
 def last_body(fake: Any, path: str) -> Any:
     """The JSON body of the latest request to ``path`` (health probes run in between)."""
     return [r for r in fake.requests if r.path == path][-1].body
+
+_PATIENCE = 20.0  # seconds a server process gets to log a line or to exit
+
+
+class ServerProcess:
+    """``tokenwire-server`` as a real process; its stderr is read into ``lines`` as it comes."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.lines: list[str] = []
+        self.target = ""
+        self._eof = False
+        self._more = asyncio.Condition()
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stderr is not None
+        while line := (await self.proc.stderr.readline()).decode():
+            async with self._more:
+                self.lines.append(line)
+                self._more.notify_all()
+        async with self._more:
+            self._eof = True
+            self._more.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    async def wait_for(self, text: str, *, after: int = 0) -> str:
+        """The first line from index ``after`` on that contains ``text``."""
+        def found() -> bool:
+            return any(text in line for line in self.lines[after:]) or self._eof
+
+        async with self._more:
+            await asyncio.wait_for(self._more.wait_for(found), _PATIENCE)
+        for line in self.lines[after:]:
+            if text in line:
+                return line
+        raise AssertionError(f"the server exited without logging {text!r}:\n{self.output}")
+
+    async def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Sends ``sig``; returns the exit code once the process and its output ended."""
+        self.proc.send_signal(sig)
+        return await self.exited()
+
+    async def exited(self) -> int:
+        code = await asyncio.wait_for(self.proc.wait(), _PATIENCE)
+        await self._reader
+        return code
+
+
+@contextlib.asynccontextmanager
+async def server_process(ollama_url: str, *args: str, ready: bool = True,
+                         **env: str) -> AsyncIterator[ServerProcess]:
+    """Starts ``python -m tokenwire.service._main`` on 127.0.0.1:0 with flags ``args`` and
+    TOKENWIRE_* variables ``env``; when ``ready``, waits for its "listening on" line and
+    sets ``target``. Kills it on exit if it still runs."""
+    environ = dict(os.environ, TOKENWIRE_OLLAMA_URL=ollama_url, TOKENWIRE_LISTEN="127.0.0.1:0",
+                   **env)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenwire.service._main", *args, env=environ,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    server = ServerProcess(proc)
+    try:
+        if ready:
+            line = await server.wait_for("listening on")
+            server.target = line.split("listening on ")[1].split()[0]
+        yield server
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await server.exited()

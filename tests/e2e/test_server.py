@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import signal
-import sys
 
 import grpc
 import pytest
@@ -14,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.fakeollama import FakeOllama
+from tests.helpers import server_process
 from tokenwire.service import SERVICE_NAME, Runtime
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
@@ -84,27 +82,11 @@ async def test_logs_never_contain_prompt_or_answer(stub: GenerationServiceStub, 
 async def test_server_process_prints_config_and_stops_cleanly_on_sigterm(
     fake: FakeOllama,
 ) -> None:
-    env = dict(os.environ, TOKENWIRE_OLLAMA_URL=fake.url, TOKENWIRE_LISTEN="127.0.0.1:0",
-               TOKENWIRE_SHUTDOWN_GRACE="2")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenwire.service._main", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    assert proc.stderr is not None
-    lines = []
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-        assert line, "server exited early:\n" + "".join(lines)
-        lines.append(line)
-        if "listening on" in line:
-            break
-    target = line.split("listening on ")[1].split()[0]
-    output = "".join(lines)
-    assert fake.url in output and "first_token_timeout" in output
-    async with grpc.aio.insecure_channel(target) as channel:
-        tokens = [t async for t in GenerationServiceStub(channel).Generate(
-            pb.GenerateRequest(model="tiny", prompt="p"))]
-        assert tokens[-1].done
-    proc.send_signal(signal.SIGTERM)
-    _, err = await asyncio.wait_for(proc.communicate(), 20)
-    assert proc.returncode == 0, err.decode()
-    assert "stopped" in err.decode()
+    async with server_process(fake.url, TOKENWIRE_SHUTDOWN_GRACE="2") as server:
+        assert fake.url in server.output and "first_token_timeout" in server.output
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            tokens = [t async for t in GenerationServiceStub(channel).Generate(
+                pb.GenerateRequest(model="tiny", prompt="p"))]
+            assert tokens[-1].done
+        assert await server.stop() == 0, server.output
+        assert "stopped" in server.output

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import signal
-import sys
 from typing import Any
 
 import grpc
@@ -17,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama
-from tests.helpers import reason
+from tests.helpers import reason, server_process
 from tests.reliability._util import generate_all, outcome
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
@@ -143,44 +141,24 @@ async def test_shutdown_interrupt_is_not_logged_as_an_unexpected_error(
     assert not errors, [r.getMessage() for r in errors]
 
 
-async def _start_process(fake: FakeOllama, grace: float) -> tuple[Any, str, list[str]]:
-    env = dict(os.environ, TOKENWIRE_OLLAMA_URL=fake.url, TOKENWIRE_LISTEN="127.0.0.1:0",
-               TOKENWIRE_SHUTDOWN_GRACE=str(grace), TOKENWIRE_BREAKER_THRESHOLD="0")
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenwire.service._main", env=env,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-    assert proc.stderr is not None
-    lines: list[str] = []
-    while True:
-        line = (await asyncio.wait_for(proc.stderr.readline(), 20)).decode()
-        assert line, "server exited early:\n" + "".join(lines)
-        lines.append(line)
-        if "listening on" in line:
-            return proc, line.split("listening on ")[1].split()[0], lines
-
-
 @pytest.mark.parametrize("grace", [5.0, 0.5])
 async def test_sigterm_with_a_stream_in_flight(fake: FakeOllama, grace: float,
                                                figures: dict[str, Any]) -> None:
     fake.tokens = [f"w{i} " for i in range(30)]
     fake.token_delay = 0.05  # 1.5 s per answer: within a 5 s grace, past a 0.5 s one
-    proc, target, _ = await _start_process(fake, grace)
     loop = asyncio.get_running_loop()
-    try:
-        async with grpc.aio.insecure_channel(target) as channel:
+    async with server_process(fake.url, TOKENWIRE_SHUTDOWN_GRACE=str(grace),
+                              TOKENWIRE_BREAKER_THRESHOLD="0") as server:
+        async with grpc.aio.insecure_channel(server.target) as channel:
             call = GenerationServiceStub(channel).Generate(
                 pb.GenerateRequest(model="tiny", prompt="p"), timeout=20)
             first = await call.read()
             started = loop.time()
-            proc.send_signal(signal.SIGTERM)
+            server.proc.send_signal(signal.SIGTERM)
             rest, err = await _collect(call)
-        _, stderr = await asyncio.wait_for(proc.communicate(), 20)
+        code = await server.exited()
         exited_after = loop.time() - started
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, stderr.decode()
+    assert code == 0, server.output
     text = first.text + "".join(t.text for t in rest)
     if grace > 1.5:
         assert err is None and rest[-1].done
@@ -193,5 +171,5 @@ async def test_sigterm_with_a_stream_in_flight(fake: FakeOllama, grace: float,
     print(f"\nSIGTERM, grace {grace:g} s: in-flight stream {outcome_text} after "
           f"{len(text.split())} tokens; process exited 0 after {exited_after:.2f} s")
     figures.setdefault("shutdown", {})[f"sigterm_grace_{grace:g}"] = {
-        "stream": outcome_text, "tokens": len(text.split()), "exit": proc.returncode,
+        "stream": outcome_text, "tokens": len(text.split()), "exit": code,
         "exit_s": round(exited_after, 3)}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from tokenwire.service import Settings, ollama_url_from_env, parse_settings
@@ -50,3 +52,16 @@ def test_bad_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_settings([], {"TOKENWIRE_CONNECT_TIMEOUT": "soon"})
     assert "TOKENWIRE_CONNECT_TIMEOUT" in capsys.readouterr().err
+
+
+def test_workers(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_settings([], {}).workers == 1
+    assert parse_settings([], {"TOKENWIRE_WORKERS": "3"}).workers == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert parse_settings(["--workers", "0"], {}).workers == 3  # the CPUs we may use
+    monkeypatch.delattr(os, "sched_getaffinity")  # not Linux
+    assert parse_settings([], {"TOKENWIRE_WORKERS": "0"}).workers == 8
+    with pytest.raises(SystemExit):
+        parse_settings(["--workers", "-1"], {})
+    assert "--workers" in capsys.readouterr().err

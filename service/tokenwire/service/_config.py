@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["Settings", "ollama_url_from_env", "parse_settings"]
+__all__ = ["Settings", "ollama_url_from_env", "parse_settings", "usable_cpus"]
 
 _ENV_PREFIX = "TOKENWIRE_"
 
@@ -56,6 +56,14 @@ def ollama_url_from_env(value: str | None) -> str:
     return f"{scheme}://{host}:{port}" + (f"/{path}" if path else "")
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def _split_host_port(hostport: str) -> tuple[str | None, str]:
     if hostport.startswith("["):
         end = hostport.find("]")
@@ -98,6 +106,9 @@ class Settings:
     shutdown_grace: float = field(default=30.0, metadata={
         "help": "seconds in-flight calls get to finish on SIGTERM/SIGINT"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    workers: int = field(default=1, metadata={
+        "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
+                "CPU; the admission limits apply per worker"})
     # -- who may call ---------------------------------------------------------
     tls_cert: str = field(default="", metadata={
         "help": "PEM certificate chain of the server; enables TLS"})
@@ -206,12 +217,14 @@ def parse_settings(argv: Sequence[str] | None = None,
         if getattr(settings, name) <= 0
     ] + [
         name for name in ("rate", "queue_timeout", "max_output_tokens", "upstream_retries",
-                          "retry_backoff", "breaker_threshold", "breaker_cooldown")
+                          "retry_backoff", "breaker_threshold", "breaker_cooldown", "workers")
         if getattr(settings, name) < 0
     ]
     if problems:
         parser.error("out of range (must be positive, or not negative): "
                      + ", ".join("--" + p.replace("_", "-") for p in problems))
+    if settings.workers == 0:
+        settings = dataclasses.replace(settings, workers=usable_cpus())
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
     if bool(settings.tls_cert) != bool(settings.tls_key):

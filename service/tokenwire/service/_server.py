@@ -22,6 +22,7 @@ from ._interceptors import GuardInterceptor
 from ._servicer import GenerationServicer, StreamSettings
 from ._upstream import OllamaUpstream
 from ._validate import Limits
+from ._workers import WorkerLink
 
 __all__ = ["SERVICE_NAME", "Runtime", "build_server", "serve"]
 
@@ -76,8 +77,10 @@ class Runtime:
         return True
 
 
-async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = None) -> Runtime:
-    """Builds and starts the server; returns it with its bound port."""
+async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = None,
+                       reuse_port: bool = False) -> Runtime:
+    """Builds and starts the server; returns it with its bound port. ``reuse_port`` lets
+    it share the port with the other workers of a ``--workers`` supervisor."""
     url = settings.resolved_ollama_url()
     upstream = upstream or OllamaUpstream(
         url,
@@ -108,7 +111,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ],
     )
     servicer = GenerationServicer(
@@ -153,16 +156,20 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     return int(server.add_secure_port(settings.listen, credentials))
 
 
-async def serve(settings: Settings) -> int:
-    """Runs until SIGTERM or SIGINT, then drains. Returns the exit code."""
-    runtime = await build_server(settings)
-    log.info("tokenwire-server listening on %s (upstream %s: %s)", runtime.target,
+async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
+    """Runs until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone),
+    then drains. Returns the exit code."""
+    runtime = await build_server(settings, reuse_port=worker is not None)
+    log.info("tokenwire-server %s %s (upstream %s: %s)",
+             "listening on" if worker is None else "worker serving on", runtime.target,
              redact_url(settings.resolved_ollama_url()),
              "reachable" if runtime.health.serving else "NOT reachable yet")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if worker is not None:
+        worker.ready(stop.set)
     await stop.wait()
     log.info("shutting down: NOT_SERVING, draining in-flight calls for up to %gs",
              settings.shutdown_grace)

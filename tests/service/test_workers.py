@@ -1,0 +1,55 @@
+"""The supervisor's port reservation: one concrete port the workers can share, no one else."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tokenwire.service._workers import reserve_port
+
+
+def _bind(address: tuple[str, ...], family: int, *, reuse_port: bool) -> socket.socket:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuse_port))
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::1]", "localhost"])
+def test_port_zero_becomes_one_port_the_workers_share(host: str) -> None:
+    listen, reserved = reserve_port(f"{host}:0")
+    try:
+        assert listen.rpartition(":")[0] == host
+        port = int(listen.rpartition(":")[2])
+        assert port and {s.getsockname()[1] for s in reserved} == {port}
+        for sock in reserved:
+            address = sock.getsockname()
+            with pytest.raises(OSError):  # reserved: a server without SO_REUSEPORT is refused
+                _bind(address, sock.family, reuse_port=False)
+            with _bind(address, sock.family, reuse_port=True) as worker:  # a worker binds
+                worker.listen()
+    finally:
+        for sock in reserved:
+            sock.close()
+
+
+def test_a_port_in_use_is_refused() -> None:
+    with _bind(("127.0.0.1", 0), socket.AF_INET, reuse_port=True) as other:
+        other.listen()
+        port = other.getsockname()[1]
+        with pytest.raises(OSError):  # even though it listens with SO_REUSEPORT too
+            reserve_port(f"127.0.0.1:{port}")
+    listen, reserved = reserve_port(f"127.0.0.1:{port}")  # free again
+    assert listen == f"127.0.0.1:{port}"
+    for sock in reserved:
+        sock.close()
+
+
+def test_only_tcp_addresses() -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        reserve_port("unix:/tmp/tokenwire.sock")
