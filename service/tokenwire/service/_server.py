@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass
@@ -156,10 +157,24 @@ def _bind(server: grpc.aio.Server, settings: Settings) -> int:
     return int(server.add_secure_port(settings.listen, credentials))
 
 
+def _settle_gc() -> None:
+    """Keeps the cycle collector off the token path. Everything alive after start-up
+    (modules, descriptors, the server) is frozen out of its scans, and the youngest
+    generation is collected every 20,000 allocations instead of 700: the profile at
+    1000 streams showed collections at 6-8% of the event loop's time, nearly all of it
+    re-scanning long-lived objects. Reference counting still frees everything that is
+    not in a cycle at once."""
+    gc.collect()
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(20_000, gen1, gen2)
+
+
 async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
     """Runs until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone),
     then drains. Returns the exit code."""
     runtime = await build_server(settings, reuse_port=worker is not None)
+    _settle_gc()
     log.info("tokenwire-server %s %s (upstream %s: %s)",
              "listening on" if worker is None else "worker serving on", runtime.target,
              redact_url(settings.resolved_ollama_url()),
