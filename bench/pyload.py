@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import orjson
 import uvloop
+from procstat import cpu_ticks  # bench/ is on sys.path: these run as scripts
 
 TOKEN_WIDTH = 17
 
@@ -122,14 +123,6 @@ def quantiles(xs: list[int]) -> dict[str, float]:
     out.update(p50=at(0.5), p90=at(0.9), p99=at(0.99), p999=at(0.999),
                min=float(xs[0]), max=float(xs[-1]), mean=sum(xs) / len(xs))
     return out
-
-
-def cpu_ticks(pid: int) -> int:
-    if pid <= 0:
-        return 0
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return int(fields[11]) + int(fields[12])
 
 
 def prompt(tokens: int, interval_us: float, id_: str = "") -> str:

@@ -129,6 +129,36 @@ def render(results: dict[str, Any]) -> str:
         row("cancels never seen by upstream",
             lambda k: _num(_get(cancel, k, "never_closed")))
 
+    floor = _get(paced, "G.go")
+    if floor:
+        floor_cpu = cpu_us_per_token(floor, clk)
+        cpu_x = _ratio(floor_cpu, cpu_us_per_token(_get(paced, "B.go"), clk))
+        rss_x = _ratio(_get(floor, "vm_hwm_kb"), _get(paced, "B.go", "vm_hwm_kb"))
+        out("")
+        out("**G, the grpc.aio floor** (`bench/floor_grpc.py`: one grpc.aio process writing "
+            "one message per token from timers, no upstream), 1000 × 30 tokens/s, go reader: "
+            f"{_num(_get(floor, 'tokens_per_s'))} tokens/s, errors {_num(_get(floor, 'errors'))}, "
+            f"latency p50 {_ms(_get(floor, 'latency_ns', 'p50'))} ms, "
+            f"p99 {_ms(_get(floor, 'latency_ns', 'p99'))} ms, "
+            f"CPU {_num(floor_cpu, '{:.1f}')} µs/token ({_num(cpu_x, '{:.2f}')}× B's), "
+            f"peak RSS {_num(_kb(_get(floor, 'vm_hwm_kb')), '{:.0f}')} MiB "
+            f"({_num(rss_x, '{:.2f}')}× B's).")
+    workers = ph.get("workers", {})
+    if workers:
+        out("")
+        out("## `--workers` (SO_REUSEPORT), compiled reader over 8 connections")
+        out("")
+        out("| workers | zero delay, 100 streams: tokens/s | CPU µs/token | 1000×30: tokens/s "
+            "| errors | latency p50, ms | p99, ms | CPU µs/token |")
+        out("|---|---|---|---|---|---|---|---|")
+        for n, run in sorted(workers.items(), key=lambda kv: int(kv[0])):
+            zero_run, paced_run = run.get("zero_c100"), run.get("paced_1000x30")
+            out(f"| {n} | {_num(_get(zero_run, 'tokens_per_s'))} "
+                f"| {_num(cpu_us_per_token(zero_run, clk), '{:.1f}')} "
+                f"| {_num(_get(paced_run, 'tokens_per_s'))} | {_num(_get(paced_run, 'errors'))} "
+                f"| {_ms(_get(paced_run, 'latency_ns', 'p50'))} "
+                f"| {_ms(_get(paced_run, 'latency_ns', 'p99'))} "
+                f"| {_num(cpu_us_per_token(paced_run, clk), '{:.1f}')} |")
     out("")
     out("## Targets (ratios within this run)")
     out("")
@@ -137,7 +167,8 @@ def render(results: dict[str, Any]) -> str:
     for name, measured, ok in targets(results, clk):
         out(f"| {name} | {measured} | {'PASS' if ok else 'FAIL' if ok is not None else 'n/a'} |")
     out("")
-    out("CPU is utime+stime of the server process (all threads) over the measurement window, "
+    out("CPU is utime+stime of the server process and its workers (all threads) over the "
+        "measurement window, "
         "divided by the tokens read in it. Latency is per token: reader arrival time minus the "
         "upstream's emission time carried in the token text (same host clock). Cancel: reader "
         "clock at cancel to the upstream's clock when its request context ended.")

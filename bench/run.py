@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from procstat import cpu_ticks  # bench/ is on sys.path: these run as scripts
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -48,6 +50,9 @@ READERS = (  # (key, path, reader, proto)
     ("C.py", "C", "py", "grpc"),
     ("C.go", "C", "go", "grpc"),
 )
+#: Path G, 1000 × 30 only: bench/floor_grpc.py, a grpc.aio server that writes timed tokens
+#: with no upstream: the floor of one Python grpc.aio process.
+FLOOR_READER = ("G.go", "G", "go", "grpc")
 PATH_NAMES = {
     "A": "A: httpx → upstream (floor)",
     "B": "B: FastAPI SSE peer",
@@ -100,16 +105,6 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], what: str, timeout: floa
         except OSError:
             time.sleep(0.05)
     raise SystemExit(f"bench: {what} did not listen on 127.0.0.1:{port} in {timeout:g}s")
-
-
-def cpu_ticks(pid: int) -> int:
-    """utime+stime of a process (all threads), in clock ticks."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-        return int(fields[11]) + int(fields[12])
-    except OSError:
-        return 0
 
 
 def machine_busy_ticks() -> int:
@@ -234,6 +229,8 @@ class Bench:
                                      "--max-concurrent-streams", "2048",
                                      *self.args.server_arg], gw_env)
         self.start(gateway)
+        self.start(Server("floor", [self.py, str(BENCH / "floor_grpc.py"), "--listen",
+                                    "127.0.0.1:{port}"], env))
         time.sleep(1.0)  # first health probe done, caches warm
 
     def stop_all(self) -> None:
@@ -242,7 +239,7 @@ class Bench:
 
     def target(self, path: str) -> tuple[str, int]:
         """(host:port, server pid) for a path; A has no server in between."""
-        name = {"A": "upstream", "B": "peer", "C": "gateway"}[path]
+        name = {"A": "upstream", "B": "peer", "C": "gateway", "G": "floor"}[path]
         server = self.servers[name]
         return f"127.0.0.1:{server.port}", (server.pid if path != "A" else 0)
 
@@ -267,7 +264,7 @@ class Bench:
 
     def read(self, key: str, mode: str, **flags: Any) -> dict[str, Any]:
         """Runs one reader process and returns its JSON figures."""
-        _, path, reader, proto = next(r for r in READERS if r[0] == key)
+        _, path, reader, proto = next(r for r in (*READERS, FLOOR_READER) if r[0] == key)
         target, pid = self.target(path)
         opts = {"mode": mode, "proto": proto, "target": target, "server-pid": pid, **flags}
         if reader == "go":
@@ -341,8 +338,8 @@ class Bench:
         s = self.sizes
         runs = {}
         tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + s.paced_window + 3))
-        for key, path, _, _ in READERS:
-            name = {"B": "peer", "C": "gateway"}.get(path)
+        for key, path, _, _ in (*READERS, FLOOR_READER):
+            name = {"B": "peer", "C": "gateway", "G": "floor"}.get(path)
             sampler = None
             if name:
                 self.restart(name)
@@ -363,12 +360,44 @@ class Bench:
             runs[key] = out
         self.results["phases"]["paced_1000x30"] = runs
 
+    def phase_workers(self) -> None:
+        """``--workers`` scaling, compiled reader over 8 connections: the kernel spreads
+        connections (not streams) over the workers, so one connection would use one."""
+        s = self.sizes
+        gateway = self.servers["gateway"]
+        argv = list(gateway.argv)
+        counts = sorted({1, 2, min(len(os.sched_getaffinity(0)), 4)})
+        tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + s.paced_window + 3))
+        runs: dict[str, Any] = {}
+        try:
+            for n in counts:
+                gateway.argv = [*argv, f"--workers={n}"]
+                self.restart("gateway")
+                time.sleep(1.0)  # every worker up, not only the first to listen
+                self.log(f"--workers {n}: zero delay, 100 streams, 8 connections, C.go")
+                zero = self.read("C.go", "throughput", streams=100, tokens=s.agg_tokens,
+                                 warmup=s.warmup, window=s.window, conns=8)
+                self.log(f"  {zero['tokens_per_s']:,.0f} tokens/s")
+                self.log(f"--workers {n}: 1000 streams × 30 tokens/s, 8 connections, C.go")
+                paced = self.read("C.go", "throughput", streams=1000, tokens=tokens,
+                                  interval_us=f"{PACE_US:.3f}", ramp=s.paced_ramp,
+                                  warmup=s.paced_warmup, window=s.paced_window, conns=8)
+                lat = paced.get("latency_ns", {})
+                self.log(f"  {paced['tokens_per_s']:,.0f} tokens/s, errors {paced['errors']}, "
+                         f"latency p50 {lat.get('p50', 0) / 1e6:.2f} ms "
+                         f"p99 {lat.get('p99', 0) / 1e6:.2f} ms")
+                runs[str(n)] = {"zero_c100": zero, "paced_1000x30": paced}
+        finally:
+            gateway.argv = argv
+            self.restart("gateway")
+        self.results["phases"]["workers"] = runs
+
     def run(self) -> dict[str, Any]:
         self.results["meta"] = meta(self.args)
         self.start_all()
         try:
             phases = self.args.phases.split(",")
-            for name in ("throughput", "ttft", "cancel", "paced"):
+            for name in ("throughput", "ttft", "cancel", "paced", "workers"):
                 if "all" in phases or name in phases:
                     getattr(self, f"phase_{name}")()
         finally:
@@ -422,7 +451,7 @@ def main() -> None:
     parser.add_argument("--save", action="store_true",
                         help="also write bench/results/<date>-<machine>.{json,md} to commit")
     parser.add_argument("--phases", default="all",
-                        help="comma list of throughput,ttft,cancel,paced (default all)")
+                        help="comma list of throughput,ttft,cancel,paced,workers (default all)")
     parser.add_argument("--server-cmd", default=str(Path(sys.executable).with_name(
         "tokenwire-server")), help="tokenwire server command (default: the venv's)")
     parser.add_argument("--server-pythonpath", default="",

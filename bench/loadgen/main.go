@@ -36,6 +36,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
@@ -252,7 +253,8 @@ func quantiles(xs []int64) map[string]float64 {
 	return out
 }
 
-// cpuTicks returns utime+stime (all threads, clock ticks) of a process.
+// cpuTicks returns utime+stime (all threads, clock ticks) of a process and of its
+// descendants (the workers of a --workers supervisor).
 func cpuTicks(pid int) int64 {
 	if pid <= 0 {
 		return 0
@@ -265,7 +267,19 @@ func cpuTicks(pid int) int64 {
 	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+2:])
 	ut, _ := strconv.ParseInt(fields[11], 10, 64)
 	st, _ := strconv.ParseInt(fields[12], 10, 64)
-	return ut + st
+	total := ut + st
+	tasks, _ := filepath.Glob(fmt.Sprintf("/proc/%d/task/*/children", pid))
+	for _, t := range tasks {
+		kids, _ := os.ReadFile(t)
+		for _, k := range strings.Fields(string(kids)) {
+			if child, err := strconv.Atoi(k); err == nil {
+				if c := cpuTicks(child); c > 0 {
+					total += c
+				}
+			}
+		}
+	}
+	return total
 }
 
 type config struct {
