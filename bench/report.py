@@ -142,7 +142,28 @@ def render(results: dict[str, Any]) -> str:
             f"p99 {_ms(_get(floor, 'latency_ns', 'p99'))} ms, "
             f"CPU {_num(floor_cpu, '{:.1f}')} µs/token ({_num(cpu_x, '{:.2f}')}× B's), "
             f"peak RSS {_num(_kb(_get(floor, 'vm_hwm_kb')), '{:.0f}')} MiB "
-            f"({_num(rss_x, '{:.2f}')}× B's).")
+            f"({_num(rss_x, '{:.2f}')}× B's; {_num(_kb(_get(floor, 'rss_idle_kb')), '{:.0f}')} "
+            "MiB before the streams).")
+    curve = ph.get("curve", {})
+    if curve:
+        levels = sorted(curve, key=int)
+        out("")
+        out("## Latency against load, 30 tokens/s per stream, compiled reader")
+        out("")
+        out("Token latency p50 / p99 in ms, then server CPU µs/token (1000: the table above). "
+            "G is the grpc.aio floor.")
+        out("")
+        out("| path | " + " | ".join(f"{n} streams" for n in levels) + " |")
+        out("|---" * (len(levels) + 1) + "|")
+        for key, label in (("B.go", "B FastAPI SSE"), ("C.go", "C tokenwire"),
+                           ("G.go", "G grpc.aio floor")):
+            cells = []
+            for n in levels:
+                run = _get(curve, n, key)
+                cells.append(f"{_ms(_get(run, 'latency_ns', 'p50'))} / "
+                             f"{_ms(_get(run, 'latency_ns', 'p99'))}; "
+                             f"{_num(cpu_us_per_token(run, clk), '{:.1f}')} µs")
+            out(f"| {label} | " + " | ".join(cells) + " |")
     workers = ph.get("workers", {})
     if workers:
         out("")

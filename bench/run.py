@@ -50,6 +50,7 @@ READERS = (  # (key, path, reader, proto)
     ("C.py", "C", "py", "grpc"),
     ("C.go", "C", "go", "grpc"),
 )
+CURVE_STREAMS = (250, 500, 750)  # the curve phase, 30 tokens/s each (1000: the paced phase)
 #: Path G, 1000 × 30 only: bench/floor_grpc.py, a grpc.aio server that writes timed tokens
 #: with no upstream: the floor of one Python grpc.aio process.
 FLOOR_READER = ("G.go", "G", "go", "grpc")
@@ -360,6 +361,25 @@ class Bench:
             runs[key] = out
         self.results["phases"]["paced_1000x30"] = runs
 
+    def phase_curve(self) -> None:
+        """Latency against load at 30 tokens/s per stream, compiled reader: where each
+        server's event loop saturates on this machine."""
+        s = self.sizes
+        runs: dict[str, Any] = {}
+        window = min(s.paced_window, 5.0)
+        tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + window + 3))
+        for streams in CURVE_STREAMS:
+            for key in ("B.go", "C.go", "G.go"):
+                self.log(f"{streams} streams × 30 tokens/s, {key}")
+                out = self.read(key, "throughput", streams=streams, tokens=tokens,
+                                interval_us=f"{PACE_US:.3f}", ramp=s.paced_ramp,
+                                warmup=s.paced_warmup, window=window)
+                lat = out.get("latency_ns", {})
+                self.log(f"  {out['tokens_per_s']:,.0f} tokens/s, errors {out['errors']}, "
+                         f"latency p99 {lat.get('p99', 0) / 1e6:.2f} ms")
+                runs.setdefault(str(streams), {})[key] = out
+        self.results["phases"]["curve"] = runs
+
     def phase_workers(self) -> None:
         """``--workers`` scaling, compiled reader over 8 connections: the kernel spreads
         connections (not streams) over the workers, so one connection would use one."""
@@ -397,7 +417,7 @@ class Bench:
         self.start_all()
         try:
             phases = self.args.phases.split(",")
-            for name in ("throughput", "ttft", "cancel", "paced", "workers"):
+            for name in ("throughput", "ttft", "cancel", "paced", "curve", "workers"):
                 if "all" in phases or name in phases:
                     getattr(self, f"phase_{name}")()
         finally:
@@ -451,7 +471,8 @@ def main() -> None:
     parser.add_argument("--save", action="store_true",
                         help="also write bench/results/<date>-<machine>.{json,md} to commit")
     parser.add_argument("--phases", default="all",
-                        help="comma list of throughput,ttft,cancel,paced,workers (default all)")
+                        help="comma list of throughput,ttft,cancel,paced,curve,workers "
+                             "(default all)")
     parser.add_argument("--server-cmd", default=str(Path(sys.executable).with_name(
         "tokenwire-server")), help="tokenwire server command (default: the venv's)")
     parser.add_argument("--server-pythonpath", default="",
