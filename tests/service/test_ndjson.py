@@ -144,3 +144,31 @@ async def test_stale_kept_alive_connection_is_replaced(serve: Callable[..., obje
     await asyncio.sleep(0.05)
     assert [c["response"] for c in await _read(pool)] == ["a", ""]  # type: ignore[arg-type]
     assert raw.connections == 2
+
+
+async def test_a_stream_that_ends_while_paused_leaves_a_reusable_connection(
+        serve: Callable[..., object]) -> None:
+    # The sink is "full" after every chunk and the whole answer arrives at once, so the
+    # stream ends while reading is paused and nobody resumes it. The kept-alive connection
+    # must still read the next answer (it hung for ever once: the benchmark's single
+    # back-to-back stream stopped after three answers).
+    raw = RawServer(lambda n: chunked(A * 5 + DONE))
+    pool: NDJSONPool = await serve(raw)  # type: ignore[assignment]
+
+    async def one() -> list[object]:
+        got: list[object] = []
+
+        def sink(chunk: dict[str, object]) -> bool:
+            got.append(chunk["response"])
+            return True
+
+        response = await pool.open("/api/generate", b"{}")
+        try:
+            await response.deliver(sink)
+        finally:
+            pool.release(response)
+        return got
+
+    for _ in range(3):
+        assert await asyncio.wait_for(one(), 5) == ["a"] * 5 + [""]
+    assert raw.connections == 1

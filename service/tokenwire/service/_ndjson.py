@@ -433,6 +433,9 @@ class NDJSONPool:
         conn = response._conn
         conn.response = None
         if response.complete and response.keep_alive and not conn.closed:
+            # A sink may have paused reading just before the end arrived: an idle
+            # connection must read (the next answer, or the server closing it).
+            response.resume()
             self._idle.append(conn)
         else:
             conn.closed = True
