@@ -23,7 +23,7 @@ import grpc
 
 from ._admission import Admission, Overloaded, Ticket
 from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated
-from ._status import request_id_var, status_for
+from ._status import InitialMetadata, initial_metadata_var, request_id_var, status_for
 
 __all__ = ["GuardInterceptor"]
 
@@ -101,7 +101,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                  deserialize: Callable[[bytes], Any] | None) -> Callable[..., Any]:
             async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
                 request_id_var.set(rid)
-                await context.send_initial_metadata((("x-request-id", rid),))
+                initial = InitialMetadata((("x-request-id", rid),))
+                initial_metadata_var.set(initial)
+                model_call = method in MODEL_CALLS
+                if not model_call:  # model calls send it once their upstream request is out
+                    await initial.send(context)
                 started = time.perf_counter()
                 outcome, who = "OK", "-"
                 ticket: Ticket | None = None
@@ -112,6 +116,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         request = deserialize(raw) if deserialize is not None else raw
                     except Exception as exc:  # DecodeError: bad bytes, bad UTF-8, too deep
                         outcome = "INVALID_ARGUMENT"
+                        await initial.send(context)
                         await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                             f"the request could not be decoded: {exc}")
                     if not infrastructure:
@@ -119,14 +124,17 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             caller.check(method, _model_of(request))
                         self._admission.check_rate(who, caller.rate if caller else None,
                                                    caller.burst if caller else None)
-                        if method in MODEL_CALLS:
+                        if model_call:
                             ticket = await self._admission.admit(
                                 who, max_streams=caller.max_streams if caller else None,
                                 deadline=context.time_remaining())
-                    return await behavior(request, context)
+                    result = await behavior(request, context)
+                    await initial.send(context)  # a unary answer: before the response
+                    return result
                 except (AuthError, Overloaded) as exc:
                     status = status_for(exc)
                     outcome = status.code.name
+                    await initial.send(context)
                     await context.abort(status.code, status.details, status.trailing_metadata)
                 except asyncio.CancelledError:
                     outcome = "CANCELLED"

@@ -29,7 +29,7 @@ from ._convert import (
 from ._delivery import Grouper
 from ._exceptions import ProtocolError, TruncatedStream
 from ._relay import Relay
-from ._status import ShuttingDown, map_errors
+from ._status import ShuttingDown, map_errors, send_initial_metadata
 from ._upstream import Chunk, OllamaUpstream
 from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
 
@@ -190,6 +190,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         first_sent: float | None = None
         carried = 0  # chunks folded into no message yet (empty pieces)
         try:
+            # The reader task sends the upstream request while this goes out.
+            await send_initial_metadata(context)
             while True:
                 batch = await next_batch()
                 if not batch:

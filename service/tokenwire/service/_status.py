@@ -41,7 +41,37 @@ from ._exceptions import (
 )
 from ._validate import ValidationFailed
 
-__all__ = ["DOMAIN", "STATUS_TABLE", "ShuttingDown", "map_errors", "request_id_var", "status_for"]
+__all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ShuttingDown", "initial_metadata_var",
+           "map_errors", "request_id_var", "send_initial_metadata", "status_for"]
+
+
+class InitialMetadata:
+    """A call's initial metadata (``x-request-id``), sent once. Model calls send it when
+    the upstream request is already under way, so the two round trips overlap instead
+    of adding up before the first token; every other path sends it before its first
+    response or its error status."""
+
+    __slots__ = ("_pairs", "_sent")
+
+    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+        self._pairs = pairs
+        self._sent = False
+
+    async def send(self, context: grpc.aio.ServicerContext) -> None:
+        if not self._sent:
+            self._sent = True
+            await context.send_initial_metadata(self._pairs)
+
+
+initial_metadata_var: contextvars.ContextVar[InitialMetadata | None] = contextvars.ContextVar(
+    "tokenwire_initial_metadata", default=None)
+
+
+async def send_initial_metadata(context: grpc.aio.ServicerContext) -> None:
+    """Sends the call's initial metadata unless that was done already."""
+    pending = initial_metadata_var.get()
+    if pending is not None:
+        await pending.send(context)
 
 
 class ShuttingDown(Exception):
@@ -157,10 +187,12 @@ def map_errors(handler: _Handler) -> _Handler:
             status = status_for(exc)
             log.info("request failed rid=%s code=%s reason=%s", request_id_var.get(),
                      status.code.name, type(exc).__name__)
+            await send_initial_metadata(context)
             await context.abort(status.code, status.details, status.trailing_metadata)
         except Exception as exc:
             log.exception("unexpected error rid=%s", request_id_var.get())
             status = status_for(exc)
+            await send_initial_metadata(context)
             await context.abort(status.code, status.details, status.trailing_metadata)
 
     return wrapper  # type: ignore[return-value]
