@@ -202,3 +202,16 @@ async def test_embed_and_models_errors(stub: GenerationServiceStub, fake: FakeOl
         await stub.ListModels(pb.ListModelsRequest())
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     await fake.come_up()
+
+
+@pytest.mark.parametrize("request_", [
+    pb.GenerateRequest(model="", prompt="p"),  # refused before Ollama is asked
+    pb.GenerateRequest(model="missing", prompt="p"),  # refused by Ollama
+], ids=["validation", "upstream"])
+async def test_errors_carry_the_request_id_in_initial_metadata(
+        stub: GenerationServiceStub, request_: pb.GenerateRequest) -> None:
+    call = stub.Generate(request_, metadata=(("x-request-id", "err-7"),))
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        _ = [t async for t in call]
+    assert failed.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND)
+    assert ("x-request-id", "err-7") in tuple(await call.initial_metadata())
