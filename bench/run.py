@@ -464,7 +464,7 @@ def meta(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="short windows (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="short windows (about 4 minutes)")
     parser.add_argument("--bin-dir", required=True, help="where upstream and loadgen are")
     parser.add_argument("--log-dir", default="", help="server logs (default: a temp dir)")
     parser.add_argument("--out", default=str(BENCH / "results" / "latest.json"))
