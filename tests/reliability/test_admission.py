@@ -18,6 +18,7 @@ from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama
 from tests.helpers import detail, reason, violations
 from tests.reliability._util import bearer, generate_all, outcome, retry_delay
+from tokenwire.service._admission import Admission, Overloaded
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
@@ -337,3 +338,37 @@ async def test_message_over_max_message_bytes(stub_for: Any, fake: FakeOllama,
     assert await outcome(generate_all(stub)) == OK  # and the server keeps serving
     print(f"\n--max-message-bytes 65536: {err.code().name}: {err.details()!r}")
     figures.setdefault("admission", {})["max_message_bytes"] = err.details()
+
+
+async def test_per_caller_state_does_not_grow_with_distinct_callers() -> None:
+    # Anonymous callers are keyed by peer address: a long-running gateway sees many. Their
+    # slots go when their last call ends; their rate buckets once refilled (swept lazily).
+    now = [1000.0]
+    admission = Admission(max_streams=64, max_streams_per_caller=2, rate=1.0, burst=2,
+                          queue_timeout=0.0, clock=lambda: now[0])
+    for i in range(500):
+        admission.check_rate(f"peer:10.0.{i // 250}.{i % 250}")
+        ticket = await admission.admit(f"peer:10.0.{i // 250}.{i % 250}")
+        ticket.release()
+    assert admission.callers_tracked == 500  # buckets still refilling
+    held = await admission.admit("busy")
+    refused = admission.admit("busy", max_streams=1)  # over its own limit: refused at once
+    with pytest.raises(Overloaded):
+        await refused
+    now[0] += 11.0  # every bucket is full again; the next request sweeps them
+    admission.check_rate("late")
+    assert admission.callers_tracked == 2  # "late"'s bucket and "busy"'s running call
+    held.release()
+    assert admission.callers_tracked == 1
+    assert admission.in_use == 0
+
+
+async def test_a_refilling_bucket_survives_the_sweep() -> None:
+    now = [0.0]
+    admission = Admission(max_streams=8, max_streams_per_caller=8, rate=0.05, burst=1,
+                          queue_timeout=0.0, clock=lambda: now[0])
+    admission.check_rate("slow")  # empty now; full again after 20 s
+    now[0] += 11.0
+    admission.check_rate("other")  # sweeps
+    with pytest.raises(Overloaded):  # "slow" was not forgotten (which would refill it)
+        admission.check_rate("slow")

@@ -5,6 +5,10 @@ Ollama queues requests for a loaded model without limit or timeout, so this is
 the only place where pressure can be pushed back. Over a limit a call either
 waits in a bounded queue (``queue_timeout`` > 0, never past its deadline) or is
 refused at once with RESOURCE_EXHAUSTED and a retry hint.
+
+Per-caller state lives only while it matters: a caller's slots are dropped when
+its last call ends, and its rate bucket once it has refilled, so a stream of
+distinct callers (anonymous ones are keyed by peer address) does not grow them.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = ["Admission", "Overloaded", "Ticket"]
@@ -28,6 +33,10 @@ class Overloaded(Exception):
 class _Bucket:
     tokens: float
     stamp: float
+    full_at: float  # when it is back at its burst if nothing else is taken
+
+#: Full rate buckets are swept out at most this often (seconds).
+_SWEEP_INTERVAL = 10.0
 
 
 class _Slots:
@@ -69,6 +78,10 @@ class _Slots:
             raise
         return True
 
+    @property
+    def idle(self) -> bool:
+        return not self.used and not self._waiters
+
     def _remove(self, waiter: asyncio.Future[None]) -> None:
         try:
             self._waiters.remove(waiter)
@@ -87,18 +100,22 @@ class _Slots:
 class Ticket:
     """Held for the length of one admitted call; ``release`` is idempotent."""
 
-    def __init__(self, slots: tuple[_Slots, ...]) -> None:
+    def __init__(self, slots: tuple[_Slots, ...], on_release: Callable[[], None]) -> None:
         self._slots = slots
+        self._on_release = on_release
 
     def release(self) -> None:
         slots, self._slots = self._slots, ()
         for s in slots:
             s.give()
+        if slots:
+            self._on_release()
 
 
 class Admission:
     def __init__(self, *, max_streams: int, max_streams_per_caller: int, rate: float,
-                 burst: int, queue_timeout: float) -> None:
+                 burst: int, queue_timeout: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._global = _Slots(max_streams)
         self._per_caller_default = max_streams_per_caller
         self._per_caller: dict[str, _Slots] = {}
@@ -106,10 +123,17 @@ class Admission:
         self._burst = burst
         self._buckets: dict[str, _Bucket] = {}
         self._queue_timeout = queue_timeout
+        self._clock = clock
+        self._next_sweep = clock() + _SWEEP_INTERVAL
 
     @property
     def in_use(self) -> int:
         return self._global.used
+
+    @property
+    def callers_tracked(self) -> int:
+        """Callers with per-caller state (running calls or a refilling rate bucket)."""
+        return len(self._per_caller.keys() | self._buckets.keys())
 
     def check_rate(self, caller: str, rate: float | None = None, burst: int | None = None) -> None:
         """Takes one request from the caller's bucket or raises Overloaded."""
@@ -117,10 +141,12 @@ class Admission:
         burst = self._burst if burst is None else burst
         if rate <= 0:
             return
-        now = time.monotonic()
+        now = self._clock()
+        if now >= self._next_sweep:
+            self._sweep(now)
         bucket = self._buckets.get(caller)
         if bucket is None:
-            bucket = self._buckets[caller] = _Bucket(float(burst), now)
+            bucket = self._buckets[caller] = _Bucket(float(burst), now, now)
         bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
         bucket.stamp = now
         if bucket.tokens < 1.0:
@@ -129,6 +155,18 @@ class Admission:
                              f"requests/s (burst {burst}); retry in {wait:.2f}s",
                              retry_after=wait)
         bucket.tokens -= 1.0
+        bucket.full_at = now + (float(burst) - bucket.tokens) / rate
+
+    def _sweep(self, now: float) -> None:
+        """Drops the buckets that have refilled: a new one starts full anyway."""
+        self._next_sweep = now + _SWEEP_INTERVAL
+        for caller in [c for c, b in self._buckets.items() if b.full_at <= now]:
+            del self._buckets[caller]
+
+    def _forget_if_idle(self, caller: str) -> None:
+        slots = self._per_caller.get(caller)
+        if slots is not None and slots.idle:
+            del self._per_caller[caller]
 
     async def admit(self, caller: str, *, max_streams: int | None = None,
                     deadline: float | None = None) -> Ticket:
@@ -139,6 +177,7 @@ class Admission:
         mine = self._per_caller.setdefault(caller, _Slots(limit))
         mine.limit = limit  # follows a reloaded policy
         if not await mine.take(wait):
+            self._forget_if_idle(caller)
             raise Overloaded(f"caller '{caller}' already has {mine.used} model calls running, "
                              f"its limit (max streams per caller: {mine.limit}); retry when one "
                              "ends", retry_after=1.0)
@@ -146,9 +185,11 @@ class Admission:
             admitted = await self._global.take(wait)
         except BaseException:
             mine.give()  # cancelled (or past its deadline) while queued
+            self._forget_if_idle(caller)
             raise
         if not admitted:
             mine.give()
+            self._forget_if_idle(caller)
             raise Overloaded(f"the gateway is at its limit of {self._global.limit} concurrent "
                              "model calls; retry shortly", retry_after=1.0)
-        return Ticket((self._global, mine))
+        return Ticket((self._global, mine), lambda: self._forget_if_idle(caller))
