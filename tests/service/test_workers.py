@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import sys
+from typing import Any
 
 import pytest
 
@@ -53,3 +56,26 @@ def test_a_port_in_use_is_refused() -> None:
 def test_only_tcp_addresses() -> None:
     with pytest.raises(ValueError, match="host:port"):
         reserve_port("unix:/tmp/tokenwire.sock")
+
+
+async def test_a_worker_that_never_serves_is_killed_and_reported(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A worker that hangs before serving (it never writes its ready byte) must not hold
+    # the supervisor's start-up for ever.
+    from tokenwire.service import _workers
+    from tokenwire.service._config import Settings
+
+    spawned: list[asyncio.subprocess.Process] = []
+    real_exec = asyncio.create_subprocess_exec
+
+    async def hanging_worker(*args: object, **kwargs: Any) -> asyncio.subprocess.Process:
+        proc = await real_exec(sys.executable, "-c", "import time; time.sleep(60)", **kwargs)
+        spawned.append(proc)
+        return proc
+
+    monkeypatch.setattr(_workers, "_START_TIMEOUT", 0.5)
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", hanging_worker)
+    supervisor = _workers._Supervisor(Settings(workers=2), "127.0.0.1:1")
+    with pytest.raises(_workers.WorkerFailed, match="did not serve within 0.5s"):
+        await asyncio.wait_for(supervisor._spawn(0), 10)
+    assert spawned and spawned[0].returncode is not None  # killed, and reaped

@@ -32,6 +32,8 @@ log = logging.getLogger("tokenwire.workers")
 
 WORKER_ENV = "TOKENWIRE_WORKER"
 _BACKOFF_MIN, _BACKOFF_MAX = 0.5, 10.0
+#: A worker that has not said it serves after this long is killed (start-up failed).
+_START_TIMEOUT = 60.0
 
 
 @dataclass(frozen=True)
@@ -66,8 +68,10 @@ class WorkerLink:
 class WorkerFailed(Exception):
     """A worker exited before it served."""
 
-    def __init__(self, index: int, code: int) -> None:
-        super().__init__(f"worker {index} exited with {_exit_text(code)} before it served")
+    def __init__(self, index: int, code: int | None) -> None:
+        super().__init__(
+            f"worker {index} exited with {_exit_text(code)} before it served" if code is not None
+            else f"worker {index} did not serve within {_START_TIMEOUT:g}s; killed it")
 
 
 def _exit_text(code: int) -> str:
@@ -189,7 +193,16 @@ class _Supervisor:
             proc.send_signal(signal.SIGTERM)
         log.info("worker %d starting (pid %d)", index, proc.pid)
         mine.setblocking(False)
-        if not await asyncio.get_running_loop().sock_recv(mine, 1):  # it exited
+        try:
+            async with asyncio.timeout(_START_TIMEOUT):
+                ready = await asyncio.get_running_loop().sock_recv(mine, 1)
+        except TimeoutError:
+            mine.close()
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            raise WorkerFailed(index, None) from None
+        if not ready:  # it exited
             mine.close()
             raise WorkerFailed(index, await proc.wait())
         old = self._links.pop(index, None)
