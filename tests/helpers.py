@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 
 from tokenwire.v1 import generation_pb2 as pb
+from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
 
 def rich_status(err: grpc.aio.AioRpcError) -> status_pb2.Status:
@@ -124,3 +126,29 @@ async def server_process(ollama_url: str, *args: str, ready: bool = True,
         if proc.returncode is None:
             proc.kill()
             await server.exited()
+
+
+# Channels with the same target and arguments share one connection (grpc's global
+# subchannel pool); with this option each has its own, so the kernel may pick another
+# --workers process for it.
+OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
+
+
+async def served_by(server: ServerProcess, calls: int, request: pb.GenerateRequest,
+                    check: Callable[[list[pb.Token]], None]) -> set[int]:
+    """Makes ``calls`` concurrent Generate calls to a ``--workers`` server, each on a
+    connection of its own, ``check``s each answer, and returns the indices of the workers
+    that served them (from the access log, whose lines carry worker= and the request id)."""
+    async def call(rid: str) -> None:
+        async with grpc.aio.insecure_channel(server.target, options=OWN_CONNECTION) as ch:
+            check([t async for t in GenerationServiceStub(ch).Generate(
+                request, timeout=60, metadata=(("x-request-id", rid),))])
+
+    rids = [f"rid-{os.urandom(4).hex()}" for _ in range(calls)]
+    await asyncio.gather(*(call(rid) for rid in rids))
+    workers = set()
+    for rid in rids:
+        line = await server.wait_for(f"rid={rid} ")
+        workers.add(int(re.findall(r" worker=(\d+) tokenwire\.access ", line)[0]))
+    return workers
+

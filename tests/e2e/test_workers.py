@@ -17,14 +17,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fakeollama import FakeOllama
-from tests.helpers import ServerProcess, joined, server_process
+from tests.helpers import ServerProcess, joined, served_by, server_process
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
 WORKERS = ("--workers", "2")
-# Without it, channels with the same target and arguments share one connection (grpc's
-# global subchannel pool), so they would all land on one worker.
-OWN_CONNECTION = (("grpc.use_local_subchannel_pool", 1),)
 
 
 def _pid(server: ServerProcess, index: int) -> int:
@@ -33,22 +30,10 @@ def _pid(server: ServerProcess, index: int) -> int:
 
 
 async def _served_by(server: ServerProcess, fake: FakeOllama, calls: int) -> set[int]:
-    """Makes ``calls`` concurrent Generate calls, each on a channel of its own; returns
-    the indices of the workers that served them."""
-    async def call(rid: str) -> None:
-        async with grpc.aio.insecure_channel(server.target, options=OWN_CONNECTION) as ch:
-            tokens = [t async for t in GenerationServiceStub(ch).Generate(
-                pb.GenerateRequest(model="tiny", prompt="p"), timeout=10,
-                metadata=(("x-request-id", rid),))]
+    def check(tokens: list[pb.Token]) -> None:
         assert joined(tokens) == "".join(fake.tokens) and tokens[-1].done
 
-    rids = [f"rid-{os.urandom(4).hex()}" for _ in range(calls)]
-    await asyncio.gather(*(call(rid) for rid in rids))
-    workers = set()
-    for rid in rids:
-        line = await server.wait_for(f"rid={rid} ")
-        workers.add(int(re.findall(r" worker=(\d+) tokenwire\.access ", line)[0]))
-    return workers
+    return await served_by(server, calls, pb.GenerateRequest(model="tiny", prompt="p"), check)
 
 
 async def test_workers_share_the_port_and_drain_on_sigterm(fake: FakeOllama) -> None:
