@@ -334,11 +334,21 @@ class Bench:
                                   id_prefix=f"cancel{key.replace('.', '')}{int(time.time())}")
         self.results["phases"]["cancel"] = runs
 
+    def read_paced(self, key: str, streams: int, window: float, **flags: Any) -> dict[str, Any]:
+        """One run of ``streams`` streams at 30 tokens/s, logged as it ends."""
+        s = self.sizes
+        tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + window + 3))
+        out = self.read(key, "throughput", streams=streams, tokens=tokens,
+                        interval_us=f"{PACE_US:.3f}", ramp=s.paced_ramp,
+                        warmup=s.paced_warmup, window=window, **flags)
+        lat = out.get("latency_ns", {})
+        self.log(f"  {out['tokens_per_s']:,.0f} tokens/s, errors {out['errors']}, latency "
+                 f"p50 {lat.get('p50', 0) / 1e6:.2f} ms p99 {lat.get('p99', 0) / 1e6:.2f} ms")
+        return out
+
     def phase_paced(self) -> None:
         """1000 streams × 30 tokens/s on fresh server processes: latency, errors, CPU, RSS."""
-        s = self.sizes
         runs = {}
-        tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + s.paced_window + 3))
         for key, path, _, _ in (*READERS, FLOOR_READER):
             name = {"B": "peer", "C": "gateway", "G": "floor"}.get(path)
             sampler = None
@@ -348,36 +358,23 @@ class Bench:
                 sampler = RssSampler(self.servers[name].pid)
                 sampler.start()
             self.log(f"1000 streams × 30 tokens/s, {key}")
-            out = self.read(key, "throughput", streams=1000, tokens=tokens,
-                            interval_us=f"{PACE_US:.3f}", ramp=s.paced_ramp,
-                            warmup=s.paced_warmup, window=s.paced_window)
+            out = self.read_paced(key, 1000, self.sizes.paced_window)
             if name and sampler:
                 out["rss_idle_kb"] = rss_idle
                 out["rss_peak_sampled_kb"] = sampler.stop()
                 out["vm_hwm_kb"] = proc_status(self.servers[name].pid, "VmHWM")
-            lat = out.get("latency_ns", {})
-            self.log(f"  {out['tokens_per_s']:,.0f} tokens/s, errors {out['errors']}, latency "
-                     f"p50 {lat.get('p50', 0) / 1e6:.2f} ms p99 {lat.get('p99', 0) / 1e6:.2f} ms")
             runs[key] = out
         self.results["phases"]["paced_1000x30"] = runs
 
     def phase_curve(self) -> None:
         """Latency against load at 30 tokens/s per stream, compiled reader: where each
         server's event loop saturates on this machine."""
-        s = self.sizes
         runs: dict[str, Any] = {}
-        window = min(s.paced_window, 5.0)
-        tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + window + 3))
+        window = min(self.sizes.paced_window, 5.0)
         for streams in CURVE_STREAMS:
             for key in ("B.go", "C.go", "G.go"):
                 self.log(f"{streams} streams × 30 tokens/s, {key}")
-                out = self.read(key, "throughput", streams=streams, tokens=tokens,
-                                interval_us=f"{PACE_US:.3f}", ramp=s.paced_ramp,
-                                warmup=s.paced_warmup, window=window)
-                lat = out.get("latency_ns", {})
-                self.log(f"  {out['tokens_per_s']:,.0f} tokens/s, errors {out['errors']}, "
-                         f"latency p99 {lat.get('p99', 0) / 1e6:.2f} ms")
-                runs.setdefault(str(streams), {})[key] = out
+                runs.setdefault(str(streams), {})[key] = self.read_paced(key, streams, window)
         self.results["phases"]["curve"] = runs
 
     def phase_workers(self) -> None:
@@ -387,7 +384,6 @@ class Bench:
         gateway = self.servers["gateway"]
         argv = list(gateway.argv)
         counts = sorted({1, 2, min(len(os.sched_getaffinity(0)), 4)})
-        tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + s.paced_window + 3))
         runs: dict[str, Any] = {}
         try:
             for n in counts:
@@ -399,13 +395,7 @@ class Bench:
                                  warmup=s.warmup, window=s.window, conns=8)
                 self.log(f"  {zero['tokens_per_s']:,.0f} tokens/s")
                 self.log(f"--workers {n}: 1000 streams × 30 tokens/s, 8 connections, C.go")
-                paced = self.read("C.go", "throughput", streams=1000, tokens=tokens,
-                                  interval_us=f"{PACE_US:.3f}", ramp=s.paced_ramp,
-                                  warmup=s.paced_warmup, window=s.paced_window, conns=8)
-                lat = paced.get("latency_ns", {})
-                self.log(f"  {paced['tokens_per_s']:,.0f} tokens/s, errors {paced['errors']}, "
-                         f"latency p50 {lat.get('p50', 0) / 1e6:.2f} ms "
-                         f"p99 {lat.get('p99', 0) / 1e6:.2f} ms")
+                paced = self.read_paced("C.go", 1000, s.paced_window, conns=8)
                 runs[str(n)] = {"zero_c100": zero, "paced_1000x30": paced}
         finally:
             gateway.argv = argv
