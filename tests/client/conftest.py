@@ -160,9 +160,36 @@ def embed(request: generation_pb2.EmbedRequest) -> generation_pb2.EmbedResponse:
     return generation_pb2.EmbedResponse(embeddings=vectors, model=request.model)
 
 
+#: Sent by a test to get no initial metadata back, as a grpc.aio client sees a call
+#: whose status it processed before the initial metadata (the server's id is then only
+#: in the trailers).
+SKIP_INITIAL = ("x-test-skip-initial", "1")
+
+
 def reply_metadata(context: Any) -> tuple[tuple[str, str], ...]:
     sent = dict(context.invocation_metadata())
     return (("x-request-id", sent.get("x-request-id", "req-test-1")),)
+
+
+def greet(context: Any) -> tuple[tuple[str, str], ...] | None:
+    """Like tokenwire: the request id goes in the trailers, and (unless the test asked
+    otherwise) in the initial metadata, which is then returned for sending."""
+    context.set_trailing_metadata(reply_metadata(context))
+    skip = SKIP_INITIAL in tuple(context.invocation_metadata())
+    return None if skip else reply_metadata(context)
+
+
+@dataclass(frozen=True)
+class _Status(grpc.Status):  # type: ignore[misc]
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def with_request_id(status: grpc.Status, context: Any) -> grpc.Status:
+    """``status`` with the request id added to its trailers, as tokenwire sends it."""
+    trailing = tuple(status.trailing_metadata) + reply_metadata(context)
+    return _Status(status.code, status.details, trailing)
 
 
 @dataclass
@@ -184,13 +211,14 @@ class AsyncServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def Generate(self, request: Any, context: Any) -> AsyncIterator[Token]:
         self.seen.record(request, context)
-        await context.send_initial_metadata(reply_metadata(context))
+        if initial := greet(context):
+            await context.send_initial_metadata(initial)
         finished = False
         try:
             for step in steps_for(request):
                 if isinstance(step, Abort):
                     finished = True
-                    await context.abort_with_status(step.status)
+                    await context.abort_with_status(with_request_id(step.status, context))
                 elif isinstance(step, Pause):
                     await asyncio.sleep(step.seconds)
                 else:
@@ -204,10 +232,11 @@ class AsyncServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     async def Complete(self, request: Any, context: Any) -> Any:
         self.seen.record(request, context)
-        await context.send_initial_metadata(reply_metadata(context))
+        if initial := greet(context):
+            await context.send_initial_metadata(initial)
         result = complete(request)
         if isinstance(result, Abort):
-            await context.abort_with_status(result.status)
+            await context.abort_with_status(with_request_id(result.status, context))
         return result
 
     async def ListModels(self, request: Any, context: Any) -> Any:
@@ -223,13 +252,14 @@ class SyncServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def Generate(self, request: Any, context: Any) -> Iterator[Token]:
         self.seen.record(request, context)
-        context.send_initial_metadata(reply_metadata(context))
+        if initial := greet(context):
+            context.send_initial_metadata(initial)
         finished = False
         try:
             for step in steps_for(request):
                 if isinstance(step, Abort):
                     finished = True
-                    context.abort_with_status(step.status)
+                    context.abort_with_status(with_request_id(step.status, context))
                 elif isinstance(step, Pause):
                     time.sleep(step.seconds)
                 else:
@@ -243,10 +273,11 @@ class SyncServicer(generation_pb2_grpc.GenerationServiceServicer):
 
     def Complete(self, request: Any, context: Any) -> Any:
         self.seen.record(request, context)
-        context.send_initial_metadata(reply_metadata(context))
+        if initial := greet(context):
+            context.send_initial_metadata(initial)
         result = complete(request)
         if isinstance(result, Abort):
-            context.abort_with_status(result.status)
+            context.abort_with_status(with_request_id(result.status, context))
         return result
 
     def ListModels(self, request: Any, context: Any) -> Any:

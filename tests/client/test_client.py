@@ -19,7 +19,7 @@ from tokenwire.client import (
 )
 from tokenwire.v1 import generation_pb2
 
-from .conftest import MODELS, SERVICE_NAME, Served
+from .conftest import MODELS, SERVICE_NAME, SKIP_INITIAL, Served
 
 WAIT = 5.0
 
@@ -47,6 +47,19 @@ async def test_stream_can_be_stepped_with_anext(aclient: AsyncClient) -> None:
     assert (await anext(stream)).done
     with pytest.raises(StopAsyncIteration):
         await anext(stream)
+
+
+async def test_request_id_survives_empty_initial_metadata(aclient: AsyncClient) -> None:
+    # What a grpc.aio client sees when it handles a call's status before its initial
+    # metadata: nothing there. The id must then come from the trailers.
+    stream = aclient.generate("tiny", "hi", metadata=[SKIP_INITIAL])
+    done = await stream.collect()
+    assert (done.text, done.request_id) == ("echo: hi", "req-test-1")
+    with pytest.raises(NotFound) as not_found:
+        await aclient.generate_text("missing", "hi", metadata=[SKIP_INITIAL])
+    assert not_found.value.request_id == "req-test-1"
+    unary = await aclient.complete("tiny", "hi", metadata=[SKIP_INITIAL])
+    assert unary.request_id == "req-test-1"
 
 
 async def test_caller_request_id_and_metadata_reach_the_server(aio_server: Served) -> None:
@@ -272,6 +285,14 @@ def test_sync_callback_error(client: Client, sync_server: Served) -> None:
     assert isinstance(caught.value.__cause__, RuntimeError)
     assert sync_server.seen.interrupted.wait(WAIT)
     assert client.generate_text("tiny", "again").text == "echo: again"
+
+
+def test_sync_request_id_survives_empty_initial_metadata(client: Client) -> None:
+    assert client.generate_text("tiny", "hi", metadata=[SKIP_INITIAL]).request_id == "req-test-1"
+    assert client.complete("tiny", "hi", metadata=[SKIP_INITIAL]).request_id == "req-test-1"
+    with pytest.raises(NotFound) as not_found:
+        client.generate_text("missing", "hi", metadata=[SKIP_INITIAL])
+    assert not_found.value.request_id == "req-test-1"
 
 
 def test_sync_unary_calls(client: Client) -> None:

@@ -134,6 +134,12 @@ def test_request_id_is_read_from_either_metadata(where: str) -> None:
     assert exc.request_id == "abc-123"
 
 
+def test_request_id_falls_back_to_error_info() -> None:
+    status = rich_status(code_pb2.INTERNAL, "x", error_info("UPSTREAM_ERROR", request_id="r-5"))
+    exc = from_rpc_error(FakeCallError(grpc.StatusCode.INTERNAL, "x", status.trailing_metadata))
+    assert exc.request_id == "r-5"
+
+
 def test_error_without_call_information() -> None:
     exc = from_rpc_error(grpc.RpcError("no call attached"))
     assert isinstance(exc, tw.Internal)

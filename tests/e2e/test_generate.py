@@ -77,10 +77,12 @@ async def test_request_id_returned_and_caller_id_honoured(stub: GenerationServic
                          metadata=(("x-request-id", "abc-123"),))
     assert ("x-request-id", "abc-123") in tuple(await call.initial_metadata())
     _ = [t async for t in call]
+    assert ("x-request-id", "abc-123") in tuple(await call.trailing_metadata())
     call = stub.Generate(pb.GenerateRequest(model="tiny", prompt="p"))
     generated = dict(await call.initial_metadata())["x-request-id"]
     assert len(generated) == 32
     _ = [t async for t in call]
+    assert dict(await call.trailing_metadata())["x-request-id"] == generated
 
 
 async def test_options_reach_ollama(stub: GenerationServiceStub, fake: FakeOllama) -> None:

@@ -86,6 +86,7 @@ async def test_global_max_streams(stub_for: Any, slow_fake: FakeOllama,
     assert err.code() == RESOURCE_EXHAUSTED
     assert reason(err) == "OVERLOADED"
     assert "limit of 2 concurrent model calls" in (err.details() or "")
+    assert "x-request-id" in dict(err.trailing_metadata())
     assert retry_delay(err) > 0
     # The unary model calls count too; calls that run no model do not.
     assert await outcome(stub.Complete(pb.CompleteRequest(

@@ -143,6 +143,7 @@ async def test_unauthenticated_and_denied_carry_reasons(make_runtime: MakeRuntim
         assert no_creds.value.code() == UNAUTHENTICATED
         assert reason(no_creds.value) == "UNAUTHENTICATED"
         assert "Bearer" in (no_creds.value.details() or "")
+        assert "x-request-id" in dict(no_creds.value.trailing_metadata())
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await generate_all(stub, pb.GenerateRequest(model="think-model", prompt="x"),
                                metadata=bearer(TOKEN_TINY))

@@ -455,6 +455,7 @@ async def test_undecodable_request_is_invalid_argument(target: Target, case: str
             await target.channel.unary_unary(path)(data, timeout=5)
     target.codes[failed.value.code().name] += 1
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
+    assert "x-request-id" in dict(failed.value.trailing_metadata())
 
 
 def _many_violations(kind: str) -> tuple[str, Any]:

@@ -88,6 +88,8 @@ class AsyncTokenStream(_BaseTokenStream):
             token = _token(await self._call.read())
             if token is not None and token.done:
                 await self._call.read()  # the status: the call is over once `final` is set
+                if self.request_id is None:
+                    self._on_trailers(await self._call.trailing_metadata())
         except grpc.RpcError as err:
             raise self._failure(err) from None
         except asyncio.CancelledError:
@@ -221,10 +223,11 @@ class AsyncClient(_BaseClient[AsyncTokenStream]):
         try:
             pending = call.method(**call.kwargs)
             response = await pending
-            metadata = await pending.initial_metadata()
+            initial = await pending.initial_metadata()
+            trailing = await pending.trailing_metadata()
         except grpc.RpcError as err:
             raise call.fail(err) from None
-        return call.finish(response, metadata)
+        return call.finish(response, initial, trailing)
 
 
 def _token(message: Any) -> generation_pb2.Token | None:

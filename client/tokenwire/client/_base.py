@@ -68,8 +68,9 @@ class _Unary(Generic[_T]):
     kwargs: dict[str, Any]
     result: Callable[[Any, str | None], _T]
 
-    def finish(self, response: Any, metadata: Any) -> _T:
-        return self.result(response, request_id_from(metadata) or self._sent_request_id())
+    def finish(self, response: Any, initial: Any, trailing: Any) -> _T:
+        rid = request_id_from(initial) or request_id_from(trailing) or self._sent_request_id()
+        return self.result(response, rid)
 
     def fail(self, err: grpc.RpcError) -> TokenwireError:
         exc = from_rpc_error(err)
@@ -291,6 +292,11 @@ class _BaseTokenStream:
     def _on_metadata(self, metadata: Any) -> None:
         self._have_metadata = True
         self.request_id = request_id_from(metadata) or self.request_id
+
+    def _on_trailers(self, metadata: Any) -> None:
+        # grpc.aio hands a call empty initial metadata when its status is processed
+        # first; the server repeats the request id in the trailers.
+        self.request_id = self.request_id or request_id_from(metadata)
 
     def _accept(self, token: generation_pb2.Token | None) -> generation_pb2.Token | None:
         """Record ``token``; ``None`` (end of stream) is returned only after a final Token."""

@@ -216,8 +216,17 @@ def from_rpc_error(err: grpc.RpcError) -> TokenwireError:
         code,
         text or code.name.replace("_", " ").lower(),
         details=details,
-        request_id=request_id_from(initial) or request_id_from(trailing),
+        request_id=request_id_from(initial) or request_id_from(trailing)
+        or _error_info_request_id(details),
     )
+
+
+def _error_info_request_id(details: list[ProtoMessage]) -> str | None:
+    """tokenwire also puts the request id in ErrorInfo, for clients that see no metadata."""
+    for item in details:
+        if isinstance(item, error_details_pb2.ErrorInfo):
+            return item.metadata.get("request_id") or None
+    return None
 
 
 def request_id_from(metadata: Any) -> str | None:

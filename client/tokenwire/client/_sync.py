@@ -79,6 +79,8 @@ class TokenStream(_BaseTokenStream):
             token = next(self._call, None)
             if token is not None and token.done:
                 next(self._call, None)  # the status: the call is over once `final` is set
+                if self.request_id is None:
+                    self._on_trailers(self._call.trailing_metadata())
         except grpc.RpcError as err:
             raise self._failure(err) from None
         except BaseException:  # Ctrl-C while blocked: leave no call running
@@ -217,4 +219,4 @@ class Client(_BaseClient[TokenStream]):
             response, done = call.method.with_call(**call.kwargs)
         except grpc.RpcError as err:
             raise call.fail(err) from None
-        return call.finish(response, done.initial_metadata())
+        return call.finish(response, done.initial_metadata(), done.trailing_metadata())

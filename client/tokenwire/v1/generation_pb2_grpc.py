@@ -35,7 +35,8 @@ class GenerationServiceStub:
     delivered; a stream never ends "short" without saying so.
 
     Every response carries the request id in the `x-request-id` initial
-    metadata (the caller's own value if it sent one).
+    metadata (the caller's own value if it sent one), and again in the
+    trailing metadata, so that a call which fails early still has it.
     """
 
     def __init__(self, channel):
@@ -81,7 +82,8 @@ class GenerationServiceServicer:
     delivered; a stream never ends "short" without saying so.
 
     Every response carries the request id in the `x-request-id` initial
-    metadata (the caller's own value if it sent one).
+    metadata (the caller's own value if it sent one), and again in the
+    trailing metadata, so that a call which fails early still has it.
     """
 
     def Generate(self, request, context):
@@ -172,7 +174,8 @@ class GenerationService:
     delivered; a stream never ends "short" without saying so.
 
     Every response carries the request id in the `x-request-id` initial
-    metadata (the caller's own value if it sent one).
+    metadata (the caller's own value if it sent one), and again in the
+    trailing metadata, so that a call which fails early still has it.
     """
 
     @staticmethod

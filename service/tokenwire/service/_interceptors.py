@@ -23,7 +23,13 @@ import grpc
 
 from ._admission import Admission, Overloaded, Ticket
 from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated
-from ._status import InitialMetadata, initial_metadata_var, request_id_var, status_for
+from ._status import (
+    InitialMetadata,
+    initial_metadata_var,
+    request_id_trailer,
+    request_id_var,
+    status_for,
+)
 
 __all__ = ["GuardInterceptor"]
 
@@ -101,6 +107,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                  deserialize: Callable[[bytes], Any] | None) -> Callable[..., Any]:
             async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
                 request_id_var.set(rid)
+                context.set_trailing_metadata(request_id_trailer())
                 initial = InitialMetadata((("x-request-id", rid),))
                 initial_metadata_var.set(initial)
                 model_call = method in MODEL_CALLS
@@ -171,6 +178,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
         async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
             request_id_var.set(rid)
+            context.set_trailing_metadata(request_id_trailer())
             try:
                 guard._authenticate(context, metadata)
             except AuthError as exc:

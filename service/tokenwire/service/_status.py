@@ -12,6 +12,7 @@ import contextvars
 import functools
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
@@ -42,7 +43,8 @@ from ._exceptions import (
 from ._validate import ValidationFailed
 
 __all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ShuttingDown", "initial_metadata_var",
-           "map_errors", "request_id_var", "send_initial_metadata", "status_for"]
+           "map_errors", "request_id_trailer", "request_id_var", "send_initial_metadata",
+           "status_for"]
 
 
 class InitialMetadata:
@@ -164,7 +166,27 @@ def status_for(exc: Exception) -> grpc.Status:
         delay.FromNanoseconds(int(max(retry_after, 0.001) * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
-    return rpc_status.to_status(status)
+    rich = rpc_status.to_status(status)
+    return _Status(rich.code, rich.details, rich.trailing_metadata + request_id_trailer())
+
+
+@dataclass(frozen=True, slots=True)
+class _Status(grpc.Status):  # type: ignore[misc]
+    code: grpc.StatusCode
+    details: str
+    trailing_metadata: tuple[tuple[str, str | bytes], ...]
+
+
+def request_id_trailer() -> tuple[tuple[str, str], ...]:
+    """The call's ``x-request-id`` for its trailing metadata.
+
+    It is sent in the initial metadata too, but a client can lose that: grpc.aio fills
+    a call's initial metadata with nothing when the status is processed first (an early
+    error), and drops what arrives after. Trailers come with the status, so an error
+    never loses its request id.
+    """
+    rid = request_id_var.get()
+    return (("x-request-id", rid),) if rid != "-" else ()
 
 
 _Handler = TypeVar("_Handler", bound=Callable[..., Awaitable[Any]])
