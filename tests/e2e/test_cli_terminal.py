@@ -23,6 +23,10 @@ class Terminal:
     def __init__(self, *argv: str) -> None:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # child
+            # As an interactive shell does for a foreground job: a suite started in the
+            # background (`cmd &` ignores SIGINT) must not hand that on to the CLI.
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGQUIT, signal.SIG_DFL)
             os.execv(argv[0], list(argv))
         self.screen = ""
         self._changed = asyncio.Event()
