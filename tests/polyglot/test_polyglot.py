@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Iterable
@@ -228,6 +229,9 @@ async def test_generate_stream(program: Program, runtime: Runtime, fake: FakeOll
     assert report["completion_tokens"] == len(fake.tokens)
     assert report["model"] == "tiny"
     assert report["tokens"] >= 2
+    # the server's own id (none was sent), in the headers and again in the trailers
+    assert re.fullmatch(r"[0-9a-f]{32}", report["request_id_header"]), report
+    assert report["request_id_trailer"] == report["request_id_header"]
     # printed as they arrived: the first message came long before the last
     spread_ms = report["last_ms"] - report["first_ms"]
     assert spread_ms >= 0.8 * 1000 * fake.token_delay * (len(fake.tokens) - 1), report
@@ -284,6 +288,7 @@ async def test_not_found(program: Program, runtime: Runtime) -> None:
     assert report["reason"] == "MODEL_NOT_FOUND"
     assert report["domain"]
     assert (report["resource_type"], report["resource_name"]) == ("model", "nope")
+    assert report["request_id_trailer"] == f"polyglot-{program.lang}"  # the caller's own id
 
 
 async def test_invalid_argument(program: Program, runtime: Runtime, fake: FakeOllama) -> None:

@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/connectivity"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -133,6 +134,14 @@ func consume(stream grpc.ServerStreamingClient[tokenwirev1.Token], started time.
 	}
 }
 
+// requestID is the x-request-id value in md, or "" when there is none.
+func requestID(md metadata.MD) string {
+	if values := md.Get("x-request-id"); len(values) > 0 {
+		return values[0]
+	}
+	return ""
+}
+
 func generateStream(ctx context.Context, conn *grpc.ClientConn, r report) error {
 	started := time.Now()
 	stream, err := client(conn).Generate(ctx, &tokenwirev1.GenerateRequest{
@@ -141,7 +150,15 @@ func generateStream(ctx context.Context, conn *grpc.ClientConn, r report) error 
 	if err != nil {
 		return err
 	}
-	return consume(stream, started, r, 0, nil)
+	if err := consume(stream, started, r, 0, nil); err != nil {
+		return err
+	}
+	header, err := stream.Header()
+	if err != nil {
+		return err
+	}
+	r["request_id_header"], r["request_id_trailer"] = requestID(header), requestID(stream.Trailer())
+	return nil
 }
 
 func chatHistory(ctx context.Context, conn *grpc.ClientConn, r report) error {
@@ -237,12 +254,14 @@ func drain(ctx context.Context, conn *grpc.ClientConn, req *tokenwirev1.Generate
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
+		r["request_id_trailer"] = requestID(stream.Trailer())
 	}
 	richError(err, r)
 	return err
 }
 
 func notFound(ctx context.Context, conn *grpc.ClientConn, r report) error {
+	ctx = metadata.AppendToOutgoingContext(ctx, "x-request-id", "polyglot-go")
 	return drain(ctx, conn, &tokenwirev1.GenerateRequest{Model: "nope", Prompt: "p"}, r)
 }
 

@@ -90,10 +90,14 @@ const unary = (client, method, request) => new Promise((resolve, reject) => {
     (err ? reject(err) : resolve(response)));
 });
 
-async function drain(client, request, report) {
+/** The x-request-id value in a grpc.Metadata, or '' when there is none. */
+const requestId = (metadata) => String((metadata && metadata.get('x-request-id')[0]) || '');
+
+async function drain(client, request, report, metadata = new grpc.Metadata()) {
   try {
-    for await (const _ of client.Generate(request)); // eslint-disable-line no-unused-vars
+    for await (const _ of client.Generate(request, metadata)); // eslint-disable-line no-unused-vars
   } catch (err) {
+    report.request_id_trailer = requestId(err.metadata);
     richError(err, report);
     throw err;
   }
@@ -102,7 +106,11 @@ async function drain(client, request, report) {
 const scenarios = {
   generate_stream: ['OK', async (client, report) => {
     const started = performance.now();
-    await consume(client.Generate({ model: 'tiny', prompt: 'Why is the sky blue?' }), started, report);
+    const call = client.Generate({ model: 'tiny', prompt: 'Why is the sky blue?' });
+    call.on('metadata', (headers) => { report.request_id_header = requestId(headers); });
+    const ended = new Promise((resolve) => { call.on('status', resolve); });
+    await consume(call, started, report);
+    report.request_id_trailer = requestId((await ended).metadata);
   }],
   chat_history: ['OK', async (client, report) => {
     const started = performance.now();
@@ -135,8 +143,11 @@ const scenarios = {
       report.elapsed_ms = Math.round(performance.now() - started);
     }
   }],
-  not_found: ['NOT_FOUND', (client, report) =>
-    drain(client, { model: 'nope', prompt: 'p' }, report)],
+  not_found: ['NOT_FOUND', (client, report) => {
+    const metadata = new grpc.Metadata();
+    metadata.set('x-request-id', 'polyglot-node');
+    return drain(client, { model: 'nope', prompt: 'p' }, report, metadata);
+  }],
   invalid_argument: ['INVALID_ARGUMENT', (client, report) =>
     drain(client, { model: '', prompt: 'p', options: { topP: 2 } }, report)],
   health: ['OK', async (_client, report, target) => {

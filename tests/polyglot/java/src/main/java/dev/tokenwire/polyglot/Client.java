@@ -30,11 +30,13 @@ import io.grpc.Context;
 import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
+import io.grpc.Metadata;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.health.v1.HealthCheckRequest;
 import io.grpc.health.v1.HealthGrpc;
 import io.grpc.protobuf.StatusProto;
+import io.grpc.stub.MetadataUtils;
 import java.io.ByteArrayOutputStream;
 import java.io.FileDescriptor;
 import java.io.FileOutputStream;
@@ -50,6 +52,7 @@ import java.util.List;
 import java.util.Map;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicReference;
 
 /**
  * Calls tokenwire with grpc-java stubs generated from protos/ at build time, running the
@@ -160,10 +163,25 @@ public final class Client {
     }
   }
 
+  private static final Metadata.Key<String> REQUEST_ID =
+      Metadata.Key.of("x-request-id", Metadata.ASCII_STRING_MARSHALLER);
+
+  /** The x-request-id value in metadata, or "" when there is none. */
+  private static String requestId(Metadata metadata) {
+    String value = metadata == null ? null : metadata.get(REQUEST_ID);
+    return value == null ? "" : value;
+  }
+
   private static void generateStream(ManagedChannel channel, Map<String, Object> report) {
+    AtomicReference<Metadata> headers = new AtomicReference<>();
+    AtomicReference<Metadata> trailers = new AtomicReference<>();
     long started = System.nanoTime();
-    consume(stub(channel).generate(GenerateRequest.newBuilder()
-        .setModel("tiny").setPrompt("Why is the sky blue?").build()), started, report, 0, null);
+    consume(stub(channel)
+        .withInterceptors(MetadataUtils.newCaptureMetadataInterceptor(headers, trailers))
+        .generate(GenerateRequest.newBuilder()
+            .setModel("tiny").setPrompt("Why is the sky blue?").build()), started, report, 0, null);
+    report.put("request_id_header", requestId(headers.get()));
+    report.put("request_id_trailer", requestId(trailers.get()));
   }
 
   private static Message message(Role role, String content) {
@@ -260,22 +278,26 @@ public final class Client {
     }
   }
 
-  private static void drain(ManagedChannel channel, GenerateRequest request,
+  private static void drain(GenerationServiceBlockingStub stub, GenerateRequest request,
       Map<String, Object> report) {
     try {
-      stub(channel).generate(request).forEachRemaining(token -> { });
+      stub.generate(request).forEachRemaining(token -> { });
     } catch (StatusRuntimeException e) {
+      report.put("request_id_trailer", requestId(e.getTrailers()));
       richError(e, report);
       throw e;
     }
   }
 
   private static void notFound(ManagedChannel channel, Map<String, Object> report) {
-    drain(channel, GenerateRequest.newBuilder().setModel("nope").setPrompt("p").build(), report);
+    Metadata sent = new Metadata();
+    sent.put(REQUEST_ID, "polyglot-java");
+    drain(stub(channel).withInterceptors(MetadataUtils.newAttachHeadersInterceptor(sent)),
+        GenerateRequest.newBuilder().setModel("nope").setPrompt("p").build(), report);
   }
 
   private static void invalidArgument(ManagedChannel channel, Map<String, Object> report) {
-    drain(channel, GenerateRequest.newBuilder()
+    drain(stub(channel), GenerateRequest.newBuilder()
         .setModel("").setPrompt("p").setOptions(Options.newBuilder().setTopP(2)).build(), report);
   }
 
