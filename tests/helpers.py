@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+import httpx
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client.parser import text_string_to_metric_families
 
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
@@ -152,3 +154,21 @@ async def served_by(server: ServerProcess, calls: int, request: pb.GenerateReque
         workers.add(int(re.findall(r" worker=(\d+) tokenwire\.access ", line)[0]))
     return workers
 
+
+# --- Prometheus scrapes -------------------------------------------------------------
+
+
+async def scrape(port: int, path: str = "/metrics", **headers: str) -> httpx.Response:
+    async with httpx.AsyncClient(timeout=5) as http:
+        return await http.get(f"http://127.0.0.1:{port}{path}", headers=headers)
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of a Prometheus text scrape, by (name, labels)."""
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def value(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str,
+          **labels: str) -> float:
+    return found.get((name, frozenset(labels.items())), 0.0)

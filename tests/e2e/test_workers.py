@@ -17,7 +17,15 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fakeollama import FakeOllama
-from tests.helpers import ServerProcess, joined, served_by, server_process
+from tests.helpers import (
+    ServerProcess,
+    joined,
+    samples,
+    scrape,
+    served_by,
+    server_process,
+    value,
+)
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
@@ -104,3 +112,23 @@ async def test_workers_stop_when_the_supervisor_is_killed(fake: FakeOllama) -> N
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"{server.target} still accepts connections")
+
+
+async def test_metrics_are_the_sum_of_all_workers(fake: FakeOllama) -> None:
+    async with server_process(fake.url, *WORKERS, "--metrics-listen", "127.0.0.1:0",
+                              TOKENWIRE_SHUTDOWN_GRACE="1") as server:
+        line = await server.wait_for("the sum of all workers")
+        port = int(re.findall(r"http://127\.0\.0\.1:(\d+)/metrics", line)[0])
+        assert await _served_by(server, fake, 16) == {0, 1}
+        found = samples((await scrape(port)).text)
+        assert value(found, "tokenwire_rpcs_total", method="Generate", code="OK") == 16
+        assert value(found, "tokenwire_tokens_total", kind="completion") == 16 * len(fake.tokens)
+        assert value(found, "tokenwire_model_calls_in_flight") == 0
+        # A worker that dies takes nothing with it: its counts stay in the sum.
+        pid = _pid(server, 0)
+        os.kill(pid, signal.SIGKILL)
+        await server.wait_for("worker 0 restarted")
+        assert await _served_by(server, fake, 4)
+        found = samples((await scrape(port)).text)
+        assert value(found, "tokenwire_rpcs_total", method="Generate", code="OK") == 20
+        assert await server.stop() == 0, server.output

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
-from tests.helpers import reason, violations
+from tests.helpers import reason, samples, scrape, value, violations
 from tests.real.conftest import MODEL, GinLine, MakeRuntime, RealOllama
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
@@ -103,6 +103,23 @@ async def test_generate_streams_real_tokens_and_final_stats(
     assert usage.eval_tokens_per_second > 0 and usage.tokens_per_second > 0
     figures["Generate 24 tokens: tokens/s (gateway / Ollama eval)"] = (
         f"{usage.tokens_per_second:.1f} / {usage.eval_tokens_per_second:.1f}")
+
+
+async def test_metrics_show_ollamas_counts_and_the_real_first_token_time(
+        make_real_runtime: MakeRuntime) -> None:
+    runtime = await make_real_runtime(metrics_listen="127.0.0.1:0")
+    assert runtime.metrics_port is not None
+    async with grpc.aio.insecure_channel(runtime.target) as channel:
+        got = await receive(GenerationServiceStub(channel).Generate(
+            pb.GenerateRequest(model=MODEL, prompt=PROMPT, options=greedy(8))))
+    usage = check_final(got)
+    found = samples((await scrape(runtime.metrics_port)).text)
+    assert value(found, "tokenwire_rpcs_total", method="Generate", code="OK") == 1
+    assert value(found, "tokenwire_tokens_total", kind="completion") == usage.completion_tokens
+    assert value(found, "tokenwire_tokens_total", kind="prompt") == usage.prompt_tokens
+    assert value(found, "tokenwire_time_to_first_token_seconds_sum", method="Generate") \
+        == pytest.approx(secs(usage.time_to_first_token))
+    assert value(found, "tokenwire_upstream_up") == 1
 
 
 async def test_chat_multi_turn_with_system_message(real_stub: GenerationServiceStub) -> None:

@@ -65,3 +65,14 @@ def test_workers(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         parse_settings(["--workers", "-1"], {})
     assert "--workers" in capsys.readouterr().err
+
+
+def test_metrics_listen(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_settings([], {}).metrics_listen == ""  # off by default
+    assert parse_settings([], {"TOKENWIRE_METRICS_LISTEN": "0.0.0.0:9464"}).metrics_listen \
+        == "0.0.0.0:9464"
+    assert parse_settings(["--metrics-listen", "[::1]:9464"], {}).metrics_listen == "[::1]:9464"
+    for bad in ("9464", "host:", ":9464", "host:port", "host:70000"):
+        with pytest.raises(SystemExit):
+            parse_settings(["--metrics-listen", bad], {})
+        assert "is not host:port" in capsys.readouterr().err

@@ -106,6 +106,8 @@ class Settings:
     shutdown_grace: float = field(default=30.0, metadata={
         "help": "seconds in-flight calls get to finish on SIGTERM/SIGINT"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    metrics_listen: str = field(default="", metadata={
+        "help": "host:port to serve Prometheus metrics on (GET /metrics); empty = off"})
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
                 "CPU; the admission limits apply per worker"})
@@ -181,6 +183,11 @@ def _convert(kind: type, raw: str | None) -> object:
     return kind(raw)
 
 
+def _valid_listen(hostport: str) -> bool:
+    host, sep, port = hostport.rpartition(":")
+    return bool(sep and host) and port.isdigit() and int(port) < 65536
+
+
 def parse_settings(argv: Sequence[str] | None = None,
                    environ: Mapping[str, str] | None = None) -> Settings:
     """Flags win over TOKENWIRE_* variables, which win over defaults."""
@@ -225,6 +232,9 @@ def parse_settings(argv: Sequence[str] | None = None,
                      + ", ".join("--" + p.replace("_", "-") for p in problems))
     if settings.workers == 0:
         settings = dataclasses.replace(settings, workers=usable_cpus())
+    if settings.metrics_listen and not _valid_listen(settings.metrics_listen):
+        parser.error(f"--metrics-listen {settings.metrics_listen!r} is not host:port "
+                     "(e.g. 127.0.0.1:9464, or 0.0.0.0:9464 for every interface)")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
     if bool(settings.tls_cert) != bool(settings.tls_key):

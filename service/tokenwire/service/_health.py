@@ -8,6 +8,7 @@ import logging
 from grpc_health.v1 import health, health_pb2
 
 from ._exceptions import UpstreamError
+from ._metrics import Metrics
 from ._upstream import OllamaUpstream
 
 __all__ = ["HealthMonitor"]
@@ -20,8 +21,10 @@ class HealthMonitor:
     for the overall server ("") and for each named service."""
 
     def __init__(self, servicer: health.aio.HealthServicer, upstream: OllamaUpstream,
-                 services: tuple[str, ...], *, interval: float) -> None:
+                 services: tuple[str, ...], *, interval: float,
+                 metrics: Metrics | None = None) -> None:
         self._servicer = servicer
+        self._metrics = metrics
         self._upstream = upstream
         self._services = ("", *services)
         self._interval = interval
@@ -43,6 +46,8 @@ class HealthMonitor:
         if serving != self.serving:
             log.info("upstream %s", "reachable: SERVING" if serving else "unreachable: NOT_SERVING")
         self.serving = serving
+        if self._metrics is not None:
+            self._metrics.upstream_reachable(serving)
         status = (health_pb2.HealthCheckResponse.SERVING if serving
                   else health_pb2.HealthCheckResponse.NOT_SERVING)
         for name in self._services:

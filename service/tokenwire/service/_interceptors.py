@@ -23,8 +23,10 @@ import grpc
 
 from ._admission import Admission, Overloaded, Ticket
 from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated
+from ._metrics import Metrics
 from ._status import (
     InitialMetadata,
+    error_reason_var,
     initial_metadata_var,
     request_id_trailer,
     request_id_var,
@@ -81,8 +83,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         allowed_cert_names: Sequence[str] = (),
         mtls: bool = False,
         open_health: bool = False,
+        metrics: Metrics | None = None,
     ) -> None:
         self._admission = admission
+        self._metrics = metrics
         self._registry = registry if registry is not None and registry.enabled else None
         self._allowed = tuple(allowed_cert_names)
         self._mtls = mtls
@@ -98,6 +102,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return None
         method: str = details.method
+        metrics = self._metrics
         metadata = details.invocation_metadata
         rid = _request_id(metadata)
         infrastructure = method.startswith(_OPEN_PREFIXES)
@@ -107,6 +112,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                  deserialize: Callable[[bytes], Any] | None) -> Callable[..., Any]:
             async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
                 request_id_var.set(rid)
+                error_reason_var.set(None)
                 context.set_trailing_metadata(request_id_trailer())
                 initial = InitialMetadata((("x-request-id", rid),))
                 initial_metadata_var.set(initial)
@@ -135,6 +141,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             ticket = await self._admission.admit(
                                 who, max_streams=caller.max_streams if caller else None,
                                 deadline=context.time_remaining())
+                            if metrics is not None:
+                                metrics.admitted()
                     result = await behavior(request, context)
                     await initial.send(context)  # a unary answer: before the response
                     return result
@@ -153,8 +161,15 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 finally:
                     if ticket is not None:
                         ticket.release()
+                        if metrics is not None:
+                            metrics.released()
+                    took = time.perf_counter() - started
                     log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid,
-                             who, outcome, (time.perf_counter() - started) * 1000)
+                             who, outcome, took * 1000)
+                    if metrics is not None:
+                        metrics.call_ended(method, outcome,
+                                           None if outcome == "OK" else error_reason_var.get(),
+                                           took)
 
             return guarded
 

@@ -20,6 +20,7 @@ from ._breaker import CircuitBreaker
 from ._config import Settings, redact_url
 from ._health import HealthMonitor
 from ._interceptors import GuardInterceptor
+from ._metrics import Metrics, MetricsEndpoint
 from ._servicer import GenerationServicer, StreamSettings
 from ._upstream import OllamaUpstream
 from ._validate import Limits
@@ -44,6 +45,10 @@ class Runtime:
     settings: Settings
     servicer: GenerationServicer
     admission: Admission
+    metrics: Metrics
+    #: The metrics endpoint's port, when ``--metrics-listen`` is set.
+    metrics_port: int | None = None
+    _endpoint: MetricsEndpoint | None = None
 
     @property
     def target(self) -> str:
@@ -67,6 +72,8 @@ class Runtime:
         await self.server.stop(None)
         await stopping
         await self.upstream.aclose()
+        if self._endpoint is not None:
+            await self._endpoint.aclose()
 
     async def _model_calls_done(self, deadline: float) -> bool:
         """Waits (polling; shutdown only) until no model call is admitted."""
@@ -90,6 +97,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
         breaker=CircuitBreaker(threshold=settings.breaker_threshold,
                                cooldown=settings.breaker_cooldown, url=redact_url(url)),
     )
+    metrics = Metrics()
     registry = CallerRegistry(settings.callers_file or None, CallerRegistry.env_tokens())
     admission = Admission(
         max_streams=settings.max_streams,
@@ -102,6 +110,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
                             if p.strip()],
         mtls=bool(settings.tls_client_ca),
         open_health=settings.open_health,
+        metrics=metrics,
     )
     server = grpc.aio.server(
         interceptors=[guard],
@@ -126,6 +135,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
                               retries=settings.upstream_retries,
                               retry_backoff=settings.retry_backoff,
                               max_output_tokens=settings.max_output_tokens),
+        metrics=metrics,
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         servicer, server)
@@ -137,10 +147,15 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     monitor = HealthMonitor(health_servicer, upstream, (SERVICE_NAME,),
-                            interval=settings.health_interval)
+                            interval=settings.health_interval, metrics=metrics)
+    endpoint = metrics_port = None
+    if settings.metrics_listen:
+        endpoint = MetricsEndpoint(metrics.registry)
+        metrics_port = await endpoint.start(settings.metrics_listen)
     await server.start()
     await monitor.start()
-    return Runtime(server, port, monitor, upstream, settings, servicer, admission)
+    return Runtime(server, port, monitor, upstream, settings, servicer, admission, metrics,
+                   metrics_port, endpoint)
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -173,12 +188,19 @@ def _settle_gc() -> None:
 async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
     """Runs until SIGTERM or SIGINT (or, for a worker, until its supervisor is gone),
     then drains. Returns the exit code."""
-    runtime = await build_server(settings, reuse_port=worker is not None)
+    try:
+        runtime = await build_server(settings, reuse_port=worker is not None)
+    except OSError as exc:  # a port in use, a certificate file missing
+        log.error("cannot start: %s", exc)
+        return 1
     _settle_gc()
     log.info("tokenwire-server %s %s (upstream %s: %s)",
              "listening on" if worker is None else "worker serving on", runtime.target,
              redact_url(settings.resolved_ollama_url()),
              "reachable" if runtime.health.serving else "NOT reachable yet")
+    if runtime.metrics_port is not None:
+        log.info("metrics on http://%s:%d/metrics",
+                 settings.metrics_listen.rpartition(":")[0], runtime.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

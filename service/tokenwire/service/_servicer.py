@@ -28,6 +28,7 @@ from ._convert import (
 )
 from ._delivery import Grouper
 from ._exceptions import ProtocolError, TruncatedStream
+from ._metrics import Metrics
 from ._relay import Relay
 from ._status import ShuttingDown, map_errors, send_initial_metadata
 from ._upstream import Chunk, OllamaUpstream
@@ -97,10 +98,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         *,
         limits: Limits | None = None,
         stream: StreamSettings | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._upstream = upstream
         self._limits = limits or Limits()
         self._stream = stream or StreamSettings()
+        self._metrics = metrics
         self._relays: set[Relay] = set()
 
     @property
@@ -118,13 +121,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> None:
         validate_generate(request, self._limits)
-        await self._relay(context, "/api/generate", generate_payload(request), _generate_piece,
-                          context.write, request.model, request.delivery)
+        await self._relay(context, "Generate", "/api/generate", generate_payload(request),
+                          _generate_piece, context.write, request.model, request.delivery)
 
     @map_errors
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
         validate_chat(request, self._limits)
-        await self._relay(context, "/api/chat", chat_payload(request), _chat_piece,
+        await self._relay(context, "Chat", "/api/chat", chat_payload(request), _chat_piece,
                           context.write, request.model, request.delivery)
 
     @map_errors
@@ -150,18 +153,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             validate_generate(request.generate, self._limits)
             # Nobody reads between messages here: adaptive grouping packs
             # everything that is waiting, which is the cheapest.
-            await self._relay(context, "/api/generate", generate_payload(request.generate),
-                              _generate_piece, collect, request.generate.model, _ADAPTIVE)
+            await self._relay(context, "Complete", "/api/generate",
+                              generate_payload(request.generate), _generate_piece, collect,
+                              request.generate.model, _ADAPTIVE)
         else:
             validate_chat(request.chat, self._limits)
-            await self._relay(context, "/api/chat", chat_payload(request.chat), _chat_piece,
-                              collect, request.chat.model, _ADAPTIVE)
+            await self._relay(context, "Complete", "/api/chat", chat_payload(request.chat),
+                              _chat_piece, collect, request.chat.model, _ADAPTIVE)
         response.text = "".join(texts)
         response.thinking = "".join(thoughts)
         return response
 
-    async def _relay(self, context: grpc.aio.ServicerContext, path: str, payload: dict[str, Any],
-                     piece_of: _PieceOf, sink: _Sink, model: str,
+    async def _relay(self, context: grpc.aio.ServicerContext, method: str, path: str,
+                     payload: dict[str, Any], piece_of: _PieceOf, sink: _Sink, model: str,
                      delivery: pb.Delivery) -> None:
         started = time.perf_counter()  # figures: loop.time() is 1 ms coarse under uvloop
         cap = self._stream.max_output_tokens
@@ -210,6 +214,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 if done:
                     self._finish(token, last, relay, started, first_sent, model)
                     await sink(token)
+                    if self._metrics is not None:
+                        usage = token.usage
+                        ttft = (usage.time_to_first_token.ToNanoseconds() / 1e9
+                                if usage.HasField("time_to_first_token") else None)
+                        self._metrics.stream_finished(
+                            method, ttft, usage.tokens_per_second, usage.prompt_tokens,
+                            usage.completion_tokens)
                     return
                 await sink(token)
         finally:

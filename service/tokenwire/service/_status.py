@@ -42,9 +42,9 @@ from ._exceptions import (
 )
 from ._validate import ValidationFailed
 
-__all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ShuttingDown", "initial_metadata_var",
-           "map_errors", "request_id_trailer", "request_id_var", "send_initial_metadata",
-           "status_for"]
+__all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ShuttingDown", "error_reason_var",
+           "initial_metadata_var", "map_errors", "request_id_trailer", "request_id_var",
+           "send_initial_metadata", "status_for"]
 
 
 class InitialMetadata:
@@ -89,6 +89,9 @@ log = logging.getLogger("tokenwire.service")
 
 #: The current call's request id (set by the request interceptor).
 request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+#: The ErrorInfo reason of the status the current call failed with (for the metrics).
+error_reason_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "tokenwire_error_reason", default=None)
 
 # Most specific classes first; the first match wins. (code, reason, retry after seconds)
 STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], ...] = (
@@ -128,6 +131,7 @@ def status_for(exc: Exception) -> grpc.Status:
         ((c, r, after) for cls, c, r, after in STATUS_TABLE if isinstance(exc, cls)),
         (grpc.StatusCode.INTERNAL, "INTERNAL", None),
     )
+    error_reason_var.set(reason)
     rid = request_id_var.get()
     metadata = {"request_id": rid}
     details = []

@@ -9,6 +9,9 @@ forwards SIGTERM/SIGINT so each worker drains as a single server does.
 Each worker gets one end of a socket pair, named in ``TOKENWIRE_WORKER=<index>:<fd>``: it
 writes one byte there once it serves, and shuts down when the supervisor's end closes (the
 supervisor is gone), so no worker outlives its supervisor.
+
+With ``--metrics-listen``, the workers keep their figures in files in a private directory
+(prometheus_client's multiprocess mode) and the supervisor serves their sum there.
 """
 
 from __future__ import annotations
@@ -18,13 +21,16 @@ import contextlib
 import dataclasses
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from ._config import _ENV_PREFIX, Settings
+from ._metrics import MULTIPROC_ENV, MetricsEndpoint, multiprocess_registry, worker_dead
 
 __all__ = ["WORKER_ENV", "WorkerFailed", "WorkerLink", "reserve_port", "supervise"]
 
@@ -115,12 +121,16 @@ def reserve_port(listen: str) -> tuple[str, list[socket.socket]]:
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, listen: str) -> None:
+    def __init__(self, settings: Settings, listen: str, metrics_dir: str | None = None) -> None:
         self._settings, self._listen = settings, listen
+        self._metrics_dir = metrics_dir
         self._env = dict(os.environ)
-        for name, value in dataclasses.asdict(
-                dataclasses.replace(settings, workers=1, listen=listen)).items():
+        # The workers write their figures under metrics_dir; the supervisor serves the sum.
+        for name, value in dataclasses.asdict(dataclasses.replace(
+                settings, workers=1, listen=listen, metrics_listen="")).items():
             self._env[_ENV_PREFIX + name.upper()] = str(value)
+        if metrics_dir is not None:
+            self._env[MULTIPROC_ENV] = metrics_dir
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._links: dict[int, socket.socket] = {}
         self._stopping = asyncio.Event()
@@ -133,6 +143,16 @@ class _Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal)
         count = self._settings.workers
+        endpoint = None
+        if self._metrics_dir is not None:
+            endpoint = MetricsEndpoint(multiprocess_registry(self._metrics_dir))
+            try:
+                port = await endpoint.start(self._settings.metrics_listen)
+            except OSError as exc:
+                log.error("cannot serve metrics on %s: %s", self._settings.metrics_listen, exc)
+                return 1
+            log.info("metrics on http://%s:%d/metrics (the sum of all workers)",
+                     self._settings.metrics_listen.rpartition(":")[0], port)
         starting = [asyncio.create_task(self._spawn(i)) for i in range(count)]
         try:
             try:
@@ -160,6 +180,8 @@ class _Supervisor:
         finally:
             for link in self._links.values():
                 link.close()
+            if endpoint is not None:
+                await endpoint.aclose()
 
     def _on_signal(self) -> None:
         if self._stopping.is_set():
@@ -220,6 +242,8 @@ class _Supervisor:
             if proc is not None:
                 started = loop.time()
                 code = await proc.wait()
+                if self._metrics_dir is not None:
+                    worker_dead(proc.pid, self._metrics_dir)
                 if self._stopping.is_set():
                     return code
                 if loop.time() - started > _BACKOFF_MAX:
@@ -248,8 +272,12 @@ def supervise(settings: Settings) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot listen on %s: %s", settings.listen, exc)
         return 1
+    metrics_dir = (tempfile.mkdtemp(prefix="tokenwire-metrics-")
+                   if settings.metrics_listen else None)
     try:
-        return asyncio.run(_Supervisor(settings, listen).run())
+        return asyncio.run(_Supervisor(settings, listen, metrics_dir).run())
     finally:
         for sock in reserved:
             sock.close()
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
