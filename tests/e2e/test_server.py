@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 
 import grpc
 import pytest
@@ -90,3 +92,32 @@ async def test_server_process_prints_config_and_stops_cleanly_on_sigterm(
             assert tokens[-1].done
         assert await server.stop() == 0, server.output
         assert "stopped" in server.output
+
+
+async def test_json_logs_are_one_object_per_line_with_the_access_fields(
+    fake: FakeOllama,
+) -> None:
+    fake.tokens = ["SECRET-ANSWER-", "TEXT"]
+    async with server_process(fake.url, "--log-format", "json",
+                              TOKENWIRE_SHUTDOWN_GRACE="2") as server:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            tokens = [t async for t in GenerationServiceStub(channel).Generate(
+                pb.GenerateRequest(model="tiny", prompt="SECRET-PROMPT-TEXT"),
+                metadata=(("x-request-id", "json-1"),))]
+            assert tokens[-1].done
+        assert await server.stop() == 0, server.output
+    # Every line is a JSON object, but for gRPC C-core's own (rare) lines, which it writes
+    # to stderr itself ("I1201 12:00:00.000000 ...").
+    lines = [line for line in server.lines
+             if line.strip() and not re.match(r"[IWEF]\d{4} \d\d:\d\d", line)]
+    records = [json.loads(line) for line in lines]
+    assert all({"time", "level", "logger", "message"} <= set(r) for r in records)
+    config = next(r for r in records if r["message"] == "configuration")
+    assert config["settings"]["ollama_url"] == fake.url
+    assert config["settings"]["log_format"] == "json"
+    access = next(r for r in records if r.get("request_id") == "json-1")
+    assert access["logger"] == "tokenwire.access"
+    assert access["method"] == "/tokenwire.v1.GenerationService/Generate"
+    assert access["outcome"] == "OK" and access["ms"] > 0
+    assert access["caller"] == "peer:127.0.0.1"
+    assert "SECRET" not in server.output

@@ -76,3 +76,11 @@ def test_metrics_listen(capsys: pytest.CaptureFixture[str]) -> None:
         with pytest.raises(SystemExit):
             parse_settings(["--metrics-listen", bad], {})
         assert "is not host:port" in capsys.readouterr().err
+
+
+def test_log_format(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_settings([], {}).log_format == "text"
+    assert parse_settings([], {"TOKENWIRE_LOG_FORMAT": "json"}).log_format == "json"
+    with pytest.raises(SystemExit):
+        parse_settings(["--log-format", "xml"], {})
+    assert "--log-format must be text or json" in capsys.readouterr().err

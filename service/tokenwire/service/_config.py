@@ -106,6 +106,8 @@ class Settings:
     shutdown_grace: float = field(default=30.0, metadata={
         "help": "seconds in-flight calls get to finish on SIGTERM/SIGINT"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_format: str = field(default="text", metadata={
+        "help": "text (one readable line per event) or json (one JSON object per line)"})
     metrics_listen: str = field(default="", metadata={
         "help": "host:port to serve Prometheus metrics on (GET /metrics); empty = off"})
     workers: int = field(default=1, metadata={
@@ -155,12 +157,16 @@ class Settings:
     def resolved_ollama_url(self) -> str:
         return self.ollama_url or ollama_url_from_env(os.environ.get("OLLAMA_HOST"))
 
-    def describe(self) -> str:
-        """One line per setting; the Ollama URL without its password, tokens never (they
+    def public(self) -> dict[str, object]:
+        """Every setting, the Ollama URL without its password; tokens never appear (they
         live in the callers file or TOKENWIRE_AUTH_TOKENS, which are not settings)."""
         values = dataclasses.asdict(self)
         values["ollama_url"] = redact_url(self.resolved_ollama_url())
-        return "\n".join(f"  {k:<24} {v}" for k, v in values.items())
+        return values
+
+    def describe(self) -> str:
+        """One line per setting, as ``public`` gives them."""
+        return "\n".join(f"  {k:<24} {v}" for k, v in self.public().items())
 
     def listen_is_loopback(self) -> bool:
         host = self.listen.rpartition(":")[0].strip("[]")
@@ -235,6 +241,8 @@ def parse_settings(argv: Sequence[str] | None = None,
     if settings.metrics_listen and not _valid_listen(settings.metrics_listen):
         parser.error(f"--metrics-listen {settings.metrics_listen!r} is not host:port "
                      "(e.g. 127.0.0.1:9464, or 0.0.0.0:9464 for every interface)")
+    if settings.log_format not in ("text", "json"):
+        parser.error(f"--log-format must be text or json, not {settings.log_format!r}")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         parser.error("--log-level must be DEBUG, INFO, WARNING or ERROR")
     if bool(settings.tls_cert) != bool(settings.tls_key):

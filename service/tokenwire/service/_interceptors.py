@@ -165,7 +165,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                             metrics.released()
                     took = time.perf_counter() - started
                     log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid,
-                             who, outcome, took * 1000)
+                             who, outcome, took * 1000, extra={"fields": {
+                                 "method": method, "request_id": rid, "caller": who,
+                                 "outcome": outcome, "ms": round(took * 1000, 1)}})
                     if metrics is not None:
                         metrics.call_ended(method, outcome,
                                            None if outcome == "OK" else error_reason_var.get(),

@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from ._config import parse_settings
+from ._logging import setup_logging
 from ._server import serve
 from ._workers import WorkerLink, supervise
 
@@ -18,17 +19,15 @@ __all__ = ["main"]
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
     worker = WorkerLink.from_env(os.environ)  # set when a --workers supervisor started us
-    tag = "" if worker is None else f" worker={worker.index}"
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s{tag} %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # httpx logs every request at INFO; the access log already covers calls.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    setup_logging(settings.log_level, settings.log_format,
+                  None if worker is None else worker.index)
     if worker is None:  # workers have the supervisor's settings; it printed them
-        print("tokenwire-server configuration:\n" + settings.describe(), file=sys.stderr,
-              flush=True)
+        if settings.log_format == "json":
+            logging.getLogger("tokenwire.service").info(
+                "configuration", extra={"fields": {"settings": settings.public()}})
+        else:
+            print("tokenwire-server configuration:\n" + settings.describe(), file=sys.stderr,
+                  flush=True)
     if settings.workers > 1:
         return supervise(settings)
     try:
