@@ -132,13 +132,18 @@ class MetricsEndpoint:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._registry = registry
         self._server: asyncio.Server | None = None
+        #: Once started: the bound port, and the URL to scrape.
+        self.port = 0
+        self.url = ""
 
     async def start(self, listen: str) -> int:
         """Listens on ``host:port`` (port 0 picks one); returns the bound port."""
         host, _, port = listen.rpartition(":")
         self._server = await asyncio.start_server(self._answer, host.strip("[]") or None,
                                                   int(port))
-        return int(self._server.sockets[0].getsockname()[1])
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        self.url = f"http://{host}:{self.port}/metrics"
+        return self.port
 
     async def aclose(self) -> None:
         if self._server is not None:

@@ -46,9 +46,12 @@ class Runtime:
     servicer: GenerationServicer
     admission: Admission
     metrics: Metrics
-    #: The metrics endpoint's port, when ``--metrics-listen`` is set.
-    metrics_port: int | None = None
-    _endpoint: MetricsEndpoint | None = None
+    #: Serving ``/metrics``, when ``--metrics-listen`` is set.
+    metrics_endpoint: MetricsEndpoint | None = None
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
 
     @property
     def target(self) -> str:
@@ -72,8 +75,8 @@ class Runtime:
         await self.server.stop(None)
         await stopping
         await self.upstream.aclose()
-        if self._endpoint is not None:
-            await self._endpoint.aclose()
+        if self.metrics_endpoint is not None:
+            await self.metrics_endpoint.aclose()
 
     async def _model_calls_done(self, deadline: float) -> bool:
         """Waits (polling; shutdown only) until no model call is admitted."""
@@ -148,14 +151,14 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
         raise OSError(f"cannot listen on {settings.listen}")
     monitor = HealthMonitor(health_servicer, upstream, (SERVICE_NAME,),
                             interval=settings.health_interval, metrics=metrics)
-    endpoint = metrics_port = None
+    endpoint = None
     if settings.metrics_listen:
         endpoint = MetricsEndpoint(metrics.registry)
-        metrics_port = await endpoint.start(settings.metrics_listen)
+        await endpoint.start(settings.metrics_listen)
     await server.start()
     await monitor.start()
     return Runtime(server, port, monitor, upstream, settings, servicer, admission, metrics,
-                   metrics_port, endpoint)
+                   endpoint)
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -198,9 +201,8 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
              "listening on" if worker is None else "worker serving on", runtime.target,
              redact_url(settings.resolved_ollama_url()),
              "reachable" if runtime.health.serving else "NOT reachable yet")
-    if runtime.metrics_port is not None:
-        log.info("metrics on http://%s:%d/metrics",
-                 settings.metrics_listen.rpartition(":")[0], runtime.metrics_port)
+    if runtime.metrics_endpoint is not None:
+        log.info("metrics on %s", runtime.metrics_endpoint.url)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

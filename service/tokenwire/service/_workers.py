@@ -147,12 +147,11 @@ class _Supervisor:
         if self._metrics_dir is not None:
             endpoint = MetricsEndpoint(multiprocess_registry(self._metrics_dir))
             try:
-                port = await endpoint.start(self._settings.metrics_listen)
+                await endpoint.start(self._settings.metrics_listen)
             except OSError as exc:
                 log.error("cannot serve metrics on %s: %s", self._settings.metrics_listen, exc)
                 return 1
-            log.info("metrics on http://%s:%d/metrics (the sum of all workers)",
-                     self._settings.metrics_listen.rpartition(":")[0], port)
+            log.info("metrics on %s (the sum of all workers)", endpoint.url)
         starting = [asyncio.create_task(self._spawn(i)) for i in range(count)]
         try:
             try:
