@@ -103,6 +103,9 @@ class Fault:
     hang: bool = False
     hang_after: int | None = None
     raw_body: bytes | None = None
+    #: With ``status``: the whole body of the error answer (sent as text/html, like a
+    #: proxy's error page) instead of ``{"error": message}``.
+    error_body: bytes | None = None
     delay_first: float = 0.0
     times: int | None = None
     paths: tuple[str, ...] | None = None
@@ -136,6 +139,8 @@ class Request:
     headers: dict[str, str]
     body: Any
     raw: bytes
+    #: When the request had arrived in full (time.monotonic()).
+    at: float = field(default_factory=time.monotonic)
 
 
 @dataclass
@@ -978,10 +983,17 @@ class FakeOllama:
     async def _error(self, conn: _Conn, status: int, message: str, keep: bool) -> bool:
         return await self._reply(conn, status, {"error": message}, keep)
 
+    async def _fault_status(self, conn: _Conn, fault: Fault, keep: bool) -> bool:
+        assert fault.status is not None
+        if fault.error_body is not None:
+            await conn.respond(fault.status, fault.error_body, "text/html", keep)
+            return keep
+        return await self._error(conn, fault.status, fault.message, keep)
+
     async def _apply_plain_fault(self, conn: _Conn, fault: Fault, keep: bool) -> bool | None:
         """Status or hang faults on non-generating requests; None when nothing applied."""
         if fault.status is not None:
-            return await self._error(conn, fault.status, fault.message, keep)
+            return await self._fault_status(conn, fault, keep)
         if fault.hang:
             await conn.eof.wait()
             return False
@@ -1110,7 +1122,7 @@ class FakeOllama:
             return await self._error(conn, 500, error, keep)
         fault = self._take_fault(req.path, True)
         if fault.status is not None:
-            return await self._error(conn, fault.status, fault.message, keep)
+            return await self._fault_status(conn, fault, keep)
         if empty:
             load = self._load_object(model, chat, "load")
             return await self._run_whole(conn, keep, fault, None, 1, lambda _n, _c: load)

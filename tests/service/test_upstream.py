@@ -32,7 +32,7 @@ def _upstream(handler: httpx.MockTransport) -> OllamaUpstream:
 
 async def _collect(upstream: OllamaUpstream, payload: dict[str, object] | None = None) -> list:
     async with upstream.stream("/api/generate", payload or {"model": "m"}) as chunks:
-        return [c async for c in chunks]
+        return [c async for c, _ in chunks]
 
 
 DONE = {"model": "m", "response": "", "done": True, "done_reason": "stop", "eval_count": 2}
@@ -75,7 +75,7 @@ async def test_error_line_mid_stream_raises_after_earlier_chunks() -> None:
     got = []
     with pytest.raises(StreamError, match="error reading llm response"):
         async with _upstream(transport).stream("/api/generate", {"model": "m"}) as chunks:
-            async for c in chunks:
+            async for c, _ in chunks:
                 got.append(c)
     assert [c["response"] for c in got] == ["a"]
 

@@ -91,6 +91,9 @@ class Settings:
                 "a call's own deadline replaces it"})
     idle_timeout: float = field(default=60.0, metadata={
         "help": "seconds allowed between two chunks"})
+    unary_timeout: float = field(default=120.0, metadata={
+        "help": "seconds an upstream call of ListModels or Embed may take in all (a call's "
+                "own deadline, when shorter, wins)"})
     max_message_bytes: int = field(default=32 << 20, metadata={
         "help": "largest gRPC message accepted or sent, in bytes"})
     max_prompt_bytes: int = field(default=1 << 20, metadata={
@@ -224,6 +227,7 @@ def parse_settings(argv: Sequence[str] | None = None,
     settings = Settings(**vars(args))
     problems = [
         name for name in ("connect_timeout", "first_token_timeout", "idle_timeout",
+                          "unary_timeout",
                           "health_interval", "max_message_bytes", "max_prompt_bytes",
                           "upstream_connections", "max_concurrent_streams", "max_streams",
                           "max_streams_per_caller", "burst", "max_messages")

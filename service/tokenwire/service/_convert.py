@@ -2,6 +2,11 @@
 
 No I/O here: requests become Ollama payloads, Ollama chunks become pieces of
 Tokens, final chunks become Usage.
+
+What comes from the upstream is checked as it is converted: a count that is not a
+whole number from 0 to 2**32-1, a duration that is not whole nanoseconds from 0 to
+2**63-1, or a field of the wrong type raises ProtocolError (naming the field),
+never a TypeError or ValueError that would end the call as INTERNAL.
 """
 
 from __future__ import annotations
@@ -17,14 +22,18 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tokenwire.v1 import generation_pb2 as pb
 
+from ._exceptions import ProtocolError
 from ._upstream import Chunk
 
 __all__ = [
     "chat_payload",
+    "embed_response",
     "embed_payload",
     "finish_reason",
     "generate_payload",
     "model_from_tag",
+    "model_name",
+    "models_from_tags",
     "struct_to_py",
     "tool_calls_from",
     "usage_from",
@@ -193,17 +202,24 @@ def embed_payload(request: pb.EmbedRequest) -> dict[str, Any]:
 
 
 def tool_calls_from(raw: Sequence[dict[str, Any]]) -> list[pb.ToolCall]:
+    if not isinstance(raw, list):
+        raise ProtocolError(f"Ollama sent tool_calls={_shown(raw)}, which is not a list")
     calls = []
     for position, item in enumerate(raw):
-        function = item.get("function") or {}
+        function = item.get("function") if isinstance(item, dict) else None
+        if not isinstance(function, dict):
+            raise ProtocolError(f"Ollama sent tool call {position} without a function object")
         call = pb.ToolCall(
-            id=str(item.get("id") or ""),
-            name=str(function.get("name") or ""),
-            index=int(function.get("index", position) or 0),
+            id=_name(item, "id"),
+            name=_name(function, "name"),
+            index=_count(function, "index") if "index" in function else position,
         )
         arguments = function.get("arguments")
         if isinstance(arguments, dict):
             call.arguments.update(arguments)
+        elif arguments is not None:
+            raise ProtocolError(f"Ollama sent arguments of tool call {position} that are not "
+                                "a JSON object")
         calls.append(call)
     return calls
 
@@ -212,45 +228,118 @@ def finish_reason(done_reason: str) -> pb.FinishReason:
     return _FINISH.get(done_reason, pb.FINISH_REASON_OTHER)
 
 
+_UINT32 = 2**32 - 1
+_UINT64 = 2**64 - 1
+_INT64 = 2**63 - 1
+#: Longest name (model, digest, ...) taken from the upstream, in characters.
+_MAX_NAME = 1024
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _whole(chunk: Chunk, key: str, highest: int, what: str) -> int:
+    value = chunk.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if type(value) is int and 0 <= value <= highest:
+        return value
+    raise ProtocolError(f"Ollama sent {key}={_shown(value)}, which is not {what} "
+                        f"(a whole number from 0 to {highest})")
+
+
+def _count(chunk: Chunk, key: str, highest: int = _UINT32) -> int:
+    return _whole(chunk, key, highest, "a count")
+
+
 def _ns(chunk: Chunk, key: str) -> Duration:
     d = Duration()
-    value = chunk.get(key)
-    if isinstance(value, int):
-        d.FromNanoseconds(value)
+    d.FromNanoseconds(_whole(chunk, key, _INT64, "a duration in nanoseconds"))
     return d
 
 
+def _name(chunk: Chunk, key: str) -> str:
+    value = chunk.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str) or len(value) > _MAX_NAME:
+        raise ProtocolError(f"Ollama sent {key}={_shown(value)}, which is not a name "
+                            f"(a string of at most {_MAX_NAME} characters)")
+    return value
+
+
 def usage_from(chunk: Chunk) -> pb.Usage:
-    """Usage from Ollama's final chunk (the gateway's own figures are added later)."""
-    eval_count = int(chunk.get("eval_count") or 0)
-    eval_ns = int(chunk.get("eval_duration") or 0)
+    """Usage from Ollama's final chunk (the gateway's own figures are added later).
+    Raises ProtocolError for a count or duration out of range or of the wrong type."""
+    eval_count = _count(chunk, "eval_count")
+    eval_ns = _whole(chunk, "eval_duration", _INT64, "a duration in nanoseconds")
     return pb.Usage(
-        prompt_tokens=int(chunk.get("prompt_eval_count") or 0),
+        prompt_tokens=_count(chunk, "prompt_eval_count"),
         completion_tokens=eval_count,
         total_duration=_ns(chunk, "total_duration"),
         load_duration=_ns(chunk, "load_duration"),
         prompt_eval_duration=_ns(chunk, "prompt_eval_duration"),
         eval_duration=_ns(chunk, "eval_duration"),
         eval_tokens_per_second=eval_count * 1e9 / eval_ns if eval_ns > 0 else 0.0,
-        engine_finish_reason=str(chunk.get("done_reason") or ""),
+        engine_finish_reason=_name(chunk, "done_reason"),
     )
+
+
+def model_name(chunk: Chunk, default: str) -> str:
+    """The model an answer names (Ollama's ``model``), else ``default``."""
+    return _name(chunk, "model") or default
 
 
 def model_from_tag(tag: dict[str, Any]) -> pb.Model:
     details = tag.get("details") or {}
+    if not isinstance(details, dict):
+        raise ProtocolError(f"Ollama sent details={_shown(details)}, which is not an object")
     model = pb.Model(
-        name=str(tag.get("name") or tag.get("model") or ""),
-        size_bytes=int(tag.get("size") or 0),
-        digest=str(tag.get("digest") or ""),
-        format=str(details.get("format") or ""),
-        family=str(details.get("family") or ""),
-        parameter_size=str(details.get("parameter_size") or ""),
-        quantization_level=str(details.get("quantization_level") or ""),
+        name=_name(tag, "name") or _name(tag, "model"),
+        size_bytes=_count(tag, "size", _UINT64),
+        digest=_name(tag, "digest"),
+        format=_name(details, "format"),
+        family=_name(details, "family"),
+        parameter_size=_name(details, "parameter_size"),
+        quantization_level=_name(details, "quantization_level"),
     )
     modified = tag.get("modified_at")
     if isinstance(modified, str) and modified:
         model.modified_at.CopyFrom(_timestamp(modified))
     return model
+
+
+def models_from_tags(body: Chunk) -> list[pb.Model]:
+    """The models of an /api/tags answer."""
+    tags = body.get("models")
+    if not isinstance(tags, list):
+        raise ProtocolError("Ollama's /api/tags answer has no models list")
+    return [model_from_tag(t) for t in tags if isinstance(t, dict)]
+
+
+def embed_response(body: Chunk, model: str) -> pb.EmbedResponse:
+    """An /api/embed answer as an EmbedResponse."""
+    vectors = body.get("embeddings")
+    if not isinstance(vectors, list):
+        raise ProtocolError("Ollama's /api/embed answer has no embeddings list")
+    embeddings = []
+    for i, vector in enumerate(vectors):
+        if not isinstance(vector, list) or not all(
+                isinstance(x, int | float) and not isinstance(x, bool) for x in vector):
+            raise ProtocolError(f"Ollama's embedding {i} is not a list of numbers")
+        embeddings.append(pb.Embedding(values=vector))
+    usage = usage_from(body)
+    return pb.EmbedResponse(
+        embeddings=embeddings,
+        model=model_name(body, model),
+        prompt_tokens=usage.prompt_tokens,
+        total_duration=usage.total_duration,
+        load_duration=usage.load_duration,
+    )
 
 
 def _timestamp(text: str) -> Timestamp:
@@ -262,6 +351,6 @@ def _timestamp(text: str) -> Timestamp:
         # fall back to datetime, which handles offsets (microsecond precision).
         try:
             ts.FromDatetime(datetime.fromisoformat(text))
-        except ValueError:
+        except (ValueError, OverflowError):
             pass
     return ts

@@ -3,7 +3,11 @@
 adaptive    everything that piled up while the caller was busy, never waiting
 each token  exactly one chunk per message
 batch       wait until N chunks, or the oldest is M ms old, or a sentence ends
-The final (done) chunk is never held back.
+The final (done) chunk is never held back. A batch also goes out once it holds as
+many chunks or bytes as the relay may hold pending, so memory stays bounded.
+
+Whatever the mode, no message is built over ``--max-message-bytes``: a Token that
+would be larger is cut into several (``split_message``).
 """
 
 from __future__ import annotations
@@ -14,10 +18,51 @@ from collections.abc import Callable
 
 from tokenwire.v1 import generation_pb2 as pb
 
+from ._exceptions import ProtocolError
 from ._relay import Relay
 from ._upstream import Chunk
 
-__all__ = ["Grouper"]
+__all__ = ["Grouper", "split_message"]
+
+#: Bytes a part keeps free for its own field tags and lengths.
+_PART_OVERHEAD = 64
+
+
+def _cut(text: str, room: int) -> list[str]:
+    """``text`` in pieces of at most ``room`` UTF-8 bytes, cut on character boundaries."""
+    raw = text.encode()
+    pieces, start = [], 0
+    while start < len(raw):
+        end = min(start + room, len(raw))
+        while end < len(raw) and raw[end] & 0xC0 == 0x80:  # inside a character
+            end -= 1
+        pieces.append(raw[start:end].decode())
+        start = end
+    return pieces
+
+
+def split_message(token: pb.Token, budget: int) -> list[pb.Token]:
+    """Cuts a Token whose encoding is over ``budget`` bytes into Tokens that each fit:
+    its text, then its thinking text, then its tool calls. Concatenating the parts'
+    texts gives the token's text (and so for thinking); only the last part carries
+    ``chunk_count``. A single tool call too large for a message is a ProtocolError."""
+    room = budget - _PART_OVERHEAD
+    parts = [pb.Token(text=piece) for piece in _cut(token.text, room)]
+    parts += [pb.Token(thinking=piece) for piece in _cut(token.thinking, room)]
+    current = pb.Token()
+    for call in token.tool_calls:
+        size = call.ByteSize() + _PART_OVERHEAD
+        if size > room:
+            raise ProtocolError(f"Ollama sent a tool call of {size} bytes, larger than one "
+                                f"message may be (--max-message-bytes {budget})")
+        if current.tool_calls and current.ByteSize() + size > room:
+            parts.append(current)
+            current = pb.Token()
+        current.tool_calls.append(call)
+    if current.tool_calls or not parts:
+        parts.append(current)
+    parts[-1].chunk_count = token.chunk_count
+    return parts
 
 _SENTENCE_END = re.compile(r"[.!?\n]\s*$")
 
@@ -33,6 +78,7 @@ class Grouper:
         self._sentences = delivery.at_sentence_end
         self._text_of = text_of
         self._held: list[Chunk] = []
+        self._sizes: list[int] = []  # line bytes of each held chunk
         self._since = 0.0  # when the oldest held chunk arrived
         self._error: Exception | None = None
 
@@ -48,6 +94,9 @@ class Grouper:
 
     def _cut(self) -> int:
         """How many held chunks form a complete group (0: none yet)."""
+        relay = self._relay
+        if len(self._held) >= relay.max_pending or sum(self._sizes) >= relay.max_pending_bytes:
+            return len(self._held)  # as much as the relay may hold: memory stays bounded
         for i, chunk in enumerate(self._held):
             if (chunk.get("done") is True
                     or (self._max_tokens and i + 1 >= self._max_tokens)
@@ -76,9 +125,11 @@ class Grouper:
             if not self._held:
                 self._since = loop.time()
             self._held.extend(got)
+            self._sizes.extend(self._relay.taken_sizes)
 
     def _flush_upto(self, n: int) -> list[Chunk]:
         group, self._held = self._held[:n], self._held[n:]
+        del self._sizes[:n]
         if self._held:
             self._since = asyncio.get_running_loop().time()
         return group

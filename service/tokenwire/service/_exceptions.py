@@ -4,6 +4,18 @@ The adapter turns every httpx, HTTP and NDJSON failure into one of these; the
 servicer never sees httpx exceptions. ``_status.py`` maps the tree to gRPC
 status codes in one table.
 
+Each instance says whether it is an *outage* (``outage``): a sign that the
+engine is not well (no connection, 503, a crashed runner, a dropped connection,
+a proxy's 502/504 page, no answer within the server's own time limit). Only
+outages count towards the circuit breaker and are retried before the first
+token. An engine that answers and refuses this one request, whatever its words,
+is alive: that is never an outage. The class sets the default; the classifier
+decides for the cases a class alone cannot (an ``EngineError`` from a live
+engine or from a dead one behind a proxy).
+
+Messages are bounded (``MAX_MESSAGE_BYTES``): an upstream can put megabytes
+into an error, and a status message travels in HTTP/2 trailers.
+
     UpstreamError                 anything that went wrong talking to the engine
     ├── UpstreamUnavailable       the engine could not take the request (retryable)
     │   ├── UpstreamConnectError    no connection (refused, DNS, TLS, connect timeout)
@@ -11,7 +23,8 @@ status codes in one table.
     │   └── CircuitOpen             failing fast after repeated failures
     ├── UpstreamTimeout           the engine went quiet
     │   ├── FirstTokenTimeout       nothing arrived within the first-token wait
-    │   └── IdleTimeout             a gap between two chunks exceeded the idle limit
+    │   ├── IdleTimeout             a gap between two chunks exceeded the idle limit
+    │   └── RequestTimeout          a unary call (models, embed) got no answer in time
     ├── ModelNotFound             the model is not installed (404)
     ├── InvalidRequest            the engine rejected the request's content (400, some 500s)
     ├── PermissionDenied          the engine refused the caller (401/403)
@@ -19,13 +32,15 @@ status codes in one table.
     │   └── RunnerCrashed           ... saying the model runner died (retryable)
     ├── TruncatedStream           the stream ended without ``done`` and without an error line
     │   └── UpstreamDisconnected    ... because the connection dropped (retryable)
-    ├── ProtocolError             a body that is not the JSON/NDJSON we expect
+    ├── ProtocolError             a body that is not the JSON/NDJSON we expect, or values
+    │                               out of range or of the wrong type
     └── EngineError               any other engine failure (500 and friends)
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "MAX_MESSAGE_BYTES",
     "CircuitOpen",
     "EngineError",
     "FirstTokenTimeout",
@@ -34,6 +49,7 @@ __all__ = [
     "ModelNotFound",
     "PermissionDenied",
     "ProtocolError",
+    "RequestTimeout",
     "RunnerCrashed",
     "StreamError",
     "TruncatedStream",
@@ -43,22 +59,47 @@ __all__ = [
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "excerpt",
 ]
+
+#: Longest message an exception carries, in UTF-8 bytes (it becomes grpc-message and
+#: the google.rpc.Status message, both in trailers that clients cap at 8 KiB by default).
+MAX_MESSAGE_BYTES = 1024
+
+
+def excerpt(text: str, limit: int = MAX_MESSAGE_BYTES) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes on a character boundary, marked as
+    cut (with the full size) when it was longer."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    marker = f" ... [cut: {len(raw)} bytes in all]"
+    keep = raw[:max(limit - len(marker), 0)].decode("utf-8", "ignore")
+    return keep + marker
 
 
 class UpstreamError(Exception):
-    """Base class. ``message`` is safe to show to callers (no prompt text)."""
+    """Base class. ``message`` is safe to show to callers (no prompt text) and at most
+    ``MAX_MESSAGE_BYTES`` long."""
 
-    def __init__(self, message: str, *, http_status: int | None = None, field: str = "") -> None:
+    #: Default of ``outage`` for the class.
+    outage_by_default = False
+
+    def __init__(self, message: str, *, http_status: int | None = None, field: str = "",
+                 outage: bool | None = None) -> None:
+        message = excerpt(message)
         super().__init__(message)
         self.message = message
         self.http_status = http_status
         #: Request field the error is about, when known (for BadRequest details).
         self.field = field
+        #: The engine is not well (see the module docstring): counts towards the breaker
+        #: and may be retried before the first token.
+        self.outage = self.outage_by_default if outage is None else outage
 
 
 class UpstreamUnavailable(UpstreamError):
-    pass
+    outage_by_default = True
 
 
 class UpstreamConnectError(UpstreamUnavailable):
@@ -70,6 +111,8 @@ class UpstreamBusy(UpstreamUnavailable):
 
 
 class CircuitOpen(UpstreamUnavailable):
+    outage_by_default = False  # the breaker's own answer: nothing new about the engine
+
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
@@ -85,6 +128,10 @@ class FirstTokenTimeout(UpstreamTimeout):
 
 class IdleTimeout(UpstreamTimeout):
     pass
+
+
+class RequestTimeout(UpstreamTimeout):
+    """An outage when the server's own limit fired, not when the caller's deadline did."""
 
 
 class ModelNotFound(UpstreamError):
@@ -106,7 +153,7 @@ class StreamError(UpstreamError):
 
 
 class RunnerCrashed(StreamError):
-    pass
+    outage_by_default = True
 
 
 class TruncatedStream(UpstreamError):
@@ -114,7 +161,7 @@ class TruncatedStream(UpstreamError):
 
 
 class UpstreamDisconnected(TruncatedStream):
-    pass
+    outage_by_default = True
 
 
 class ProtocolError(UpstreamError):

@@ -30,12 +30,14 @@ _END = object()
 _HIGH_WATER = 4096
 _LOW_WATER = 1024
 _MAX_HEAD = 64 * 1024
+#: Most of a non-200 body kept before ``read_body`` sets its own bound.
+_MAX_RAW = 64 * 1024
 #: Longest NDJSON line accepted (Ollama's own client allows 8 MiB); both stream paths use it.
 MAX_LINE_BYTES = 8 * 1024 * 1024
 
-#: Takes one parsed chunk; returns True when it wants no more for now (reading
-#: pauses until ``Response.resume``).
-Sink = Callable[[Any], bool]
+#: Takes one parsed chunk and the size of its line in bytes; returns True when it
+#: wants no more for now (reading pauses until ``Response.resume``).
+Sink = Callable[[Any, int], bool]
 
 
 class _Conn(asyncio.Protocol):
@@ -77,6 +79,8 @@ class Response:
         self._state = _HEAD
         self._remaining = 0
         self._raw: bytearray | None = None  # body of a non-200 answer
+        self._raw_limit = _MAX_RAW  # read no more of it than this (read_body's bound)
+        self._raw_cut = False  # the bound was reached: the rest is not read
         self._saw_done = False
         self._stopped = False  # an error item was queued; ignore the rest
         self._paused = False
@@ -205,7 +209,12 @@ class Response:
 
     def _body(self, data: bytes) -> None:
         if self._raw is not None:
-            self._raw += data
+            if not self._raw_cut:
+                self._raw += data
+                if len(self._raw) >= self._raw_limit:
+                    self._raw_cut = True  # enough to classify it; never reused
+                    self.keep_alive = False
+                    self._wake()
             return
         if self._stopped:
             return
@@ -233,8 +242,8 @@ class Response:
             self._saw_done = True
         sink = self._sink
         if sink is None:
-            self._items.append(chunk)
-        elif sink(chunk) and not self._paused and self._conn.transport:
+            self._items.append((chunk, len(line)))
+        elif sink(chunk, len(line)) and not self._paused and self._conn.transport:
             self._paused = True
             self._conn.transport.pause_reading()
 
@@ -289,14 +298,19 @@ class Response:
     async def wait_head(self) -> None:
         await self._head
 
-    async def read_body(self) -> bytes:
-        while not self.complete and not self._stopped:
+    async def read_body(self, limit: int) -> bytes:
+        """The body of a non-200 answer, at most ``limit`` bytes of it."""
+        self._raw_limit = limit
+        if self._raw is not None and len(self._raw) >= limit:
+            self._raw_cut = True
+            self.keep_alive = False
+        while not self.complete and not self._stopped and not self._raw_cut:
             self._waiter = self._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        return bytes(self._raw or b"")
+        return bytes(self._raw or b"")[:limit]
 
     async def deliver(self, sink: Sink) -> None:
         """Hands every chunk to ``sink`` from the protocol callback as it is
@@ -310,7 +324,7 @@ class Response:
             if isinstance(item, BaseException):
                 self._ended = True
                 raise item
-            if sink(item) and not self._paused and self._conn.transport:
+            if sink(*item) and not self._paused and self._conn.transport:
                 self._paused = True
                 self._conn.transport.pause_reading()
         self._sink = sink
@@ -330,7 +344,8 @@ class Response:
     def __aiter__(self) -> Response:
         return self
 
-    async def __anext__(self) -> dict[str, Any]:
+    async def __anext__(self) -> tuple[dict[str, Any], int]:
+        """The next chunk and the size of its line in bytes."""
         items = self._items
         while not items:
             if self._ended:

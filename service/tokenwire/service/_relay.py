@@ -18,19 +18,28 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 from ._exceptions import FirstTokenTimeout, IdleTimeout, UpstreamError
 from ._ndjson import Response
-from ._upstream import Chunk, is_outage
+from ._upstream import Chunk
 
 log = logging.getLogger("tokenwire.service")
 
-__all__ = ["Relay"]
+__all__ = ["Relay", "retry_delay"]
 
-Opener = Callable[[], AbstractAsyncContextManager[AsyncIterator[Chunk]]]
+#: Yields each chunk with the size of its line in bytes.
+Opener = Callable[[], AbstractAsyncContextManager[AsyncIterator[tuple[Chunk, int]]]]
+_RNG = random.Random()
+
+
+def retry_delay(attempt: int, backoff: float, rng: random.Random = _RNG) -> float:
+    """Seconds to wait before retry number ``attempt`` (from 1): full jitter, uniform
+    in [0, backoff * 2 ** (attempt - 1)]."""
+    return rng.uniform(0.0, backoff * 2 ** (attempt - 1))
 
 
 class Relay:
@@ -41,19 +50,28 @@ class Relay:
         first_token_timeout: float,
         idle_timeout: float,
         max_pending: int = 1024,
+        max_pending_bytes: int = 4 << 20,
         retries: int = 0,
         retry_backoff: float = 0.2,
+        rng: random.Random = _RNG,
     ) -> None:
         self._opener = opener
         self._first_token_timeout = first_token_timeout
         self._idle_timeout = idle_timeout
-        self._max_pending = max_pending
+        #: Most chunks, and most bytes of their lines, held for the caller.
+        self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self._rng = rng
         self._retries = retries
         self._retry_backoff = retry_backoff
         #: Upstream attempts made (1 + retries used).
         self.attempts = 0
         self._loop = asyncio.get_running_loop()
         self._pending: list[Chunk] = []
+        self._sizes: list[int] = []  # line bytes of each pending chunk
+        #: Line bytes of the chunks pending now; of each chunk ``take`` returned last.
+        self.pending_bytes = 0
+        self.taken_sizes: list[int] = []
         self._wakeup: asyncio.Future[None] | None = None
         self._space: asyncio.Future[None] | None = None  # the pull path waits here
         self._full = False  # pending is at its bound: reading is paused
@@ -98,9 +116,15 @@ class Relay:
         if 0 < max_items < len(self._pending):
             batch = self._pending[:max_items]
             del self._pending[:max_items]
+            self.taken_sizes = self._sizes[:max_items]
+            del self._sizes[:max_items]
+            self.pending_bytes -= sum(self.taken_sizes)
         else:
             batch, self._pending = self._pending, []
-        if self._full:
+            self.taken_sizes, self._sizes = self._sizes, []
+            self.pending_bytes = 0
+        if self._full and (len(self._pending) < self.max_pending
+                           and self.pending_bytes < self.max_pending_bytes):
             self._full = False
             if self._resume is not None:
                 self._resume()
@@ -168,17 +192,18 @@ class Relay:
                 await self._read()
                 return
             except UpstreamError as exc:
-                if self.count or self.attempts > self._retries or not is_outage(exc):
+                if self.count or self.attempts > self._retries or not exc.outage:
                     raise
-                delay = self._retry_backoff * 2 ** (self.attempts - 1)
+                delay = retry_delay(self.attempts, self._retry_backoff, self._rng)
                 if self._loop.time() + delay >= self._started_at + self._first_token_timeout:
                     raise
                 log.info("upstream attempt %d failed before the first token (%s); retrying in "
                          "%.2fs", self.attempts, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
 
-    def _push(self, chunk: Chunk) -> bool:
-        """Takes one chunk from the upstream; True when pending is full."""
+    def _push(self, chunk: Chunk, size: int) -> bool:
+        """Takes one chunk (its line was ``size`` bytes) from the upstream; True when
+        pending is full."""
         now = self._loop.time()
         if self.first_at is None:
             self.first_at = now
@@ -194,8 +219,11 @@ class Relay:
         if chunk.get("done") is True:
             self._complete = True
         self._pending.append(chunk)
+        self._sizes.append(size)
+        self.pending_bytes += size
         self._wake()
-        if len(self._pending) >= self._max_pending:
+        if len(self._pending) >= self.max_pending or (
+                self.pending_bytes >= self.max_pending_bytes):
             self._full = True
         return self._full
 
@@ -208,8 +236,8 @@ class Relay:
                 finally:
                     self._resume = None
                 return
-            async for chunk in chunks:
-                if self._push(chunk):
+            async for chunk, size in chunks:
+                if self._push(chunk, size):
                     self._space = self._loop.create_future()
                     try:
                         await self._space

@@ -97,6 +97,9 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
         url,
         connect_timeout=settings.connect_timeout,
         max_connections=settings.upstream_connections,
+        unary_timeout=settings.unary_timeout,
+        # An answer's JSON is a few times its message (numbers as text): room for that.
+        max_body_bytes=4 * settings.max_message_bytes,
         breaker=CircuitBreaker(threshold=settings.breaker_threshold,
                                cooldown=settings.breaker_cooldown, url=redact_url(url)),
     )
@@ -137,7 +140,9 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
                               idle_timeout=settings.idle_timeout,
                               retries=settings.upstream_retries,
                               retry_backoff=settings.retry_backoff,
-                              max_output_tokens=settings.max_output_tokens),
+                              max_output_tokens=settings.max_output_tokens,
+                              max_pending_bytes=min(4 << 20, settings.max_message_bytes),
+                              max_message_bytes=settings.max_message_bytes),
         metrics=metrics,
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -20,17 +20,19 @@ from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 from ._convert import (
     chat_payload,
     embed_payload,
+    embed_response,
     finish_reason,
     generate_payload,
-    model_from_tag,
+    model_name,
+    models_from_tags,
     tool_calls_from,
     usage_from,
 )
-from ._delivery import Grouper
+from ._delivery import Grouper, split_message
 from ._exceptions import ProtocolError, TruncatedStream
 from ._metrics import Metrics
 from ._relay import Relay
-from ._status import ShuttingDown, map_errors, send_initial_metadata
+from ._status import ResponseTooLarge, ShuttingDown, map_errors, send_initial_metadata
 from ._upstream import Chunk, OllamaUpstream
 from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
 
@@ -52,14 +54,20 @@ def _chat_piece(chunk: Chunk) -> _Piece:
     return message.get("content") or "", message.get("thinking") or "", message.get("tool_calls")
 
 
-def _merge(batch: list[Chunk], piece_of: _PieceOf) -> pb.Token:
-    """Folds the chunks that piled up into one Token (order kept)."""
+#: What a chunk may hold that a Token cannot take: these end the call as a ProtocolError.
+_UNREADABLE = (TypeError, ValueError, AttributeError)
+
+
+def _merge(batch: list[Chunk], piece_of: _PieceOf, big_chars: int) -> tuple[pb.Token, bool]:
+    """Folds the chunks that piled up into one Token (order kept). The flag says the
+    Token may be over the message size limit (tool calls, or more than ``big_chars``
+    characters): only then is its encoded size measured."""
     if len(batch) == 1:  # the common case: the caller keeps up
         text, thinking, calls = piece_of(batch[0])
         token = pb.Token(text=text, thinking=thinking)
         if calls:
             token.tool_calls.extend(tool_calls_from(calls))
-        return token
+        return token, bool(calls) or len(text) + len(thinking) > big_chars
     texts, thoughts = [], []
     token = pb.Token()
     for chunk in batch:
@@ -68,9 +76,23 @@ def _merge(batch: list[Chunk], piece_of: _PieceOf) -> pb.Token:
         thoughts.append(thinking)
         if calls:
             token.tool_calls.extend(tool_calls_from(calls))
-    token.text = "".join(texts)
-    token.thinking = "".join(thoughts)
-    return token
+    joined, thought = "".join(texts), "".join(thoughts)
+    token.text = joined
+    token.thinking = thought
+    return token, bool(token.tool_calls) or len(joined) + len(thought) > big_chars
+
+
+def _readable(batch: list[Chunk], piece_of: _PieceOf) -> int:
+    """How many chunks at the start of ``batch`` a Token can take."""
+    for i, chunk in enumerate(batch):
+        try:
+            text, thinking, calls = piece_of(chunk)
+            pb.Token(text=text, thinking=thinking)
+            if calls:
+                tool_calls_from(calls)
+        except (*_UNREADABLE, ProtocolError):
+            return i
+    return len(batch)
 
 
 def _duration(seconds: float) -> Duration:
@@ -89,6 +111,15 @@ class StreamSettings:
     retry_backoff: float = 0.2
     #: num_predict applied when a request sets no max_tokens (0 = none).
     max_output_tokens: int = 0
+    #: Bytes of upstream lines held for a slow caller, at most (besides max_pending_chunks).
+    max_pending_bytes: int = 4 << 20
+    #: Largest message sent (--max-message-bytes): larger Tokens are cut into several.
+    max_message_bytes: int = 32 << 20
+
+    @property
+    def message_budget(self) -> int:
+        """Bytes a Token may take, leaving room for the final one's usage and model."""
+        return max(self.max_message_bytes - 8192, self.max_message_bytes // 2)
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
@@ -139,10 +170,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         texts: list[str] = []
         thoughts: list[str] = []
         response = pb.CompleteResponse()
+        limit = self._stream.max_message_bytes
+        held = 0  # characters so far: a lower bound of their bytes
 
         async def collect(token: pb.Token) -> None:
-            texts.append(token.text)
-            thoughts.append(token.thinking)
+            nonlocal held
+            text, thinking = token.text, token.thinking
+            held += len(text) + len(thinking)
+            if held > limit:  # stop the model now rather than hold more
+                raise ResponseTooLarge(f"the answer is over --max-message-bytes ({limit}); "
+                                       "stream it with Generate or Chat, or ask for fewer "
+                                       "tokens (options.max_tokens)")
+            texts.append(text)
+            thoughts.append(thinking)
             response.tool_calls.extend(token.tool_calls)
             if token.done:
                 response.finish_reason = token.finish_reason
@@ -162,7 +202,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                               _chat_piece, collect, request.chat.model, _ADAPTIVE)
         response.text = "".join(texts)
         response.thinking = "".join(thoughts)
-        return response
+        return _fits(response, limit, "stream it with Generate or Chat, or ask for fewer "
+                                      "tokens (options.max_tokens)")
 
     async def _relay(self, context: grpc.aio.ServicerContext, method: str, path: str,
                      payload: dict[str, Any], piece_of: _PieceOf, sink: _Sink, model: str,
@@ -182,6 +223,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             first_token_timeout=first_token_wait,
             idle_timeout=self._stream.idle_timeout,
             max_pending=self._stream.max_pending_chunks,
+            max_pending_bytes=self._stream.max_pending_bytes,
             retries=self._stream.retries,
             retry_backoff=self._stream.retry_backoff,
         )
@@ -193,6 +235,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._relays.add(relay)
         first_sent: float | None = None
         carried = 0  # chunks folded into no message yet (empty pieces)
+        budget = self._stream.message_budget
+        big_chars = budget // 4  # a UTF-8 character is at most 4 bytes
         try:
             # The reader task sends the upstream request while this goes out.
             await send_initial_metadata(context)
@@ -200,7 +244,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 batch = await next_batch()
                 if not batch:
                     raise TruncatedStream("Ollama's stream ended without a final message")
-                token = _merge(batch, piece_of)
+                try:
+                    token, big = _merge(batch, piece_of, big_chars)
+                except (*_UNREADABLE, ProtocolError) as exc:
+                    await self._deliver_readable(batch, piece_of, sink, carried, budget)
+                    if isinstance(exc, ProtocolError):
+                        raise
+                    raise ProtocolError("Ollama sent a chunk whose text, thinking or tool "
+                                        f"calls have the wrong type ({type(exc).__name__})"
+                                        ) from None
                 last = batch[-1]
                 done = last.get("done") is True
                 has_content = bool(token.text or token.thinking or token.tool_calls)
@@ -211,8 +263,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 carried = 0
                 if has_content and first_sent is None:
                     first_sent = time.perf_counter()
+                if big and token.ByteSize() > budget:
+                    token = await _send_parts(token, sink, budget)
                 if done:
-                    self._finish(token, last, relay, started, first_sent, model)
+                    try:
+                        self._finish(token, last, relay, started, first_sent, model)
+                    except ProtocolError:
+                        if has_content:  # what came with the unreadable final line
+                            await sink(token)
+                        raise
                     await sink(token)
                     if self._metrics is not None:
                         usage = token.usage
@@ -228,11 +287,28 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await relay.aclose()
 
     @staticmethod
+    async def _deliver_readable(batch: list[Chunk], piece_of: _PieceOf, sink: _Sink,
+                                carried: int, budget: int) -> None:
+        """Sends what a batch holds before its first unreadable chunk."""
+        good = batch[:_readable(batch, piece_of)]
+        if not good:
+            return
+        token, _ = _merge(good, piece_of, 0)
+        if token.text or token.thinking or token.tool_calls:
+            token.chunk_count = len(good) + carried
+            if token.ByteSize() > budget:
+                token = await _send_parts(token, sink, budget)
+            await sink(token)
+
+    @staticmethod
     def _finish(token: pb.Token, last: Chunk, relay: Relay, started: float,
                 first_sent: float | None, model: str) -> None:
+        """Makes ``token`` the final one. Raises ProtocolError, leaving ``token`` as it
+        was, when the final chunk's figures cannot be read."""
+        usage = usage_from(last)
+        answered_by = model_name(last, model)
         now = time.perf_counter()
         token.done = True
-        usage = usage_from(last)
         token.finish_reason = finish_reason(usage.engine_finish_reason)
         if first_sent is None and (token.text or token.thinking or token.tool_calls):
             first_sent = now
@@ -244,33 +320,42 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 usage.tokens_per_second = (relay.count - 1) / span
         usage.gateway_duration.CopyFrom(_duration(now - started))
         token.usage.CopyFrom(usage)
-        token.model = str(last.get("model") or model)
+        token.model = answered_by
 
     # -- unary RPCs -------------------------------------------------------------
 
     @map_errors
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        body = await self._upstream.tags()
-        tags = body.get("models")
-        if not isinstance(tags, list):
-            raise ProtocolError("Ollama's /api/tags answer has no models list")
-        models = [model_from_tag(t) for t in tags if isinstance(t, dict)]
-        return pb.ListModelsResponse(models=models)
+        body = await self._upstream.tags(deadline=context.time_remaining())
+        response = pb.ListModelsResponse(models=models_from_tags(body))
+        return _fits(response, self._stream.max_message_bytes, "")
 
     @map_errors
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         validate_embed(request, self._limits)
-        body = await self._upstream.embed(embed_payload(request))
-        vectors = body.get("embeddings")
-        if not isinstance(vectors, list):
-            raise ProtocolError("Ollama's /api/embed answer has no embeddings list")
-        usage = usage_from(body)
-        return pb.EmbedResponse(
-            embeddings=[pb.Embedding(values=v) for v in vectors],
-            model=str(body.get("model") or request.model),
-            prompt_tokens=usage.prompt_tokens,
-            total_duration=usage.total_duration,
-            load_duration=usage.load_duration,
-        )
+        body = await self._upstream.embed(embed_payload(request),
+                                          deadline=context.time_remaining())
+        return _fits(embed_response(body, request.model), self._stream.max_message_bytes,
+                     "embed fewer inputs per call, or ask for fewer dimensions")
+
+
+_Response = TypeVar("_Response", pb.CompleteResponse, pb.ListModelsResponse, pb.EmbedResponse)
+
+
+def _fits(response: _Response, limit: int, advice: str) -> _Response:
+    """``response``, unless it is over the message size limit."""
+    size = response.ByteSize()
+    if size > limit:
+        raise ResponseTooLarge(f"the answer is {size} bytes, over --max-message-bytes "
+                               f"({limit})" + (f"; {advice}" if advice else ""))
+    return response
+
+
+async def _send_parts(token: pb.Token, sink: _Sink, budget: int) -> pb.Token:
+    """Sends all but the last part of an oversized Token; returns the last."""
+    parts = split_message(token, budget)
+    for part in parts[:-1]:
+        await sink(part)
+    return parts[-1]

@@ -31,6 +31,7 @@ from ._exceptions import (
     ModelNotFound,
     PermissionDenied,
     ProtocolError,
+    RequestTimeout,
     RunnerCrashed,
     StreamError,
     TruncatedStream,
@@ -39,10 +40,12 @@ from ._exceptions import (
     UpstreamDisconnected,
     UpstreamError,
     UpstreamUnavailable,
+    excerpt,
 )
 from ._validate import ValidationFailed
 
-__all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ShuttingDown", "error_reason_var",
+__all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ResponseTooLarge", "ShuttingDown",
+           "error_reason_var",
            "initial_metadata_var", "map_errors", "request_id_trailer", "request_id_var",
            "send_initial_metadata", "status_for"]
 
@@ -82,7 +85,17 @@ class ShuttingDown(Exception):
     message = ("the server is shutting down and its grace period ended; retry, another "
                "instance will take the call")
 
+class ResponseTooLarge(Exception):
+    """An answer that would be over ``--max-message-bytes`` as one message."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
 DOMAIN = "tokenwire.dev"
+#: Longest status message, in UTF-8 bytes (it travels twice in the trailers).
+MAX_STATUS_MESSAGE = 2048
 #: Violations sent back at most: the status travels in trailers (8 KiB by default).
 MAX_VIOLATIONS = 20
 log = logging.getLogger("tokenwire.service")
@@ -100,6 +113,7 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], 
     (NotAllowed, grpc.StatusCode.PERMISSION_DENIED, "NOT_ALLOWED", None),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", 1.0),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0),
+    (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE", None),
     (CircuitOpen, grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN", 1.0),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", None),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", None),
@@ -109,6 +123,7 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], 
     (UpstreamUnavailable, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNAVAILABLE", 1.0),
     (FirstTokenTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, "FIRST_TOKEN_TIMEOUT", None),
     (IdleTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, "IDLE_TIMEOUT", None),
+    (RequestTimeout, grpc.StatusCode.DEADLINE_EXCEEDED, "UPSTREAM_TIMEOUT", None),
     (RunnerCrashed, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_RUNNER_FAILED", 1.0),
     (StreamError, grpc.StatusCode.INTERNAL, "UPSTREAM_STREAM_ERROR", None),
     (UpstreamDisconnected, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_DISCONNECTED", 1.0),
@@ -143,7 +158,8 @@ def status_for(exc: Exception) -> grpc.Status:
         message = "invalid request: " + "; ".join(f"{f}: {d}" for f, d in violations[:5])
         if len(violations) > 5:
             message += f"; ... ({len(exc.violations)} problems in all, see BadRequest)"
-    elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown):
+    elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown
+                    | ResponseTooLarge):
         message = exc.message
         violations = []
     elif isinstance(exc, UpstreamError):
@@ -154,6 +170,7 @@ def status_for(exc: Exception) -> grpc.Status:
     else:
         message = f"internal error in tokenwire (request id {rid}); see the server log"
         violations = []
+    message = excerpt(message, MAX_STATUS_MESSAGE)
     details.append(_pack(error_details_pb2.ErrorInfo(
         reason=reason, domain=DOMAIN, metadata=metadata)))
     if violations:
@@ -209,10 +226,10 @@ def map_errors(handler: _Handler) -> _Handler:
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except (ValidationFailed, UpstreamError, ShuttingDown) as exc:
+        except (ValidationFailed, UpstreamError, ShuttingDown, ResponseTooLarge) as exc:
             status = status_for(exc)
             log.info("request failed rid=%s code=%s reason=%s", request_id_var.get(),
-                     status.code.name, type(exc).__name__)
+                     status.code.name, error_reason_var.get())
             await send_initial_metadata(context)
             await context.abort(status.code, status.details, status.trailing_metadata)
         except Exception as exc:

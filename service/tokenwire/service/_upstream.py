@@ -6,7 +6,12 @@ arrive: the benchmark measured httpx's per-chunk stack and pool scans at over
 half the gateway's CPU per token, and this path at 2.4x the throughput and a
 third of the CPU per token. Everything else (JSON endpoints, ``https://``,
 injected test transports) uses one ``httpx.AsyncClient``. Every failure leaves
-this module as an exception from ``_exceptions.py``.
+this module as an exception from ``_exceptions.py`` (``_classify.py`` decides
+which, for error answers).
+
+Everything read is bounded: an error body at ``MAX_ERROR_BODY`` bytes (the rest is
+not read and the connection is dropped), a JSON answer at ``max_body_bytes``, a
+stream line at ``MAX_LINE_BYTES``; every unary call has a time limit.
 """
 
 from __future__ import annotations
@@ -21,16 +26,12 @@ import httpx
 import orjson
 
 from ._breaker import CircuitBreaker
+from ._classify import classify_http_error, stream_error
 from ._config import redact_url
 from ._exceptions import (
     CircuitOpen,
-    EngineError,
-    InvalidRequest,
-    ModelNotFound,
-    PermissionDenied,
     ProtocolError,
-    RunnerCrashed,
-    StreamError,
+    RequestTimeout,
     TruncatedStream,
     UpstreamBusy,
     UpstreamConnectError,
@@ -40,24 +41,23 @@ from ._exceptions import (
 )
 from ._ndjson import MAX_LINE_BYTES, NDJSONPool
 
-__all__ = ["Chunk", "OllamaUpstream", "classify_http_error", "is_outage"]
+__all__ = ["MAX_ERROR_BODY", "Chunk", "OllamaUpstream", "is_outage"]
 
 #: One parsed NDJSON object from Ollama.
 Chunk = dict[str, Any]
 
-
-_RUNNER_DIED = (
-    "model runner has unexpectedly stopped",
-    "an error was encountered while running the model",
-)
+#: Most bytes read of an error answer's body (Ollama's are under 200; a proxy's HTML page
+#: or a hostile upstream can be megabytes).
+MAX_ERROR_BODY = 64 * 1024
 
 
 class OllamaUpstream:
     """Talks to one Ollama server.
 
-    ``connect_timeout`` bounds connection set-up; reads have no httpx timeout
+    ``connect_timeout`` bounds connection set-up. Stream reads have no httpx timeout
     because the first-token wait and the idle limit are enforced by the relay,
-    which knows which phase a stream is in.
+    which knows which phase a stream is in; a unary call (models, embed) is bounded
+    as a whole by ``unary_timeout`` (and by the caller's deadline, when shorter).
     """
 
     def __init__(
@@ -68,7 +68,11 @@ class OllamaUpstream:
         max_connections: int = 1000,
         transport: httpx.AsyncBaseTransport | None = None,
         breaker: CircuitBreaker | None = None,
+        unary_timeout: float = 120.0,
+        max_body_bytes: int = 128 << 20,
     ) -> None:
+        self.unary_timeout = unary_timeout
+        self._max_body = max_body_bytes
         url = httpx.URL(base_url.rstrip("/"))
         # Credentials in the URL become basic auth: the URL itself (in messages and
         # in httpx's own request log) never carries the password.
@@ -109,47 +113,74 @@ class OllamaUpstream:
     async def version(self, *, timeout: float | None = None) -> str:  # noqa: ASYNC109
         """Returns Ollama's version; doubles as the liveness probe (which goes
         through even while the circuit is open, and can close it)."""
-        body = await self._request_json("GET", "/api/version", timeout=timeout, probe=True)
+        body = await self._request_json("GET", "/api/version", deadline=timeout, probe=True)
         return str(body.get("version", ""))
 
-    async def tags(self) -> Chunk:
-        return await self._request_json("GET", "/api/tags")
+    async def tags(self, *, deadline: float | None = None) -> Chunk:
+        """``deadline``: seconds the caller has left, when it set a deadline."""
+        return await self._request_json("GET", "/api/tags", deadline=deadline)
 
-    async def embed(self, payload: Chunk) -> Chunk:
-        return await self._request_json("POST", "/api/embed", payload)
+    async def embed(self, payload: Chunk, *, deadline: float | None = None) -> Chunk:
+        return await self._request_json("POST", "/api/embed", payload, deadline=deadline)
 
     async def _request_json(
         self, method: str, path: str, payload: Chunk | None = None, *,
-        timeout: float | None = None,  # noqa: ASYNC109 - httpx's own per-request timeout
-        probe: bool = False,
+        deadline: float | None = None, probe: bool = False,
     ) -> Chunk:
+        """One JSON request and answer, bounded in time (``unary_timeout``, or the
+        caller's ``deadline`` when shorter) and in size."""
         if not probe:
             self.breaker.before_call()
         content = orjson.dumps(payload) if payload is not None else None
-        extra: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+        ours = deadline is None or self.unary_timeout <= deadline
+        limit = self.unary_timeout if deadline is None else min(self.unary_timeout, deadline)
         try:
-            response = await self._client.request(method, path, content=content, **extra)
-        except httpx.HTTPError as exc:
-            raise self._failed(self._transport_error(exc, path)) from exc
-        if response.status_code != 200:
-            raise self._failed(
-                classify_http_error(response.status_code, response.content, _model_of(payload)))
+            async with asyncio.timeout(max(limit, 0.0)):
+                status, body = await self._fetch(method, path, content)
+        except TimeoutError:
+            raise self._failed(RequestTimeout(
+                f"Ollama at {self.base_url} did not answer {path} within {limit:g}s"
+                + ("; check that it is not hung, or raise --unary-timeout" if ours
+                   else " (the call's deadline)"), outage=ours)) from None
+        except UpstreamError as exc:
+            raise self._failed(exc) from None
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
+        if status != 200:
+            raise self._failed(classify_http_error(status, body, _model_of(payload)))
         self.breaker.success()
-        return _parse_object(response.content)
+        return _parse_object(body)
+
+    async def _fetch(self, method: str, path: str, content: bytes | None) -> tuple[int, bytes]:
+        """Status and body, the body read up to its bound (an error body to
+        MAX_ERROR_BODY; a success body over ``max_body_bytes`` is a ProtocolError)."""
+        try:
+            async with self._client.stream(method, path, content=content) as response:
+                if response.status_code != 200:
+                    return response.status_code, await _read_capped(response, MAX_ERROR_BODY)
+                body = await _read_capped(response, self._max_body + 1)
+                if len(body) > self._max_body:
+                    raise ProtocolError(f"Ollama's answer to {path} is larger than "
+                                        f"{self._max_body} bytes; ask for less per call")
+                return 200, body
+        except httpx.HTTPError as exc:
+            raise self._transport_error(exc, path) from exc
 
     def _failed(self, exc: UpstreamError) -> UpstreamError:
         """Tells the breaker about failures that mean "Ollama is not well"."""
-        if is_outage(exc):
+        if exc.outage:
             self.breaker.failure()
-        else:
+        elif not isinstance(exc, CircuitOpen):
             self.breaker.success()  # Ollama answered; the request was the problem
         return exc
 
     # -- streams --------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def stream(self, path: str, payload: Chunk) -> AsyncIterator[AsyncIterator[Chunk]]:
-        """Opens a streaming request and yields an iterator of parsed chunks.
+    async def stream(self, path: str, payload: Chunk
+                     ) -> AsyncIterator[AsyncIterator[tuple[Chunk, int]]]:
+        """Opens a streaming request and yields an iterator of (parsed chunk, line size).
 
         Leaving the ``async with`` block (normally, by error or by cancellation)
         closes the HTTP response; a response closed before its end also closes
@@ -167,7 +198,7 @@ class OllamaUpstream:
                 raise
             try:
                 if lean_response.status != 200:
-                    body = await lean_response.read_body()
+                    body = await lean_response.read_body(MAX_ERROR_BODY)
                     raise self._failed(classify_http_error(lean_response.status, body,
                                                            _model_of(payload)))
                 self.breaker.success()
@@ -189,7 +220,7 @@ class OllamaUpstream:
         try:
             if response.status_code != 200:
                 try:
-                    body = await response.aread()
+                    body = await _read_capped(response, MAX_ERROR_BODY)
                 except httpx.HTTPError as exc:
                     raise self._failed(self._transport_error(exc, path)) from exc
                 raise self._failed(
@@ -223,12 +254,24 @@ class OllamaUpstream:
         )
 
 
+async def _read_capped(response: httpx.Response, limit: int) -> bytes:
+    """At most ``limit`` bytes of the body; the rest is left unread (closing the
+    response then drops the connection instead of draining it)."""
+    body = bytearray()
+    async for data in response.aiter_bytes():
+        body += data
+        if len(body) >= limit:
+            break
+    return bytes(body[:limit])
+
+
 async def _iter_chunks(
     response: httpx.Response,
     transport_error: Any,
     path: str,
-) -> AsyncGenerator[Chunk, None]:
-    """Splits the body into lines and parses each once.
+) -> AsyncGenerator[tuple[Chunk, int], None]:
+    """Splits the body into lines and parses each once; yields each chunk with the
+    size of its line in bytes.
 
     Ends normally only after a ``done: true`` object; an ``{"error": ...}``
     line, a dropped connection or EOF without ``done`` raise.
@@ -246,7 +289,7 @@ async def _iter_chunks(
                 if line.strip():
                     chunk = _parse_line(line)
                     done = chunk.get("done") is True
-                    yield chunk
+                    yield chunk, len(line)
             pending = data[start:]
             if len(pending) > MAX_LINE_BYTES:
                 raise ProtocolError(f"Ollama sent a line longer than {MAX_LINE_BYTES} bytes")
@@ -256,7 +299,7 @@ async def _iter_chunks(
         # A plain JSON body (load/unload answers) has no trailing newline.
         chunk = _parse_line(pending)
         done = chunk.get("done") is True
-        yield chunk
+        yield chunk, len(pending)
     if not done:
         raise TruncatedStream(
             "Ollama ended the stream without a final (done) message; the answer is incomplete"
@@ -266,20 +309,14 @@ async def _iter_chunks(
 def is_outage(exc: UpstreamError) -> bool:
     """Failures that say Ollama (not the request) is in trouble; these count
     towards the circuit breaker and may be retried before the first token."""
-    if isinstance(exc, CircuitOpen):
-        return False
-    return isinstance(exc, UpstreamUnavailable | RunnerCrashed | UpstreamDisconnected) or (
-        isinstance(exc, EngineError) and (exc.http_status or 500) >= 500)
+    return exc.outage
 
 
 def _parse_line(line: bytes) -> Chunk:
     chunk = _parse_object(line)
     error = chunk.get("error")
     if error is not None:
-        message = str(error)
-        if any(marker in message for marker in _RUNNER_DIED):
-            raise RunnerCrashed(f"Ollama's model runner failed mid-stream: {message}")
-        raise StreamError(f"Ollama reported an error mid-stream: {message}")
+        raise stream_error(error)
     return chunk
 
 
@@ -295,68 +332,3 @@ def _parse_object(raw: bytes) -> Chunk:
 
 def _model_of(payload: Chunk | None) -> str:
     return str(payload.get("model", "")) if payload else ""
-
-
-def _error_text(body: bytes) -> str:
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return body.decode("utf-8", "replace").strip()
-    if isinstance(value, dict) and "error" in value:
-        return str(value["error"])
-    return body.decode("utf-8", "replace").strip()
-
-
-def classify_http_error(status: int, body: bytes, model: str) -> UpstreamError:
-    """Turns a non-200 answer from Ollama into an exception, by status and text."""
-    text = _error_text(body)
-    if status == 404 and "not found" in text and text.startswith("model"):
-        return ModelNotFound(
-            model,
-            f"model '{model}' is not installed in Ollama; pull it first "
-            f"(`ollama pull {model}`) or choose one listed by ListModels",
-            http_status=status,
-        )
-    if status == 404:
-        return EngineError(
-            f"Ollama answered 404 ({text or 'no body'}); is --ollama-url pointing at Ollama?",
-            http_status=status,
-        )
-    if status == 400:
-        return InvalidRequest(f"Ollama rejected the request: {text}", http_status=status,
-                              field=_field_of(text))
-    if status == 500 and (text.startswith(('option "', "invalid format"))):
-        # Ollama reports these request errors as 500; they are the caller's to fix.
-        return InvalidRequest(f"Ollama rejected the request: {text}", http_status=status,
-                              field=_field_of(text))
-    if status in (401, 403):
-        return PermissionDenied(
-            f"Ollama refused the request with HTTP {status}"
-            + (f": {text}" if text else " (on a loopback bind, Ollama checks the Host header)"),
-            http_status=status,
-        )
-    if status == 503:
-        return UpstreamBusy(f"Ollama is busy ({text}); retry later", http_status=status)
-    if any(marker in text for marker in _RUNNER_DIED):
-        return RunnerCrashed(f"Ollama's model runner failed: {text}", http_status=status)
-    return EngineError(f"Ollama failed with HTTP {status}: {text or 'no body'}",
-                       http_status=status)
-
-
-def _field_of(text: str) -> str:
-    if text.startswith('option "'):
-        return "options." + text.split('"', 2)[1]
-    for marker, field in (
-        ("invalid format", "format"),
-        ("support thinking", "think"),
-        ("invalid think", "think"),
-        ("support tools", "tools"),
-        ("support vision", "images"),
-        ("base64", "images"),
-        ("raw mode", "raw"),
-        ("support insert", "suffix"),
-        ("context length", "prompt"),
-    ):
-        if marker in text:
-            return field
-    return ""
