@@ -90,11 +90,18 @@ def test_generation_flags_reach_the_request(run: Run, sync_server: Served) -> No
 
 def test_format_schema_file(run: Run, sync_server: Served, tmp_path: Path) -> None:
     schema = tmp_path / "schema.json"
-    schema.write_text(json.dumps({"type": "object", "required": ["a"]}))
+    text = json.dumps({"type": "object", "properties": {"z": {}, "a": {}}, "required": ["z"]},
+                      indent=2)
+    schema.write_text(text)
     assert run("generate", "--format", str(schema), "tiny", "hi")[0] == 0
-    assert sync_server.seen.requests[-1].format.json_schema["type"] == "object"
+    assert sync_server.seen.requests[-1].format.json_schema_text == text  # as written
     code, _, err = run("generate", "--format", str(tmp_path / "nope.json"), "tiny", "hi")
     assert code == 2 and "cannot read" in err
+    for content, says in ((b'{"type": ', "not a JSON file"), (b"\xff{}", "not a JSON file"),
+                          (b"[1]", "must hold a JSON Schema object")):
+        schema.write_bytes(content)
+        code, _, err = run("generate", "--format", str(schema), "tiny", "hi")
+        assert code == 2 and says in err, err
 
 
 def test_not_found_prints_status_and_exits_1(run: Run) -> None:

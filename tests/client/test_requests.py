@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime
+import json
+import math
 
 import pytest
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, struct_pb2
 
 from tokenwire.client import (
     build_chat_request,
@@ -92,10 +94,32 @@ def test_keep_alive_forms(keep_alive: float, seconds: int) -> None:
     assert request.keep_alive.seconds == seconds
 
 
-def test_json_schema_format() -> None:
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}}
+def test_json_schema_format_dict_is_sent_as_text_in_its_order() -> None:
+    schema = {"type": "object", "properties": {"z": {"type": "integer"}, "é": {}, "a": {}},
+              "required": ("z",)}
     request = build_chat_request("m", [], format=schema)
-    assert request.format.json_schema["properties"]["n"]["type"] == "integer"
+    assert request.format.WhichOneof("kind") == "json_schema_text"
+    text = request.format.json_schema_text
+    assert text == '{"type":"object","properties":{"z":{"type":"integer"},"é":{},"a":{}},' \
+                   '"required":["z"]}'
+    assert list(json.loads(text)["properties"]) == ["z", "é", "a"]
+    struct = struct_pb2.Struct()
+    struct.update({"type": "object"})
+    nested = {"type": "object", "properties": struct}  # other mappings are written as dicts
+    assert json.loads(build_generate_request("m", "p", format=nested).format.json_schema_text) == {
+        "type": "object", "properties": {"type": "object"}}
+
+
+def test_json_schema_format_struct_and_message_pass_as_given() -> None:
+    struct = struct_pb2.Struct()
+    struct.update({"type": "object"})
+    request = build_generate_request("m", "p", format=struct)
+    assert request.format.WhichOneof("kind") == "json_schema"
+    assert request.format.json_schema == struct
+    fmt = pb.Format(json_schema_text='{"type": "object"}')
+    assert build_generate_request("m", "p", format=fmt).format == fmt
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        build_generate_request("m", "p", format={"maximum": math.inf})
 
 
 def test_chat_messages_from_dicts() -> None:
@@ -133,9 +157,22 @@ def test_tools_plain_and_openai_style() -> None:
         {"type": "function", "function": {"name": "weather", "parameters": parameters}}
     )
     assert plain.name == wrapped.name == "weather"
-    assert plain.parameters == wrapped.parameters
+    assert plain.parameters_text == wrapped.parameters_text == (
+        '{"type":"object","properties":{"city":{"type":"string"}}}')
+    assert not plain.HasField("parameters")
     call = build_tool_call({"id": "c1", "name": "weather", "arguments": {"city": "Oslo"}})
     assert (call.id, call.arguments["city"]) == ("c1", "Oslo")
+
+
+def test_tool_parameters_text_struct_or_none() -> None:
+    text = '{"type": "object", "properties": {"b": {}, "a": {}}}'
+    assert build_tool({"name": "f", "parameters": text}).parameters_text == text  # as written
+    struct = struct_pb2.Struct()
+    struct.update({"type": "object"})
+    tool = build_tool({"name": "f", "parameters": struct})
+    assert tool.parameters == struct and not tool.parameters_text
+    bare = build_tool({"name": "f"})
+    assert not bare.HasField("parameters") and not bare.parameters_text
 
 
 def test_embed_request() -> None:

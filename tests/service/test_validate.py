@@ -66,3 +66,68 @@ def test_embed_rules() -> None:
 def test_empty_json_schema_refused() -> None:
     request = pb.GenerateRequest(model="m", format=pb.Format(json_schema={}))
     assert _fields(validate_generate, request) == ["format.json_schema"]
+
+
+SCHEMA_TEXT = '{"type": "object", "properties": {"b": {"type": "string"}, "a": {}}}'
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("", "got no text"),
+    ("  \n", "got no text"),
+    ('{"type": "object",', "not valid JSON (unexpected end of data"),
+    ("type: object", "not valid JSON"),
+    # one document only: text after it could otherwise add keys to Ollama's payload
+    ('{"type": "object"}, "model": "other"', "not valid JSON (unexpected content after"),
+    ('{"a": NaN}', "not valid JSON"),
+    ("[1, 2]", "must be a JSON object ({...}), got a JSON array"),
+    ('"object"', "got a JSON string"),
+    ("null", "got a JSON null"),
+    ("{}", "must be a non-empty JSON Schema object"),
+    ('{"a": ' * 65 + "1" + "}" * 65, "nest deeper than 64 levels"),
+    ("[" * 2000 + "]" * 2000, "nest deeper than 64 levels"),  # beyond orjson's own limit
+    ('{"d": "' + "é" * 50 + '"}', "109 bytes, over the limit of 100 bytes (--max-prompt-bytes)"),
+])
+def test_bad_json_schema_text_refused(text: str, says: str) -> None:
+    request = pb.GenerateRequest(model="m", format=pb.Format(json_schema_text=text))
+    limits = LIMITS if "over the limit" in says else Limits(max_prompt_bytes=10_000)
+    with pytest.raises(ValidationFailed) as info:
+        validate_generate(request, limits)
+    [(field, description)] = info.value.violations
+    assert field == "format.json_schema_text"
+    assert says in description
+
+
+def test_good_json_schema_text_passes() -> None:
+    for text in (SCHEMA_TEXT, '{"a": ' * 63 + "{}" + "}" * 63, ' \n{"type":"object"}\n'):
+        validate_generate(pb.GenerateRequest(model="m", format=pb.Format(json_schema_text=text)),
+                          Limits(max_prompt_bytes=10_000))
+    validate_chat(pb.ChatRequest(model="m", format=pb.Format(json_schema_text=SCHEMA_TEXT)),
+                  LIMITS)
+
+
+def test_tool_parameters_text_rules() -> None:
+    both = pb.Tool(name="f", parameters={"type": "object"}, parameters_text=SCHEMA_TEXT)
+    request = pb.ChatRequest(model="m", tools=[
+        pb.Tool(name="ok", parameters_text=SCHEMA_TEXT),
+        pb.Tool(name="empty", parameters_text="{}"),  # like an unset Struct: no arguments
+        both,
+        pb.Tool(name="list", parameters_text="[]"),
+        pb.Tool(name="broken", parameters_text="{"),
+        pb.Tool(name="big", parameters_text='{"d": "' + "x" * 100 + '"}'),
+    ], format=pb.Format(json_schema_text="[]"))
+    with pytest.raises(ValidationFailed) as info:
+        validate_chat(request, LIMITS)
+    found = info.value.violations
+    assert [field for field, _ in found] == [
+        "format.json_schema_text", "tools[2].parameters_text", "tools[3].parameters_text",
+        "tools[4].parameters_text", "tools[5].parameters_text"]
+    assert found[1][1].startswith("set only one of tools[2].parameters and "
+                                  "tools[2].parameters_text")
+    assert "got a JSON array" in found[2][1]
+    assert "not valid JSON" in found[3][1]
+    assert "over the limit of 100 bytes" in found[4][1]
+    # an explicitly set empty Struct counts as set too
+    both_empty = pb.Tool(name="f", parameters_text="{}")
+    both_empty.parameters.SetInParent()
+    assert _fields(validate_chat, pb.ChatRequest(model="m", tools=[both_empty])) == [
+        "tools[0].parameters_text"]

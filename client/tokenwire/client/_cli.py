@@ -208,14 +208,19 @@ def _request_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _format(value: str | None) -> FormatLike | None:
+    """``json``, or a JSON Schema file sent as its text (key order as written in the file)."""
     if value is None:
         return None
     if value == "json":
         return "json"
-    schema = json.loads(_read_bytes(value) or b"null")
+    try:
+        text = (_read_bytes(value) or b"").decode("utf-8")
+        schema = json.loads(text)
+    except ValueError as exc:  # not UTF-8, or not JSON
+        raise _UsageError(f"--format {value}: not a JSON file ({exc})") from None
     if not isinstance(schema, dict):
         raise _UsageError(f"--format {value}: the file must hold a JSON Schema object")
-    return schema
+    return generation_pb2.Format(json_schema_text=text)
 
 
 def _read_bytes(path: str | None) -> bytes | None:
@@ -315,7 +320,10 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--stop", action="append", help="stop sequence (repeatable)")
     group.add_argument("--seed", type=int)
     group.add_argument("--num-ctx", type=int, help="context window, in tokens")
-    group.add_argument("--format", metavar="json|SCHEMA_FILE", help="answer as JSON")
+    group.add_argument(
+        "--format", metavar="json|SCHEMA_FILE",
+        help="answer as JSON: any JSON, or matching the JSON Schema in the file (its "
+             "property order kept)")
     group.add_argument(
         "--think", action="store_const", const=True, help="let the model think before answering"
     )

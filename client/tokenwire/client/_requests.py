@@ -2,6 +2,12 @@
 
 Every builder also accepts the finished message (``Options``, ``Message``, ``Tool``...)
 and passes it through unchanged, so callers can use either style.
+
+A JSON Schema given as a dict (``format=``, a tool's ``parameters``) is sent as JSON text
+(``Format.json_schema_text``, ``Tool.parameters_text``): ``json.dumps`` writes a dict's keys
+in insertion order, and the engine builds its grammar in property order, whereas a
+``Struct`` is a map whose key order the receiving process does not keep. A ``Struct``
+given by the caller is still sent as one.
 """
 
 from __future__ import annotations
@@ -144,15 +150,23 @@ def build_message(message: MessageLike) -> generation_pb2.Message:
 
 
 def build_tool(tool: ToolLike) -> generation_pb2.Tool:
-    """``Tool`` from ``{"name", "description", "parameters"}`` or the OpenAI-style wrapper."""
+    """``Tool`` from ``{"name", "description", "parameters"}`` or the OpenAI-style wrapper.
+
+    ``parameters`` may be a dict (sent as JSON text, key order kept), JSON text (sent as
+    written) or a ``Struct`` (sent as one: key order not kept).
+    """
     if isinstance(tool, generation_pb2.Tool):
         return tool
     spec = tool.get("function", tool)
-    return generation_pb2.Tool(
-        name=spec["name"],
-        description=spec.get("description", ""),
-        parameters=_struct(spec.get("parameters")),
-    )
+    parameters = spec.get("parameters")
+    message = generation_pb2.Tool(name=spec["name"], description=spec.get("description", ""))
+    if isinstance(parameters, struct_pb2.Struct):
+        message.parameters.CopyFrom(parameters)
+    elif isinstance(parameters, str):
+        message.parameters_text = parameters
+    elif parameters is not None:
+        message.parameters_text = _json_text(parameters)
+    return message
 
 
 def build_tool_call(call: generation_pb2.ToolCall | Mapping[str, Any]) -> generation_pb2.ToolCall:
@@ -179,6 +193,19 @@ def _struct(value: Mapping[str, Any] | None) -> struct_pb2.Struct | None:
     return struct
 
 
+def _json_text(value: object) -> str:
+    """Compact JSON text of a dict, its keys in their insertion order."""
+    def plain(item: object) -> object:  # other mappings and sequences, e.g. a nested Struct
+        if isinstance(item, Mapping):
+            return dict(item)
+        if isinstance(item, Sequence) and not isinstance(item, str | bytes):
+            return list(item)
+        raise TypeError(f"{type(item).__name__} is not a JSON value")
+
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False,
+                      default=plain)
+
+
 def _format(fmt: FormatLike | None) -> generation_pb2.Format | None:
     if fmt is None or isinstance(fmt, generation_pb2.Format):
         return fmt
@@ -186,7 +213,9 @@ def _format(fmt: FormatLike | None) -> generation_pb2.Format | None:
         if fmt != "json":
             raise ValueError(f"format must be 'json' or a JSON Schema dict, not {fmt!r}")
         return generation_pb2.Format(json=True)
-    return generation_pb2.Format(json_schema=_struct(fmt))
+    if isinstance(fmt, struct_pb2.Struct):
+        return generation_pb2.Format(json_schema=fmt)
+    return generation_pb2.Format(json_schema_text=_json_text(fmt))
 
 
 def _think(think: ThinkLike | None) -> generation_pb2.Think:

@@ -43,7 +43,8 @@ TimeoutLike = float | None | UseDefault
 MetadataLike = Sequence[tuple[str, str]] | Mapping[str, str]
 #: An ``Options`` message or a dict keyed by its field names (``temperature``, ``max_tokens``...).
 OptionsLike = generation_pb2.Options | Mapping[str, Any]
-#: ``"json"`` for any JSON value, a dict holding a JSON Schema, or a ``Format`` message.
+#: ``"json"`` for any JSON value, a dict holding a JSON Schema (sent as JSON text, so its key
+#: order is kept), a ``Struct`` (sent as one: key order not kept) or a ``Format`` message.
 FormatLike = Literal["json"] | Mapping[str, Any] | generation_pb2.Format
 #: ``True``/``False``, an effort level, or a ``Think`` enum value.
 ThinkLike = bool | Literal["low", "medium", "high"] | generation_pb2.Think
@@ -52,7 +53,8 @@ KeepAliveLike = float | datetime.timedelta | duration_pb2.Duration
 #: A ``Message`` or a dict such as ``{"role": "user", "content": "hi"}``.
 MessageLike = generation_pb2.Message | Mapping[str, Any]
 #: A ``Tool`` or a dict ``{"name", "description", "parameters"}`` (OpenAI-style
-#: ``{"type": "function", "function": {...}}`` is accepted too).
+#: ``{"type": "function", "function": {...}}`` is accepted too); ``parameters`` is a dict
+#: (sent as JSON text, key order kept), JSON text, or a ``Struct``.
 ToolLike = generation_pb2.Tool | Mapping[str, Any]
 
 

@@ -97,7 +97,8 @@ class Settings:
     max_message_bytes: int = field(default=32 << 20, metadata={
         "help": "largest gRPC message accepted or sent, in bytes"})
     max_prompt_bytes: int = field(default=1 << 20, metadata={
-        "help": "largest prompt (or total chat text, or embed inputs), in bytes"})
+        "help": "largest prompt (or total chat text, embed inputs, or JSON Schema text), "
+                "in bytes"})
     max_images_bytes: int = field(default=16 << 20, metadata={
         "help": "largest total image payload per request, in bytes"})
     max_concurrent_streams: int = field(default=2048, metadata={

@@ -7,6 +7,13 @@ What comes from the upstream is checked as it is converted: a count that is not 
 whole number from 0 to 2**32-1, a duration that is not whole nanoseconds from 0 to
 2**63-1, or a field of the wrong type raises ProtocolError (naming the field),
 never a TypeError or ValueError that would end the call as INTERNAL.
+
+The payload builders expect a request that passed ``_validate``: JSON Schemas given as
+text (``Format.json_schema_text``, ``Tool.parameters_text``) were parsed there, once, and
+go into the payload as ``orjson.Fragment``s, which the payload encoder copies into the
+body as written. So Ollama sees the caller's key order (it builds its grammar in property
+order), where a Struct, a map, would come out in an order that changes from one process
+to the next.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
+import orjson
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -116,6 +124,8 @@ def _common(request: pb.GenerateRequest | pb.ChatRequest, payload: dict[str, Any
     kind = request.format.WhichOneof("kind")
     if kind == "json" and request.format.json:
         payload["format"] = "json"
+    elif kind == "json_schema_text":
+        payload["format"] = orjson.Fragment(request.format.json_schema_text)
     elif kind == "json_schema":
         payload["format"] = struct_to_py(request.format.json_schema)
     if request.HasField("keep_alive"):
@@ -178,7 +188,9 @@ def chat_payload(request: pb.ChatRequest) -> dict[str, Any]:
                 "function": {
                     "name": tool.name,
                     "description": tool.description,
-                    "parameters": struct_to_py(tool.parameters),
+                    "parameters": (orjson.Fragment(tool.parameters_text)
+                                   if tool.parameters_text
+                                   else struct_to_py(tool.parameters)),
                 },
             }
             for tool in request.tools

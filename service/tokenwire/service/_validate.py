@@ -9,6 +9,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
+
+import orjson
 
 from tokenwire.v1 import generation_pb2 as pb
 
@@ -27,6 +30,11 @@ class Limits:
     max_model_name_bytes: int = 512
     #: Largest options.max_tokens accepted (0 = no cap).
     max_output_tokens: int = 0
+    #: Deepest nesting of objects and arrays in a JSON Schema given as text
+    #: (``{}`` is 1). A Struct cannot be nested much deeper (protobuf's recursion
+    #: limit of 100 messages is about 50 JSON levels), and the engine's schema to
+    #: grammar conversion recurses once per level.
+    max_schema_depth: int = 64
 
 
 class ValidationFailed(Exception):
@@ -97,9 +105,94 @@ def _check_options(options: pb.Options, limits: Limits, out: _Violations) -> Non
             out.append((f"options.stop[{i}]", "stop sequences must not be empty"))
 
 
-def _check_format(fmt: pb.Format, out: _Violations) -> None:
-    if fmt.WhichOneof("kind") == "json_schema" and not fmt.json_schema.fields:
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, bool):
+        return "boolean"
+    return "null" if value is None else "number"
+
+
+def _depth_over(value: Any, limit: int) -> bool:
+    """Whether objects and arrays nest deeper than ``limit``: level by level, containers
+    only, no recursion (about 20 ms for a 1 MB schema, less than parsing it)."""
+    level = [value] if isinstance(value, dict | list) else []
+    depth = 1
+    while level:
+        if depth > limit:
+            return True
+        below = []
+        for item in level:
+            for child in item.values() if isinstance(item, dict) else item:
+                if isinstance(child, dict | list):
+                    below.append(child)
+        level = below
+        depth += 1
+    return False
+
+
+def _check_schema_text(text: str, field: str, limits: Limits, out: _Violations, *,
+                       allow_empty: bool) -> None:
+    """A JSON Schema given as JSON text: one JSON object, within the size and depth limits.
+
+    This is the only parse of the text: the payload builders forward it as written
+    (``orjson.Fragment``), which keeps its key order, so they rely on this check having
+    passed. orjson refuses anything after the document, so a valid text cannot carry
+    extra keys into the payload around it.
+    """
+    size = len(text.encode())
+    if size > limits.max_prompt_bytes:
+        out.append((field, f"{size} bytes, over the limit of {limits.max_prompt_bytes} bytes "
+                           f"(--max-prompt-bytes)"))
+        return
+    if not text.strip():
+        out.append((field, "must be a JSON Schema object as JSON text, e.g. "
+                           "{\"type\": \"object\", \"properties\": {...}}; got no text"))
+        return
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in exc.msg:  # deeper than orjson's own limit (1024 levels)
+            out.append((field, _too_deep(limits)))
+        else:
+            out.append((field, f"not valid JSON ({exc}); give a JSON Schema object as JSON "
+                               f"text"))
+        return
+    if not isinstance(value, dict):
+        out.append((field, f"must be a JSON object ({{...}}), got a JSON {_json_type(value)}"))
+    elif not value and not allow_empty:
+        out.append((field, "must be a non-empty JSON Schema object"))
+    elif _depth_over(value, limits.max_schema_depth):
+        out.append((field, _too_deep(limits)))
+
+
+def _too_deep(limits: Limits) -> str:
+    return f"objects and arrays nest deeper than {limits.max_schema_depth} levels"
+
+
+def _check_format(fmt: pb.Format, limits: Limits, out: _Violations) -> None:
+    kind = fmt.WhichOneof("kind")
+    if kind == "json_schema" and not fmt.json_schema.fields:
         out.append(("format.json_schema", "must be a non-empty JSON Schema object"))
+    elif kind == "json_schema_text":
+        _check_schema_text(fmt.json_schema_text, "format.json_schema_text", limits, out,
+                           allow_empty=False)
+
+
+def _check_tool(tool: pb.Tool, field: str, limits: Limits, out: _Violations) -> None:
+    if not tool.name:
+        out.append((f"{field}.name", "required"))
+    if not tool.parameters_text:
+        return
+    if tool.HasField("parameters"):
+        out.append((f"{field}.parameters_text", f"set only one of {field}.parameters and "
+                                                f"{field}.parameters_text (prefer "
+                                                f"parameters_text: it keeps key order)"))
+        return
+    _check_schema_text(tool.parameters_text, f"{field}.parameters_text", limits, out,
+                       allow_empty=True)
 
 
 def _check_enum(value: int, enum: type, field: str, out: _Violations) -> None:
@@ -144,7 +237,7 @@ def _check_common(request: pb.GenerateRequest | pb.ChatRequest, limits: Limits,
                   out: _Violations) -> None:
     _check_model(request.model, limits, out)
     _check_options(request.options, limits, out)
-    _check_format(request.format, out)
+    _check_format(request.format, limits, out)
     _check_enum(request.think, pb.Think, "think", out)
     _check_delivery(request.delivery, out)
 
@@ -183,8 +276,7 @@ def validate_chat(request: pb.ChatRequest, limits: Limits) -> None:
         out.append(("messages", f"message text totals {total} bytes, over the limit of "
                                 f"{limits.max_prompt_bytes} bytes"))
     for i, tool in enumerate(request.tools):
-        if not tool.name:
-            out.append((f"tools[{i}].name", "required"))
+        _check_tool(tool, f"tools[{i}]", limits, out)
     if out:
         raise ValidationFailed(out)
 
