@@ -92,7 +92,7 @@ async def test_outage_signals_still_open_the_circuit(
 
 @pytest.mark.parametrize("size", [8 << 10, 20 << 20])
 async def test_a_huge_error_page_gives_a_short_status(
-        make_runtime: MakeRuntime, fake: FakeOllama, size: int) -> None:
+        make_runtime: MakeRuntime, fake: FakeOllama, size: int, figures: dict[str, Any]) -> None:
     """An HTML 502 page of 8 KiB or 20 MiB: the status message and details stay small, so the
     client gets UNAVAILABLE and not a metadata-size error, on streams and on unary calls."""
     runtime = await make_runtime(upstream_retries=2, retry_backoff=0.01)
@@ -114,6 +114,10 @@ async def test_a_huge_error_page_gives_a_short_status(
                 assert "[cut:" in details
             assert sum(len(v) for _, v in err.trailing_metadata() or ()) < 8192
             assert took < 5, took
+            print(f"\n{size}-byte 502 page: UNAVAILABLE after {took * 1000:.0f} ms (3 attempts "
+                  f"on streams), message {len(details.encode())} bytes")
+            figures.setdefault("error_page", {})[str(size)] = {
+                "ms": round(took * 1000, 1), "message_bytes": len(details.encode())}
 
 
 async def test_unary_calls_have_a_time_limit_and_free_their_slots(
@@ -232,7 +236,7 @@ async def test_impossible_model_lists_and_vectors_are_a_protocol_error(
 
 
 async def test_big_lines_for_a_slow_caller_are_bounded_in_bytes_and_split_to_fit(
-        make_runtime: MakeRuntime, fake: FakeOllama) -> None:
+        make_runtime: MakeRuntime, fake: FakeOllama, figures: dict[str, Any]) -> None:
     """16 lines of 6 MiB wait for a caller who reads nothing for a while: the gateway holds
     a bounded number of bytes (it held all 16 once, and merged them into one 94 MiB
     message that gRPC refused); every message fits --max-message-bytes, and the text
@@ -260,6 +264,10 @@ async def test_big_lines_for_a_slow_caller_are_bounded_in_bytes_and_split_to_fit
     assert max(sizes) <= limit, max(sizes)
     held_bound = min(4 << 20, limit) + (6 << 20) + 200  # the bound plus the line that hit it
     assert 0 < peak <= held_bound, peak
+    print(f"\n16 x 6 MiB lines to a slow caller: held at most {peak / 2**20:.1f} MiB; "
+          f"{len(sizes)} messages, largest {max(sizes) / 2**20:.1f} MiB (limit 8 MiB)")
+    figures["big_lines"] = {"held_mib": round(peak / 2**20, 2), "messages": len(sizes),
+                            "largest_mib": round(max(sizes) / 2**20, 2)}
 
 
 # -- retries with full jitter ---------------------------------------------------------------
