@@ -37,6 +37,8 @@ TOKEN_FULL = "tw-full-6f1d2c9e8b7a"
 TOKEN_TINY = "tw-tiny-0a9b8c7d6e5f"
 TOKEN_CHAT = "tw-chat-1234abcd5678"
 TOKEN_ENV = "tw-env-9988776655"
+TOKEN_THINK = "tw-think-42aa17"
+TOKEN_LETTER = "tw-letter-e-8c3d"
 
 CALLERS = f"""
 [callers.full]
@@ -422,3 +424,45 @@ async def test_url_credentials_not_sent_to_callers_or_logged(
     assert failed.value.code() == UNAVAILABLE
     assert "s3cr3t-pw" not in (failed.value.details() or "")
     assert "s3cr3t-pw" not in "\n".join(r.getMessage() for r in caplog.records)
+
+
+async def test_list_models_shows_only_the_models_a_caller_may_use(make_runtime: MakeRuntime,
+                                                                 tmp_path: Path,
+                                                                 fake: FakeOllama) -> None:
+    """A caller allowed only some models sees only those in ListModels, by the same
+    rule as Generate (":latest" included); callers without a model policy see all."""
+    path = _callers_file(tmp_path, CALLERS + f"""
+[callers.think-bare]
+token = "{TOKEN_THINK}"
+models = ["think-model"]
+
+[callers.letter-e]
+token = "{TOKEN_LETTER}"
+models = ["e*"]
+""")
+    server = await make_runtime(callers_file=str(path))
+    installed = {"tiny:latest", "think-model:latest", "embedder:latest"}
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = GenerationServiceStub(channel)
+
+        async def names(token: str) -> set[str]:
+            answer = await stub.ListModels(pb.ListModelsRequest(), metadata=bearer(token),
+                                           timeout=5)
+            return {m.name for m in answer.models}
+
+        async def may_generate(token: str, model: str) -> bool:
+            got = await outcome(generate_all(stub, pb.GenerateRequest(model=model, prompt="p"),
+                                             metadata=bearer(token)))
+            assert got in (OK, PERMISSION_DENIED), got
+            return got == OK
+
+        assert await names(TOKEN_FULL) == installed
+        assert await names(TOKEN_TINY) == {"tiny:latest"}
+        assert await names(TOKEN_LETTER) == {"embedder:latest"}
+        # A pattern without a tag means ":latest", in both directions, as in Ollama.
+        assert await names(TOKEN_THINK) == {"think-model:latest"}
+        # What a caller is shown is exactly what it may call.
+        for token in (TOKEN_FULL, TOKEN_TINY, TOKEN_LETTER, TOKEN_THINK):
+            shown = await names(token)
+            for model in installed:
+                assert await may_generate(token, model) == (model in shown), (token, model)

@@ -26,7 +26,7 @@ from typing import Any
 import grpc
 
 from ._admission import Admission, Overloaded, Ticket
-from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated
+from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var
 from ._metrics import Metrics
 from ._status import (
     InitialMetadata,
@@ -180,6 +180,7 @@ class _Call:
             await self.initial.send(context)
         caller = guard._authenticate(context, plan.metadata) if plan.needs_auth else None
         self.who = caller.name if caller else _peer_host(context.peer())
+        caller_var.set(caller)
         request = decode(raw) if decode is not None else raw
         if not plan.infrastructure:
             if caller is not None:

@@ -17,6 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
+from ._auth import may_use_model
 from ._convert import (
     chat_payload,
     embed_payload,
@@ -256,7 +257,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if not isinstance(tags, list):
             raise ProtocolError("Ollama's /api/tags answer has no models list")
         models = [model_from_tag(t) for t in tags if isinstance(t, dict)]
-        return pb.ListModelsResponse(models=models)
+        # A caller sees only the models its policy lets it use (the guard knows who it is).
+        return pb.ListModelsResponse(models=[m for m in models if may_use_model(m.name)])
 
     @map_errors
     async def Embed(self, request: pb.EmbedRequest,
