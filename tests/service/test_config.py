@@ -84,3 +84,16 @@ def test_log_format(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_settings(["--log-format", "xml"], {})
     assert "--log-format must be text or json" in capsys.readouterr().err
+
+
+def test_per_peer_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    defaults = parse_settings([], {})
+    assert (defaults.max_streams_per_peer, defaults.rate_per_peer) == (0, 0.0)  # off
+    assert defaults.max_streams_per_caller == 256
+    settings = parse_settings(["--max-streams-per-peer", "64"],
+                              {"TOKENWIRE_RATE_PER_PEER": "2.5"})
+    assert (settings.max_streams_per_peer, settings.rate_per_peer) == (64, 2.5)
+    for flag in ("--max-streams-per-peer", "--rate-per-peer"):
+        with pytest.raises(SystemExit):
+            parse_settings([flag, "-1"], {})
+        assert flag in capsys.readouterr().err

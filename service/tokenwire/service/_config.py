@@ -132,10 +132,19 @@ class Settings:
     max_streams: int = field(default=1024, metadata={
         "help": "concurrent model calls (Generate, Chat, Complete, Embed) in all"})
     max_streams_per_caller: int = field(default=256, metadata={
-        "help": "concurrent model calls per caller (token, certificate or peer address)"})
+        "help": "concurrent model calls per identified caller (bearer token or client "
+                "certificate)"})
+    max_streams_per_peer: int = field(default=0, metadata={
+        "help": "concurrent model calls per peer address, for anonymous callers (no "
+                "authentication configured); 0 = none, only --max-streams: an address is "
+                "not an identity, every service behind one NAT, node or sidecar shares it"})
     rate: float = field(default=0.0, metadata={
-        "help": "requests per second per caller (token bucket); 0 = no limit"})
-    burst: int = field(default=20, metadata={"help": "token bucket size for --rate"})
+        "help": "requests per second per identified caller (token bucket); 0 = no limit"})
+    rate_per_peer: float = field(default=0.0, metadata={
+        "help": "requests per second per peer address, for anonymous callers (token "
+                "bucket); 0 = no limit"})
+    burst: int = field(default=20, metadata={
+        "help": "token bucket size for --rate and --rate-per-peer"})
     queue_timeout: float = field(default=0.0, metadata={
         "help": "seconds a call over the concurrency limits may wait for a slot; 0 = refuse"})
     max_messages: int = field(default=1000, metadata={
@@ -229,7 +238,8 @@ def parse_settings(argv: Sequence[str] | None = None,
                           "max_streams_per_caller", "burst", "max_messages")
         if getattr(settings, name) <= 0
     ] + [
-        name for name in ("rate", "queue_timeout", "max_output_tokens", "upstream_retries",
+        name for name in ("rate", "rate_per_peer", "max_streams_per_peer", "queue_timeout",
+                          "max_output_tokens", "upstream_retries",
                           "retry_backoff", "breaker_threshold", "breaker_cooldown", "workers")
         if getattr(settings, name) < 0
     ]

@@ -185,12 +185,14 @@ class _Call:
         if not plan.infrastructure:
             if caller is not None:
                 caller.check(plan.method, _model_of(request) if decode is not None else None)
+            # Without authentication a caller is only a peer address: per-peer limits.
             guard._admission.check_rate(self.who, caller.rate if caller else None,
-                                        caller.burst if caller else None)
+                                        caller.burst if caller else None,
+                                        anonymous=caller is None)
             if plan.model_call:
                 self.ticket = await guard._admission.admit(
                     self.who, max_streams=caller.max_streams if caller else None,
-                    deadline=context.time_remaining())
+                    anonymous=caller is None, deadline=context.time_remaining())
                 if guard._metrics is not None:
                     guard._metrics.admitted()
         return request

@@ -105,7 +105,9 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
     admission = Admission(
         max_streams=settings.max_streams,
         max_streams_per_caller=settings.max_streams_per_caller,
-        rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout)
+        max_streams_per_peer=settings.max_streams_per_peer,
+        rate=settings.rate, rate_per_peer=settings.rate_per_peer, burst=settings.burst,
+        queue_timeout=settings.queue_timeout)
     guard = GuardInterceptor(
         admission=admission,
         registry=registry,
@@ -115,6 +117,8 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
         open_health=settings.open_health,
         metrics=metrics,
     )
+    _warn_unused_caller_limits(settings, identifies=registry.enabled or bool(
+        settings.tls_client_ca))
     server = grpc.aio.server(
         interceptors=[guard],
         options=[
@@ -125,6 +129,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", int(reuse_port)),
+            *_pending_limits(settings.max_streams),
         ],
     )
     servicer = GenerationServicer(
@@ -159,6 +164,33 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
     await monitor.start()
     return Runtime(server, port, monitor, upstream, settings, servicer, admission, metrics,
                    endpoint)
+
+
+def _pending_limits(max_streams: int) -> list[tuple[str, int]]:
+    """gRPC core's queue of calls that have arrived but not yet reached a handler. At its
+    default soft limit of 1,000 (hard: 3,000) core sheds a burst with a bare CANCELLED
+    (no status of ours, no RetryInfo, and clients do not retry it) before admission has
+    seen the calls: one client opening 2,000 streams at once had about 200 dropped so.
+    A burst up to --max-streams must reach admission, which refuses properly."""
+    soft = max(1000, max_streams)
+    return [("grpc.server.max_pending_requests", soft),
+            ("grpc.server.max_pending_requests_hard_limit", 3 * soft)]
+
+
+def _warn_unused_caller_limits(settings: Settings, *, identifies: bool) -> None:
+    """Per-caller limits need callers that can be identified; say so rather than
+    let an explicit --rate or --max-streams-per-caller do nothing in silence."""
+    if identifies:
+        return
+    unused = [flag for flag, changed in (
+        ("--rate", settings.rate > 0),
+        ("--max-streams-per-caller",
+         settings.max_streams_per_caller != Settings.max_streams_per_caller)) if changed]
+    if unused:
+        log.warning("%s limit(s) identified callers only, and without --callers-file, "
+                    "TOKENWIRE_AUTH_TOKENS or --tls-client-ca every caller is anonymous; "
+                    "anonymous callers are limited per peer address by --rate-per-peer and "
+                    "--max-streams-per-peer", " and ".join(unused))
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
