@@ -38,6 +38,7 @@ TOKEN_TINY = "tw-tiny-0a9b8c7d6e5f"
 TOKEN_CHAT = "tw-chat-1234abcd5678"
 TOKEN_ENV = "tw-env-9988776655"
 TOKEN_THINK = "tw-think-42aa17"
+TOKEN_CERTIFIED = "tw-certified-5e6f7a"
 TOKEN_LETTER = "tw-letter-e-8c3d"
 
 CALLERS = f"""
@@ -57,6 +58,7 @@ CHAT = pb.ChatRequest(model="tiny", messages=[pb.Message(role=pb.ROLE_USER, cont
 
 
 def _callers_file(tmp_path: Path, text: str = CALLERS) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "callers.toml"
     path.write_text(text)
     return path
@@ -87,6 +89,22 @@ async def test_auth_matrix(make_runtime: MakeRuntime, pki: Pki, tmp_path: Path,
                            figures: dict[str, Any]) -> None:
     tls = await _tls_server(make_runtime, pki, tmp_path)
     mtls = await _mtls_server(make_runtime, pki)
+    # mTLS and tokens together: the allowed certificate names the caller "certified".
+    both_file = _callers_file(tmp_path / "both", CALLERS + f"""
+[callers.certified]
+cert_names = ["{ALLOWED_CLIENT}"]
+token = "{TOKEN_CERTIFIED}"
+""")
+    both = await make_runtime(tls_cert=str(pki.server.cert_path),
+                              tls_key=str(pki.server.key_path),
+                              tls_client_ca=str(pki.ca_path),
+                              tls_allowed_clients="client-allowed.*",
+                              callers_file=str(both_file))
+    # The same without an allow-list: any certificate of the CA gets in.
+    both_any = await make_runtime(tls_cert=str(pki.server.cert_path),
+                                  tls_key=str(pki.server.key_path),
+                                  tls_client_ca=str(pki.ca_path),
+                                  callers_file=str(both_file))
 
     Call = Callable[[GenerationServiceStub], Awaitable[object]]
 
@@ -113,6 +131,19 @@ async def test_auth_matrix(make_runtime: MakeRuntime, pki: Pki, tmp_path: Path,
         ("mTLS, certificate from another CA", mtls, "rogue", gen(), UNAVAILABLE),
         ("mTLS, no client certificate", mtls, "tls", gen(), UNAVAILABLE),
         ("plaintext client -> mTLS server", mtls, "plaintext", gen(), UNAVAILABLE),
+        ("mTLS without tokens, allowed certificate + a token", mtls, "allowed",
+         gen(token=TOKEN_FULL), UNAUTHENTICATED),
+        ("mTLS+tokens, certificate of a caller, no token", both, "allowed", gen(), OK),
+        ("mTLS+tokens, certificate + the same caller's token", both, "allowed",
+         gen(token=TOKEN_CERTIFIED), OK),
+        ("mTLS+tokens, certificate + another caller's token", both, "allowed",
+         gen(token=TOKEN_FULL), UNAUTHENTICATED),
+        ("mTLS+tokens, certificate not on allow-list + good token", both, "other",
+         gen(token=TOKEN_FULL), UNAUTHENTICATED),
+        ("mTLS+tokens, no allow-list, unnamed certificate + good token", both_any, "other",
+         gen(token=TOKEN_FULL), OK),
+        ("mTLS+tokens, no allow-list, certificate + another caller's token", both_any,
+         "allowed", gen(token=TOKEN_FULL), UNAUTHENTICATED),
     ]
     rows = []
     for case, server, creds, call, want in cases:
@@ -466,3 +497,58 @@ models = ["e*"]
             shown = await names(token)
             for model in installed:
                 assert await may_generate(token, model) == (model in shown), (token, model)
+
+
+#: (case, the `authorization` values sent, expected code); TOKEN_ENV is a known token.
+BEARER_FORMS: list[tuple[str, tuple[str, ...], grpc.StatusCode]] = [
+    ("exact", (f"Bearer {TOKEN_ENV}",), OK),
+    ("scheme in lower case", (f"bearer {TOKEN_ENV}",), OK),
+    ("scheme in upper case", (f"BEARER {TOKEN_ENV}",), OK),
+    ("two spaces", (f"Bearer  {TOKEN_ENV}",), UNAUTHENTICATED),
+    ("space after the token", (f"Bearer {TOKEN_ENV} ",), UNAUTHENTICATED),
+    ("space before the scheme", (f" Bearer {TOKEN_ENV}",), UNAUTHENTICATED),
+    ("something after the token", (f"Bearer {TOKEN_ENV} extra",), UNAUTHENTICATED),
+    ("two tokens in one value", (f"Bearer {TOKEN_ENV},{TOKEN_ENV}",), UNAUTHENTICATED),
+    ("a character outside b64token", (f"Bearer {TOKEN_ENV}!",), UNAUTHENTICATED),
+    ("the scheme alone", ("Bearer",), UNAUTHENTICATED),
+    ("the token alone", (TOKEN_ENV,), UNAUTHENTICATED),
+    ("another scheme", (f"Basic {TOKEN_ENV}",), UNAUTHENTICATED),
+    ("two entries, the same token", (f"Bearer {TOKEN_ENV}",) * 2, UNAUTHENTICATED),
+    ("two entries, a bad one first", ("Bearer nope", f"Bearer {TOKEN_ENV}"), UNAUTHENTICATED),
+    ("two entries, a bad one last", (f"Bearer {TOKEN_ENV}", "Bearer nope"), UNAUTHENTICATED),
+]
+
+
+async def test_bearer_credentials_must_be_unambiguous(make_runtime: MakeRuntime,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      figures: dict[str, Any]) -> None:
+    """Exactly one `authorization` entry, exactly `Bearer <token>` (RFC 6750: the scheme
+    in any case, one space, a b64token, nothing before or after). Anything else is
+    refused with UNAUTHENTICATED saying the expected form, rather than guessed at
+    (stripped spaces, the first of several entries); the token is never echoed or
+    logged."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("TOKENWIRE_AUTH_TOKENS", f"ops={TOKEN_ENV}")
+    server = await make_runtime()
+    rows = []
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = GenerationServiceStub(channel)
+        for case, values, want in BEARER_FORMS:
+            metadata = tuple(("authorization", v) for v in values)
+            try:
+                await generate_all(stub, metadata=metadata, timeout=5)
+            except grpc.aio.AioRpcError as err:
+                got, details = err.code(), err.details() or ""
+            else:
+                got, details = OK, ""
+            rows.append((case, want.name, got.name))
+            if got == UNAUTHENTICATED:
+                assert "Bearer <token>" in details, (case, details)
+                assert TOKEN_ENV not in details, (case, details)
+                if len(values) > 1:
+                    assert "exactly one" in details, (case, details)
+    _print_table("bearer forms", rows)
+    figures["bearer_forms"] = [{"case": c, "expected": w, "got": g} for c, w, g in rows]
+    assert [r[2] for r in rows] == [r[1] for r in rows], rows
+    assert TOKEN_ENV not in "\n".join(r.getMessage() for r in caplog.records)

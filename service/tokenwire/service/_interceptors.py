@@ -55,12 +55,30 @@ def _request_id(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
+#: RFC 6750's b64token: what may follow "Bearer " (and nothing else may).
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_BEARER_FORM = ("send exactly one `authorization` metadata entry, `Bearer <token>`: the "
+                "scheme (any case), one space, the token (letters, digits, -._~+/, "
+                "optionally = at the end), nothing before or after")
+
+
 def _bearer(metadata: Any) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
-    return None
+    """The bearer token, None when no `authorization` entry was sent. Ambiguous
+    credentials are refused, not guessed at, as strict gateways do: several entries
+    (which one would a proxy in front have checked?), or a value that is not exactly
+    ``Bearer <token>``. The refusal never repeats the value."""
+    values = [value for key, value in metadata or () if key == "authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise NotAuthenticated(f"{len(values)} `authorization` metadata entries; "
+                               + _BEARER_FORM)
+    value = values[0]
+    scheme, _, token = value.partition(" ") if isinstance(value, str) else ("", "", "")
+    if scheme.lower() != "bearer" or not _B64TOKEN.fullmatch(token):
+        raise NotAuthenticated("the `authorization` metadata is not a bearer token; "
+                               + _BEARER_FORM)
+    return token
 
 
 def _model_of(request: Any) -> str | None:
@@ -280,21 +298,29 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
     def _authenticate(self, context: grpc.aio.ServicerContext, metadata: Any) -> Caller:
+        """The caller, from a bearer token and/or a client certificate. A certificate
+        must pass the allow-list whether or not a token comes with it; a token and a
+        certificate that name different callers are refused."""
         token = _bearer(metadata)
+        names = self._cert_names(context)
+        if names and self._allowed and not any(fnmatch.fnmatchcase(n, p) for n in names
+                                               for p in self._allowed):
+            raise NotAuthenticated(f"client certificate {names[0]!r} is not on this "
+                                   "server's allow-list")
+        named = self._registry.by_cert(names) if names and self._registry else None
         if token is not None:
-            caller = self._registry.by_token(token) if self._registry and token else None
+            caller = self._registry.by_token(token) if self._registry else None
             if caller is None:
                 raise NotAuthenticated("the bearer token is not valid; send `authorization: "
                                        "Bearer <token>` with a token this server knows")
+            if named is not None and named.name != caller.name:
+                raise NotAuthenticated(f"the bearer token is not the one of caller "
+                                       f"'{named.name}', whom the client certificate "
+                                       f"{names[0]!r} names; send that caller's token, or "
+                                       "none")
             return caller
-        names = self._cert_names(context)
         if names:
-            if self._allowed and not any(fnmatch.fnmatchcase(n, p) for n in names
-                                         for p in self._allowed):
-                raise NotAuthenticated(f"client certificate {names[0]!r} is not on this "
-                                       "server's allow-list")
-            known = self._registry.by_cert(names) if self._registry else None
-            return known or Caller(name=names[0])
+            return named or Caller(name=names[0])
         raise NotAuthenticated("this server needs credentials: a bearer token in "
                                "`authorization: Bearer <token>` metadata"
                                + (" or a client certificate" if self._mtls else ""))
