@@ -586,8 +586,19 @@ async def test_every_served_method_answers_garbage_with_invalid_argument(
     if auth == "bearer tokens":
         monkeypatch.setenv("TOKENWIRE_AUTH_TOKENS", f"prober={SERVED_TOKEN}")
         metadata = (("authorization", f"Bearer {SERVED_TOKEN}"),)
-    runtime = await make_runtime()
+    runtime = await make_runtime(health_listen="127.0.0.1:0")
     caplog.set_level(logging.DEBUG)
+    assert runtime.health_target is not None
+    async with grpc.aio.insecure_channel(runtime.health_target) as probe:
+        # The probe port serves health alone (no reflection to ask): its descriptor.
+        described = health_pb2.DESCRIPTOR.services_by_name["Health"]
+        for m in described.methods:
+            for data in GARBAGE:
+                err = await call_with_bytes(probe, f"/{described.full_name}/{m.name}",
+                                            m.client_streaming, m.server_streaming, data)
+                assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, \
+                    (m.name, err)
+                assert reason(err) == "UNDECODABLE_REQUEST"
     async with grpc.aio.insecure_channel(runtime.target) as channel:
         methods = await served_methods(channel, metadata)
         services = {path.split("/")[1] for path, _, _ in methods}

@@ -110,6 +110,12 @@ class Settings:
         "help": "text (one readable line per event) or json (one JSON object per line)"})
     metrics_listen: str = field(default="", metadata={
         "help": "host:port to serve Prometheus metrics on (GET /metrics); empty = off"})
+    health_listen: str = field(default="", metadata={
+        "help": "host:port for a second, plaintext gRPC server with grpc.health.v1.Health "
+                "only (names liveness, readiness, \"\"), open to probes without credentials, "
+                "as kubelet's gRPC probe needs; no reflection, no model calls. It carries no "
+                "prompts or answers, so a non-loopback address needs no --insecure; "
+                "empty = off"})
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
                 "CPU; the admission limits apply per worker"})
@@ -203,6 +209,10 @@ def _valid_listen(hostport: str) -> bool:
     return bool(sep and host) and port.isdigit() and int(port) < 65536
 
 
+def _port(hostport: str) -> str:
+    return hostport.rpartition(":")[2] if hostport else ""
+
+
 def parse_settings(argv: Sequence[str] | None = None,
                    environ: Mapping[str, str] | None = None) -> Settings:
     """Flags win over TOKENWIRE_* variables, which win over defaults."""
@@ -251,6 +261,13 @@ def parse_settings(argv: Sequence[str] | None = None,
     if settings.metrics_listen and not _valid_listen(settings.metrics_listen):
         parser.error(f"--metrics-listen {settings.metrics_listen!r} is not host:port "
                      "(e.g. 127.0.0.1:9464, or 0.0.0.0:9464 for every interface)")
+    if settings.health_listen and not _valid_listen(settings.health_listen):
+        parser.error(f"--health-listen {settings.health_listen!r} is not host:port "
+                     "(e.g. 0.0.0.0:8081, reachable by kubelet's probes)")
+    if settings.health_listen and _port(settings.health_listen) in {
+            _port(settings.listen), _port(settings.metrics_listen)} - {"0", ""}:
+        parser.error(f"--health-listen {settings.health_listen!r} needs a port of its own, "
+                     "not the one of --listen or --metrics-listen")
     if settings.log_format not in ("text", "json"):
         parser.error(f"--log-format must be text or json, not {settings.log_format!r}")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
