@@ -12,6 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama
 from tests.helpers import server_process
 from tokenwire.service import SERVICE_NAME, Runtime
@@ -35,16 +36,110 @@ async def _wait_status(channel: grpc.aio.Channel, service: str, want: int) -> No
     raise AssertionError(f"health of {service!r} never became {want}")
 
 
+READINESS = ("", SERVICE_NAME, "readiness")
+
+
 async def test_health_follows_upstream(channel: grpc.aio.Channel, fake: FakeOllama) -> None:
     assert SERVICE_NAME == "tokenwire.v1.GenerationService"
-    for service in ("", SERVICE_NAME):
+    for service in READINESS:
         assert await _status(channel, service) == SERVING
     await fake.go_down()
-    for service in ("", SERVICE_NAME):
+    for service in READINESS:
         await _wait_status(channel, service, NOT_SERVING)
     await fake.come_up()
-    for service in ("", SERVICE_NAME):
+    for service in READINESS:
         await _wait_status(channel, service, SERVING)
+
+
+async def test_liveness_stays_serving_while_ollama_is_down(channel: grpc.aio.Channel,
+                                                           fake: FakeOllama) -> None:
+    """A liveness probe that followed Ollama would have Kubernetes restart every healthy
+    gateway during an Ollama outage: only readiness follows it."""
+    assert await _status(channel, "liveness") == SERVING
+    await fake.go_down()
+    for service in READINESS:
+        await _wait_status(channel, service, NOT_SERVING)
+    for _ in range(5):  # several probe intervals later, still alive
+        assert await _status(channel, "liveness") == SERVING
+        await asyncio.sleep(0.2)
+    await fake.come_up()
+    await _wait_status(channel, "readiness", SERVING)
+    assert await _status(channel, "liveness") == SERVING
+
+
+async def test_shutdown_turns_liveness_and_readiness_not_serving(
+        make_runtime: MakeRuntime, fake: FakeOllama) -> None:
+    """From the first moment of Runtime.stop, while a stream still drains, both answer
+    NOT_SERVING, on the main port and on --health-listen; the health port closes last."""
+    runtime = await make_runtime(health_listen="127.0.0.1:0", shutdown_grace=5.0)
+    assert runtime.health_target is not None
+    fake.tokens = [f"t{i} " for i in range(40)]
+    fake.token_delay = 0.05  # ~2 s: the drain outlasts the checks below
+    async with grpc.aio.insecure_channel(runtime.health_target) as probe, \
+            grpc.aio.insecure_channel(runtime.target) as channel:
+        for service in ("liveness", *READINESS):
+            assert await _status(probe, service) == SERVING
+        call = GenerationServiceStub(channel).Generate(
+            pb.GenerateRequest(model="tiny", prompt="p"), timeout=10)
+        first = await call.read()
+        stopping = asyncio.create_task(runtime.stop())
+        await _wait_status(probe, "liveness", NOT_SERVING)
+        assert not stopping.done()  # still draining
+        for service in READINESS:
+            assert await _status(probe, service) == NOT_SERVING
+        rest = []
+        while (token := await call.read()) is not grpc.aio.EOF:
+            rest.append(token)
+        await stopping
+        assert rest[-1].done and "".join(t.text for t in [first, *rest]) == "".join(fake.tokens)
+        with pytest.raises(grpc.aio.AioRpcError) as closed:
+            await _status(probe, "liveness")
+        assert closed.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_health_port_needs_no_credentials_and_serves_health_only(
+        make_runtime: MakeRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kubelet's gRPC probe sends no metadata: --health-listen answers it without a
+    token while the main port asks for one, and serves nothing but health."""
+    monkeypatch.setenv("TOKENWIRE_AUTH_TOKENS", "ops=tw-ops-31337")
+    runtime = await make_runtime(health_listen="127.0.0.1:0")
+    assert runtime.health_target is not None
+    assert runtime.health_target != runtime.target
+    async with grpc.aio.insecure_channel(runtime.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await _status(channel, "liveness")
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    async with grpc.aio.insecure_channel(runtime.health_target) as probe:
+        for service in ("liveness", *READINESS):
+            assert await _status(probe, service) == SERVING
+        watch = health_pb2_grpc.HealthStub(probe).Watch(
+            health_pb2.HealthCheckRequest(service="liveness"), timeout=5)
+        assert (await watch.read()).status == SERVING
+        watch.cancel()
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await _status(probe, "no-such-service")
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        # Nothing else: no model calls, no reflection.
+        with pytest.raises(grpc.aio.AioRpcError) as generate:
+            async for _ in GenerationServiceStub(probe).Generate(
+                    pb.GenerateRequest(model="tiny", prompt="p"), timeout=5):
+                pass
+        assert generate.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        with pytest.raises(grpc.aio.AioRpcError) as listing:
+            await _list_services(probe)
+        assert listing.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def _list_services(channel: grpc.aio.Channel) -> set[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def requests():  # type: ignore[no-untyped-def]
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    names: set[str] = set()
+    async for response in stub.ServerReflectionInfo(requests(), timeout=5):
+        names |= {s.name for s in response.list_services_response.service}
+    return names
 
 
 async def test_health_not_serving_on_shutdown(runtime: Runtime) -> None:

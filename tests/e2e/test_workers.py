@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fakeollama import FakeOllama
 from tests.helpers import (
+    OWN_CONNECTION,
     ServerProcess,
     joined,
     samples,
@@ -132,3 +133,32 @@ async def test_metrics_are_the_sum_of_all_workers(fake: FakeOllama) -> None:
         found = samples((await scrape(port)).text)
         assert value(found, "tokenwire_rpcs_total", method="Generate", code="OK") == 20
         assert await server.stop() == 0, server.output
+
+
+async def test_workers_share_the_health_port(fake: FakeOllama) -> None:
+    """--health-listen with --workers: the supervisor reserves the port like the main
+    one, every worker serves it (SO_REUSEPORT), without credentials."""
+    async with server_process(fake.url, *WORKERS, "--health-listen", "127.0.0.1:0",
+                              TOKENWIRE_AUTH_TOKENS="ops=tw-ops-1", TOKENWIRE_SHUTDOWN_GRACE="2",
+                              ) as server:
+        line = await server.wait_for("health checks on ")
+        target = line.split("health checks on ")[1].split()[0]
+        assert not target.endswith(":0") and target != server.target
+
+        async def probe(rid: str) -> int:
+            async with grpc.aio.insecure_channel(target, options=OWN_CONNECTION) as channel:
+                answer = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service="liveness"), timeout=5,
+                    metadata=(("x-request-id", rid),))
+                return int(answer.status)
+
+        rids = [f"probe-{i}-{os.urandom(3).hex()}" for i in range(16)]
+        assert await asyncio.gather(*(probe(r) for r in rids)) == \
+            [health_pb2.HealthCheckResponse.SERVING] * len(rids)
+        workers = set()
+        for rid in rids:
+            logged = await server.wait_for(f"rid={rid} ")
+            workers.add(int(re.findall(r" worker=(\d+) tokenwire\.access ", logged)[0]))
+        assert workers == {0, 1}
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exited() == 0, server.output

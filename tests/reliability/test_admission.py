@@ -5,6 +5,7 @@ limits. Every refusal names the limit and the value."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from google.rpc import error_details_pb2
 
 from tests.conftest import MakeRuntime
-from tests.fakeollama import FakeOllama
+from tests.fakeollama import FakeOllama, Fault
 from tests.helpers import detail, reason, violations
 from tests.reliability._util import bearer, generate_all, outcome, retry_delay
 from tokenwire.service._admission import Admission, Overloaded
@@ -61,10 +62,12 @@ async def stub_for(make_runtime: MakeRuntime) -> AsyncIterator[Any]:
 
     async def make(**settings: Any) -> GenerationServiceStub:
         runtime = await make_runtime(**settings)
+        make.runtimes.append(runtime)  # type: ignore[attr-defined]
         channel = grpc.aio.insecure_channel(runtime.target)
         channels.append(channel)
         return GenerationServiceStub(channel)
 
+    make.runtimes = []  # type: ignore[attr-defined]
     yield make
     for channel in channels:
         await channel.close()
@@ -128,6 +131,75 @@ async def test_per_caller_limit_from_flag(stub_for: Any, slow_fake: FakeOllama,
     figures.setdefault("admission", {})["per_caller_refusal"] = err.details()
 
 
+@pytest.mark.parametrize(("who", "streams"), [("anonymous", 2000), ("identified", 300)])
+async def test_one_peer_address_is_one_caller_only_when_identified(
+        stub_for: Any, fake: FakeOllama, figures: dict[str, Any],
+        monkeypatch: pytest.MonkeyPatch, who: str, streams: int) -> None:
+    """Anonymous callers are told apart only by peer address, which every service
+    behind one NAT, node or sidecar shares: by default they get no per-caller limit,
+    only --max-streams. 2,000 concurrent streams from one address, otherwise the
+    default admission settings: none refused (with the per-caller limit of 256 that
+    anonymous callers used to get, 1,744 were; and gRPC core's own queue of calls not
+    yet handled, 1,000 by default, shed about 200 with CANCELLED). An identified
+    caller (a bearer token) from the same address still gets --max-streams-per-caller
+    (256 by default)."""
+    metadata: Any = ()
+    if who == "identified":
+        monkeypatch.setenv("TOKENWIRE_AUTH_TOKENS", TOKENS)
+        metadata = ALICE
+    fake.set_fault(Fault(hang=True, paths=("/api/generate",)))  # every stream stays open
+    stub = await stub_for(max_streams=4096, first_token_timeout=120.0)
+    runtime = stub_for.runtimes[-1]
+    ended: list[str] = []  # calls that ended before the test cancelled them: refused
+
+    async def one() -> None:
+        try:
+            async for _ in stub.Generate(pb.GenerateRequest(model="tiny", prompt="p"),
+                                         metadata=metadata, timeout=120):
+                pass
+        except grpc.aio.AioRpcError as err:
+            # RESOURCE_EXHAUSTED from admission, or CANCELLED from gRPC core shedding a
+            # burst before admission saw it: either way the call was refused.
+            ended.append(f"{err.code().name}: {err.details()}")
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    tasks = [asyncio.create_task(one()) for _ in range(streams)]
+    # Every call is either admitted (it holds a slot) or has ended.
+    while runtime.admission.in_use + len(ended) < streams:
+        assert loop.time() - started < 60, (runtime.admission.in_use, ended[:3])
+        await asyncio.sleep(0.05)
+    took = loop.time() - started
+    admitted, refused = runtime.admission.in_use, list(ended)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    print(f"\none {who} caller, {streams} concurrent streams, --max-streams 4096: "
+          f"{admitted} admitted, {len(refused)} refused ({took:.1f}s to open them all)")
+    figures.setdefault("admission", {})[f"{who}_caller_streams"] = {
+        "streams": streams, "admitted": admitted, "refused": len(refused)}
+    if who == "anonymous":
+        assert not refused, (len(refused), refused[:3])
+        assert admitted == streams
+    else:
+        assert admitted == 256
+        assert len(refused) == streams - 256
+        assert all("RESOURCE_EXHAUSTED: caller 'alice'" in r and "per caller: 256" in r
+                   for r in refused), refused[:3]
+
+
+async def test_max_streams_per_peer_limits_anonymous_callers(stub_for: Any,
+                                                             slow_fake: FakeOllama) -> None:
+    stub = await stub_for(max_streams=10, max_streams_per_peer=2, max_streams_per_caller=1)
+    held = [await Held.open(stub), await Held.open(stub)]  # --max-streams-per-caller: n/a
+    err = await _refusal(generate_all(stub))
+    assert err.code() == RESOURCE_EXHAUSTED
+    assert "peer 127.0.0.1 already has 2 model calls running" in (err.details() or "")
+    assert "--max-streams-per-peer: 2" in (err.details() or ""), err.details()
+    for h in held:
+        h.release()
+
+
 async def test_per_caller_max_streams_from_callers_file(stub_for: Any, slow_fake: FakeOllama,
                                                         tmp_path: Path) -> None:
     path = tmp_path / "callers.toml"
@@ -144,22 +216,44 @@ async def test_per_caller_max_streams_from_callers_file(stub_for: Any, slow_fake
         h.release()
 
 
-async def test_rate_limit_token_bucket(stub_for: Any, figures: dict[str, Any]) -> None:
+async def test_rate_limit_token_bucket(stub_for: Any, monkeypatch: pytest.MonkeyPatch,
+                                       figures: dict[str, Any]) -> None:
+    monkeypatch.setenv("TOKENWIRE_AUTH_TOKENS", TOKENS)
     stub = await stub_for(rate=5.0, burst=3)
-    results = [await outcome(stub.ListModels(pb.ListModelsRequest(), timeout=5))
-               for _ in range(4)]
+    results = [await outcome(stub.ListModels(pb.ListModelsRequest(), metadata=ALICE,
+                                             timeout=5)) for _ in range(4)]
     assert results[:3] == [OK] * 3
     assert results[3] == RESOURCE_EXHAUSTED
-    err = await _refusal(stub.ListModels(pb.ListModelsRequest(), timeout=5))
-    assert "rate limit of 5 requests/s (burst 3)" in (err.details() or "")
+    err = await _refusal(stub.ListModels(pb.ListModelsRequest(), metadata=ALICE, timeout=5))
+    assert "caller 'alice' is over its rate limit of 5 requests/s (burst 3)" in \
+        (err.details() or "")
     delay = retry_delay(err)
     assert 0 < delay <= 0.2 + 1e-6  # one request's worth of refill at 5/s
+    # Each caller has a bucket of its own.
+    assert await outcome(stub.ListModels(pb.ListModelsRequest(), metadata=BOB)) == OK
     await asyncio.sleep(delay + 0.02)  # honouring RetryInfo is enough
-    assert await outcome(stub.ListModels(pb.ListModelsRequest(), timeout=5)) == OK
+    assert await outcome(stub.ListModels(pb.ListModelsRequest(), metadata=ALICE,
+                                         timeout=5)) == OK
     print(f"\nrate 5/s burst 3: 4th call refused, RetryInfo {delay * 1000:.0f} ms; "
           "retrying after it succeeds")
     figures.setdefault("admission", {})["rate_refusal"] = {
         "message": err.details(), "retry_after_s": round(delay, 3)}
+
+
+async def test_anonymous_rate_is_per_peer_and_off_by_default(stub_for: Any) -> None:
+    """--rate is per identified caller; anonymous callers share a peer address (a NAT,
+    a node, a sidecar), so only --rate-per-peer limits them, and it is off by default."""
+    open_stub = await stub_for(rate=5.0, burst=3)
+    for _ in range(30):
+        assert await outcome(open_stub.ListModels(pb.ListModelsRequest(), timeout=5)) == OK
+    stub = await stub_for(rate_per_peer=5.0, burst=3)
+    results = [await outcome(stub.ListModels(pb.ListModelsRequest(), timeout=5))
+               for _ in range(4)]
+    assert results == [OK, OK, OK, RESOURCE_EXHAUSTED]
+    err = await _refusal(stub.ListModels(pb.ListModelsRequest(), timeout=5))
+    assert ("peer 127.0.0.1 is over its rate limit of 5 requests/s (burst 3; --rate-per-peer)"
+            in (err.details() or "")), err.details()
+    assert 0 < retry_delay(err) <= 0.2 + 1e-6
 
 
 async def test_per_caller_rate_from_callers_file(stub_for: Any, tmp_path: Path) -> None:
@@ -373,3 +467,18 @@ async def test_a_refilling_bucket_survives_the_sweep() -> None:
     admission.check_rate("other")  # sweeps
     with pytest.raises(Overloaded):  # "slow" was not forgotten (which would refill it)
         admission.check_rate("slow")
+
+
+async def test_caller_limits_without_identified_callers_are_reported(
+        stub_for: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """--rate and --max-streams-per-caller limit identified callers; on a server that
+    identifies nobody they would do nothing, so the server says so at start."""
+    caplog.set_level(logging.WARNING, logger="tokenwire.service")
+    await stub_for(rate=5.0, max_streams_per_caller=8)
+    warned = [r.getMessage() for r in caplog.records if "identified callers only" in
+              r.getMessage()]
+    assert len(warned) == 1 and "--rate and --max-streams-per-caller" in warned[0], warned
+    assert "--rate-per-peer" in warned[0] and "--max-streams-per-peer" in warned[0]
+    caplog.clear()
+    await stub_for(rate_per_peer=5.0, max_streams_per_peer=8)
+    assert not [r for r in caplog.records if "identified callers only" in r.getMessage()]

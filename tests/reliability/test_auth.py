@@ -37,6 +37,9 @@ TOKEN_FULL = "tw-full-6f1d2c9e8b7a"
 TOKEN_TINY = "tw-tiny-0a9b8c7d6e5f"
 TOKEN_CHAT = "tw-chat-1234abcd5678"
 TOKEN_ENV = "tw-env-9988776655"
+TOKEN_THINK = "tw-think-42aa17"
+TOKEN_CERTIFIED = "tw-certified-5e6f7a"
+TOKEN_LETTER = "tw-letter-e-8c3d"
 
 CALLERS = f"""
 [callers.full]
@@ -55,6 +58,7 @@ CHAT = pb.ChatRequest(model="tiny", messages=[pb.Message(role=pb.ROLE_USER, cont
 
 
 def _callers_file(tmp_path: Path, text: str = CALLERS) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "callers.toml"
     path.write_text(text)
     return path
@@ -85,6 +89,22 @@ async def test_auth_matrix(make_runtime: MakeRuntime, pki: Pki, tmp_path: Path,
                            figures: dict[str, Any]) -> None:
     tls = await _tls_server(make_runtime, pki, tmp_path)
     mtls = await _mtls_server(make_runtime, pki)
+    # mTLS and tokens together: the allowed certificate names the caller "certified".
+    both_file = _callers_file(tmp_path / "both", CALLERS + f"""
+[callers.certified]
+cert_names = ["{ALLOWED_CLIENT}"]
+token = "{TOKEN_CERTIFIED}"
+""")
+    both = await make_runtime(tls_cert=str(pki.server.cert_path),
+                              tls_key=str(pki.server.key_path),
+                              tls_client_ca=str(pki.ca_path),
+                              tls_allowed_clients="client-allowed.*",
+                              callers_file=str(both_file))
+    # The same without an allow-list: any certificate of the CA gets in.
+    both_any = await make_runtime(tls_cert=str(pki.server.cert_path),
+                                  tls_key=str(pki.server.key_path),
+                                  tls_client_ca=str(pki.ca_path),
+                                  callers_file=str(both_file))
 
     Call = Callable[[GenerationServiceStub], Awaitable[object]]
 
@@ -111,6 +131,19 @@ async def test_auth_matrix(make_runtime: MakeRuntime, pki: Pki, tmp_path: Path,
         ("mTLS, certificate from another CA", mtls, "rogue", gen(), UNAVAILABLE),
         ("mTLS, no client certificate", mtls, "tls", gen(), UNAVAILABLE),
         ("plaintext client -> mTLS server", mtls, "plaintext", gen(), UNAVAILABLE),
+        ("mTLS without tokens, allowed certificate + a token", mtls, "allowed",
+         gen(token=TOKEN_FULL), UNAUTHENTICATED),
+        ("mTLS+tokens, certificate of a caller, no token", both, "allowed", gen(), OK),
+        ("mTLS+tokens, certificate + the same caller's token", both, "allowed",
+         gen(token=TOKEN_CERTIFIED), OK),
+        ("mTLS+tokens, certificate + another caller's token", both, "allowed",
+         gen(token=TOKEN_FULL), UNAUTHENTICATED),
+        ("mTLS+tokens, certificate not on allow-list + good token", both, "other",
+         gen(token=TOKEN_FULL), UNAUTHENTICATED),
+        ("mTLS+tokens, no allow-list, unnamed certificate + good token", both_any, "other",
+         gen(token=TOKEN_FULL), OK),
+        ("mTLS+tokens, no allow-list, certificate + another caller's token", both_any,
+         "allowed", gen(token=TOKEN_FULL), UNAUTHENTICATED),
     ]
     rows = []
     for case, server, creds, call, want in cases:
@@ -422,3 +455,100 @@ async def test_url_credentials_not_sent_to_callers_or_logged(
     assert failed.value.code() == UNAVAILABLE
     assert "s3cr3t-pw" not in (failed.value.details() or "")
     assert "s3cr3t-pw" not in "\n".join(r.getMessage() for r in caplog.records)
+
+
+async def test_list_models_shows_only_the_models_a_caller_may_use(make_runtime: MakeRuntime,
+                                                                 tmp_path: Path,
+                                                                 fake: FakeOllama) -> None:
+    """A caller allowed only some models sees only those in ListModels, by the same
+    rule as Generate (":latest" included); callers without a model policy see all."""
+    path = _callers_file(tmp_path, CALLERS + f"""
+[callers.think-bare]
+token = "{TOKEN_THINK}"
+models = ["think-model"]
+
+[callers.letter-e]
+token = "{TOKEN_LETTER}"
+models = ["e*"]
+""")
+    server = await make_runtime(callers_file=str(path))
+    installed = {"tiny:latest", "think-model:latest", "embedder:latest"}
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = GenerationServiceStub(channel)
+
+        async def names(token: str) -> set[str]:
+            answer = await stub.ListModels(pb.ListModelsRequest(), metadata=bearer(token),
+                                           timeout=5)
+            return {m.name for m in answer.models}
+
+        async def may_generate(token: str, model: str) -> bool:
+            got = await outcome(generate_all(stub, pb.GenerateRequest(model=model, prompt="p"),
+                                             metadata=bearer(token)))
+            assert got in (OK, PERMISSION_DENIED), got
+            return got == OK
+
+        assert await names(TOKEN_FULL) == installed
+        assert await names(TOKEN_TINY) == {"tiny:latest"}
+        assert await names(TOKEN_LETTER) == {"embedder:latest"}
+        # A pattern without a tag means ":latest", in both directions, as in Ollama.
+        assert await names(TOKEN_THINK) == {"think-model:latest"}
+        # What a caller is shown is exactly what it may call.
+        for token in (TOKEN_FULL, TOKEN_TINY, TOKEN_LETTER, TOKEN_THINK):
+            shown = await names(token)
+            for model in installed:
+                assert await may_generate(token, model) == (model in shown), (token, model)
+
+
+#: (case, the `authorization` values sent, expected code); TOKEN_ENV is a known token.
+BEARER_FORMS: list[tuple[str, tuple[str, ...], grpc.StatusCode]] = [
+    ("exact", (f"Bearer {TOKEN_ENV}",), OK),
+    ("scheme in lower case", (f"bearer {TOKEN_ENV}",), OK),
+    ("scheme in upper case", (f"BEARER {TOKEN_ENV}",), OK),
+    ("two spaces", (f"Bearer  {TOKEN_ENV}",), UNAUTHENTICATED),
+    ("space after the token", (f"Bearer {TOKEN_ENV} ",), UNAUTHENTICATED),
+    ("space before the scheme", (f" Bearer {TOKEN_ENV}",), UNAUTHENTICATED),
+    ("something after the token", (f"Bearer {TOKEN_ENV} extra",), UNAUTHENTICATED),
+    ("two tokens in one value", (f"Bearer {TOKEN_ENV},{TOKEN_ENV}",), UNAUTHENTICATED),
+    ("a character outside b64token", (f"Bearer {TOKEN_ENV}!",), UNAUTHENTICATED),
+    ("the scheme alone", ("Bearer",), UNAUTHENTICATED),
+    ("the token alone", (TOKEN_ENV,), UNAUTHENTICATED),
+    ("another scheme", (f"Basic {TOKEN_ENV}",), UNAUTHENTICATED),
+    ("two entries, the same token", (f"Bearer {TOKEN_ENV}",) * 2, UNAUTHENTICATED),
+    ("two entries, a bad one first", ("Bearer nope", f"Bearer {TOKEN_ENV}"), UNAUTHENTICATED),
+    ("two entries, a bad one last", (f"Bearer {TOKEN_ENV}", "Bearer nope"), UNAUTHENTICATED),
+]
+
+
+async def test_bearer_credentials_must_be_unambiguous(make_runtime: MakeRuntime,
+                                                      monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture,
+                                                      figures: dict[str, Any]) -> None:
+    """Exactly one `authorization` entry, exactly `Bearer <token>` (RFC 6750: the scheme
+    in any case, one space, a b64token, nothing before or after). Anything else is
+    refused with UNAUTHENTICATED saying the expected form, rather than guessed at
+    (stripped spaces, the first of several entries); the token is never echoed or
+    logged."""
+    caplog.set_level(logging.DEBUG)
+    monkeypatch.setenv("TOKENWIRE_AUTH_TOKENS", f"ops={TOKEN_ENV}")
+    server = await make_runtime()
+    rows = []
+    async with grpc.aio.insecure_channel(server.target) as channel:
+        stub = GenerationServiceStub(channel)
+        for case, values, want in BEARER_FORMS:
+            metadata = tuple(("authorization", v) for v in values)
+            try:
+                await generate_all(stub, metadata=metadata, timeout=5)
+            except grpc.aio.AioRpcError as err:
+                got, details = err.code(), err.details() or ""
+            else:
+                got, details = OK, ""
+            rows.append((case, want.name, got.name))
+            if got == UNAUTHENTICATED:
+                assert "Bearer <token>" in details, (case, details)
+                assert TOKEN_ENV not in details, (case, details)
+                if len(values) > 1:
+                    assert "exactly one" in details, (case, details)
+    _print_table("bearer forms", rows)
+    figures["bearer_forms"] = [{"case": c, "expected": w, "got": g} for c, w, g in rows]
+    assert [r[2] for r in rows] == [r[1] for r in rows], rows
+    assert TOKEN_ENV not in "\n".join(r.getMessage() for r in caplog.records)

@@ -5,8 +5,9 @@ Every well-formed request must end with a clean status: OK, or an error that is
 not UNKNOWN, not RESOURCE_EXHAUSTED (no limit here is small enough) and not our
 catch-all INTERNAL (an INTERNAL is allowed only with an ``UPSTREAM_*`` reason from
 the status table), never a deadline (a wedged handler). Raw bytes may also get
-grpc.aio's own UNKNOWN for bytes it cannot deserialize; that this should be
-INVALID_ARGUMENT is asserted separately (test_undecodable_request_is_invalid_argument).
+INVALID_ARGUMENT (UNDECODABLE_REQUEST) when they decode as no request, never UNKNOWN;
+every method the server serves, health and reflection included, is checked with
+such bytes in test_every_served_method_answers_garbage_with_invalid_argument.
 Afterwards the server still serves a normal Generate quickly.
 
 How the examples run: pytest-asyncio runs an ``async`` test decorated with
@@ -19,6 +20,7 @@ subprocess: one loop, as in the other tiers.
 from __future__ import annotations
 
 import collections
+import logging
 import math
 import time
 from collections.abc import AsyncIterator
@@ -26,13 +28,16 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import descriptor_pb2
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama
-from tests.helpers import rich_status
+from tests.helpers import reason, rich_status
 from tokenwire.service import Runtime
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
@@ -315,11 +320,11 @@ def _check(t: Target, err: grpc.aio.AioRpcError, *, raw: bool) -> None:
     # No limit here is small enough to be hit (no rate, messages under 32 MiB): an
     # invalid request must come back as INVALID_ARGUMENT, whatever it holds.
     assert code != grpc.StatusCode.RESOURCE_EXHAUSTED or raw, (code, err.details())
-    undecodable = raw and "DecodeError" in (err.details() or "")
-    # grpc.aio itself answers UNKNOWN to bytes it cannot deserialize; that gap has its
-    # own test (test_undecodable_request_is_invalid_argument). Anything else UNKNOWN
-    # is a handler that crashed.
-    assert code != grpc.StatusCode.UNKNOWN or undecodable, (code, err.details())
+    # UNKNOWN is a handler that crashed, or bytes the guard failed to decode itself
+    # (grpc.aio's own answer to them).
+    assert code != grpc.StatusCode.UNKNOWN, (code, err.details())
+    if raw and code == grpc.StatusCode.INVALID_ARGUMENT and why == "UNDECODABLE_REQUEST":
+        assert "could not be decoded" in (err.details() or "")
     if code == grpc.StatusCode.INTERNAL:
         assert why is not None and why.startswith("UPSTREAM_"), (why, err.details())
     if code == grpc.StatusCode.INVALID_ARGUMENT and why == "INVALID_REQUEST":
@@ -455,6 +460,7 @@ async def test_undecodable_request_is_invalid_argument(target: Target, case: str
             await target.channel.unary_unary(path)(data, timeout=5)
     target.codes[failed.value.code().name] += 1
     assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT, failed.value.details()
+    assert _reason(failed.value) == "UNDECODABLE_REQUEST"
     assert "x-request-id" in dict(failed.value.trailing_metadata())
 
 
@@ -506,3 +512,127 @@ def test_float_strategy_covers_nan_and_infinity() -> None:
 
     probe()
     assert all(seen.values()), seen
+
+
+# -- every served method --------------------------------------------------------------------
+
+#: Bytes that are no message of any type: a length past the end, a wire type that does
+#: not exist, a varint longer than ten bytes.
+GARBAGE = (b"\x0a\xff\xff\xff\xff\x0f", b"\x07", b"\x08" + b"\xff" * 10 + b"\x01")
+SERVED_TOKEN = "tw-hostile-7c1e"
+
+
+async def served_methods(channel: grpc.aio.Channel,
+                         metadata: Any = ()) -> list[tuple[str, bool, bool]]:
+    """(path, client streaming, server streaming) of every method of every service
+    the server lists over reflection, read from the descriptors it sends: what a
+    client can call, not a list kept by hand."""
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def ask(request: reflection_pb2.ServerReflectionRequest,
+                  ) -> reflection_pb2.ServerReflectionResponse:
+        async def one():  # type: ignore[no-untyped-def]
+            yield request
+        responses = [r async for r in stub.ServerReflectionInfo(one(), metadata=metadata,
+                                                                timeout=5)]
+        assert len(responses) == 1
+        return responses[0]
+
+    listed = await ask(reflection_pb2.ServerReflectionRequest(list_services=""))
+    methods = []
+    for service in listed.list_services_response.service:
+        found = await ask(reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol=service.name))
+        for raw in found.file_descriptor_response.file_descriptor_proto:
+            fd = descriptor_pb2.FileDescriptorProto.FromString(raw)
+            for s in fd.service:
+                if f"{fd.package}.{s.name}".lstrip(".") == service.name:
+                    methods += [(f"/{service.name}/{m.name}", m.client_streaming,
+                                 m.server_streaming) for m in s.method]
+    return methods
+
+
+async def call_with_bytes(channel: grpc.aio.Channel, path: str, client_streaming: bool,
+                          server_streaming: bool, data: bytes,
+                          metadata: Any = ()) -> grpc.aio.AioRpcError | None:
+    """Sends ``data`` as the request (no serializer: the bytes go out as they are)."""
+    try:
+        if client_streaming:
+            call = (channel.stream_stream if server_streaming
+                    else channel.stream_unary)(path)(iter([data]), metadata=metadata,
+                                                     timeout=5)
+        else:
+            call = (channel.unary_stream if server_streaming
+                    else channel.unary_unary)(path)(data, metadata=metadata, timeout=5)
+        if server_streaming:
+            async for _ in call:
+                pass
+        else:
+            await call
+    except grpc.aio.AioRpcError as err:
+        return err
+    return None
+
+
+@pytest.mark.parametrize("auth", ["no auth", "bearer tokens"])
+async def test_every_served_method_answers_garbage_with_invalid_argument(
+        make_runtime: MakeRuntime, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, auth: str, figures: dict[str, Any]) -> None:
+    """Bytes that decode as no request are the caller's mistake, on every method the
+    server serves (tokenwire's, health's, reflection's bidirectional stream), with or
+    without authentication: INVALID_ARGUMENT saying the request could not be decoded,
+    never UNKNOWN, no traceback in the log, and the server keeps serving."""
+    metadata: tuple[tuple[str, str], ...] = ()
+    if auth == "bearer tokens":
+        monkeypatch.setenv("TOKENWIRE_AUTH_TOKENS", f"prober={SERVED_TOKEN}")
+        metadata = (("authorization", f"Bearer {SERVED_TOKEN}"),)
+    runtime = await make_runtime(health_listen="127.0.0.1:0")
+    caplog.set_level(logging.DEBUG)
+    assert runtime.health_target is not None
+    async with grpc.aio.insecure_channel(runtime.health_target) as probe:
+        # The probe port serves health alone (no reflection to ask): its descriptor.
+        described = health_pb2.DESCRIPTOR.services_by_name["Health"]
+        for m in described.methods:
+            for data in GARBAGE:
+                err = await call_with_bytes(probe, f"/{described.full_name}/{m.name}",
+                                            m.client_streaming, m.server_streaming, data)
+                assert err is not None and err.code() == grpc.StatusCode.INVALID_ARGUMENT, \
+                    (m.name, err)
+                assert reason(err) == "UNDECODABLE_REQUEST"
+    async with grpc.aio.insecure_channel(runtime.target) as channel:
+        methods = await served_methods(channel, metadata)
+        services = {path.split("/")[1] for path, _, _ in methods}
+        assert {"tokenwire.v1.GenerationService", "grpc.health.v1.Health",
+                "grpc.reflection.v1alpha.ServerReflection"} <= services
+        got: dict[str, set[str]] = collections.defaultdict(set)
+        for path, client_streaming, server_streaming in methods:
+            for data in GARBAGE:
+                err = await call_with_bytes(channel, path, client_streaming, server_streaming,
+                                            data, metadata)
+                assert err is not None, (path, data)
+                got[path].add(err.code().name)
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, \
+                    (path, data, err.code(), err.details())
+                assert "could not be decoded" in (err.details() or ""), (path, err.details())
+                assert reason(err) == "UNDECODABLE_REQUEST", path
+                assert "x-request-id" in dict(err.trailing_metadata()), path
+                if metadata:  # and without credentials: refused before anything is read
+                    err = await call_with_bytes(channel, path, client_streaming,
+                                                server_streaming, data)
+                    assert err is not None and err.code() == grpc.StatusCode.UNAUTHENTICATED, \
+                        (path, err)
+        # Still serving: health, reflection and a model call answer normally.
+        health = health_pb2_grpc.HealthStub(channel)
+        answer = await health.Check(health_pb2.HealthCheckRequest(), metadata=metadata,
+                                    timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        assert len(await served_methods(channel, metadata)) == len(methods)
+        tokens = [t async for t in GenerationServiceStub(channel).Generate(
+            pb.GenerateRequest(model="tiny", prompt="ok"), metadata=metadata, timeout=5)]
+        assert tokens[-1].done
+    tracebacks = [r for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not tracebacks, [r.getMessage() for r in tracebacks]
+    print(f"\ngarbage to every served method ({auth}): "
+          f"{ {p: sorted(c) for p, c in got.items()} }")
+    figures.setdefault("hostile", {})[f"garbage_every_method_{auth.replace(' ', '_')}"] = {
+        p: sorted(c) for p, c in got.items()}

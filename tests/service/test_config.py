@@ -84,3 +84,35 @@ def test_log_format(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_settings(["--log-format", "xml"], {})
     assert "--log-format must be text or json" in capsys.readouterr().err
+
+
+def test_per_peer_limits(capsys: pytest.CaptureFixture[str]) -> None:
+    defaults = parse_settings([], {})
+    assert (defaults.max_streams_per_peer, defaults.rate_per_peer) == (0, 0.0)  # off
+    assert defaults.max_streams_per_caller == 256
+    settings = parse_settings(["--max-streams-per-peer", "64"],
+                              {"TOKENWIRE_RATE_PER_PEER": "2.5"})
+    assert (settings.max_streams_per_peer, settings.rate_per_peer) == (64, 2.5)
+    for flag in ("--max-streams-per-peer", "--rate-per-peer"):
+        with pytest.raises(SystemExit):
+            parse_settings([flag, "-1"], {})
+        assert flag in capsys.readouterr().err
+
+
+def test_health_listen(capsys: pytest.CaptureFixture[str]) -> None:
+    assert parse_settings([], {}).health_listen == ""  # off by default
+    # Kubelet probes the pod's address: a non-loopback plaintext health port is fine,
+    # while the main port on that address would still need TLS or --insecure.
+    assert parse_settings(["--health-listen", "0.0.0.0:8081"], {}).health_listen \
+        == "0.0.0.0:8081"
+    for bad in ("8081", "host:", "host:port"):
+        with pytest.raises(SystemExit):
+            parse_settings(["--health-listen", bad], {})
+        assert "is not host:port" in capsys.readouterr().err
+    for clash in (["--listen", "127.0.0.1:7000", "--health-listen", "0.0.0.0:7000"],
+                  ["--metrics-listen", "127.0.0.1:9464", "--health-listen", "[::]:9464"]):
+        with pytest.raises(SystemExit):
+            parse_settings(clash, {})
+        assert "needs a port of its own" in capsys.readouterr().err
+    assert parse_settings(["--listen", "127.0.0.1:0", "--health-listen", "127.0.0.1:0"],
+                          {}).health_listen == "127.0.0.1:0"

@@ -6,6 +6,9 @@ import asyncio
 import json
 from pathlib import Path
 
+import pytest
+
+from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama
 from tokenwire.service import Runtime
 
@@ -74,3 +77,52 @@ async def test_error_shows_status_and_details(tool_bin: Path, runtime: Runtime) 
                                     runtime.target, "tokenwire.v1.GenerationService/Generate")
     assert code != 0
     assert "Code: NotFound" in err and "ollama pull nope" in err
+
+
+def _health_protoset(directory: Path) -> Path:
+    """grpc.health.v1's descriptor as a protoset: the probe port has no reflection, so
+    grpcurl needs the schema from elsewhere (grpc_health_probe and kubelet know it)."""
+    from google.protobuf import descriptor_pb2
+    from grpc_health.v1 import health_pb2
+
+    files = descriptor_pb2.FileDescriptorSet()
+    health_pb2.DESCRIPTOR.CopyToProto(files.file.add())
+    path = directory / "health.protoset"
+    path.write_bytes(files.SerializeToString())
+    return path
+
+
+async def test_probe_of_the_health_port(tool_bin: Path, make_runtime: MakeRuntime,
+                                        fake: FakeOllama, tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a probe does, with the real grpcurl: plaintext, no credentials, on
+    --health-listen, while the main port asks for a token; liveness stays SERVING
+    while Ollama is down, readiness does not."""
+    monkeypatch.setenv("TOKENWIRE_AUTH_TOKENS", "ops=tw-ops-8a8a")
+    runtime = await make_runtime(health_listen="127.0.0.1:0")
+    assert runtime.health_target is not None
+    protoset = str(_health_protoset(tmp_path))
+
+    async def check(target: str, service: str) -> tuple[int, str, str]:
+        return await _grpcurl(tool_bin, "-protoset", protoset, "-d",
+                              json.dumps({"service": service}), target,
+                              "grpc.health.v1.Health/Check")
+
+    code, out, err = await check(runtime.target, "liveness")
+    assert code != 0 and "Unauthenticated" in err, (code, out, err)
+    for service in ("liveness", "readiness", ""):
+        code, out, err = await check(runtime.health_target, service)
+        assert code == 0, err
+        assert json.loads(out) == {"status": "SERVING"}, service
+    await fake.go_down()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while json.loads((await check(runtime.health_target, "readiness"))[1]) != {
+            "status": "NOT_SERVING"}:
+        assert loop.time() - started < 10, "readiness never became NOT_SERVING"
+        await asyncio.sleep(0.1)
+    code, out, err = await check(runtime.health_target, "liveness")
+    assert code == 0 and json.loads(out) == {"status": "SERVING"}, (out, err)
+    # And the probe port lists nothing: no reflection there.
+    code, out, err = await _grpcurl(tool_bin, runtime.health_target, "list")
+    assert code != 0 and "reflection" in err.lower(), (code, out, err)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 import shlex
 from pathlib import Path
 
 from tests.fakeollama import FakeOllama
 from tests.tools.conftest import ROOT
-from tokenwire.service import Runtime, Settings
+from tokenwire.service import Runtime, Settings, parse_settings
+from tokenwire.service._health import LIVENESS, READINESS
 
 README = (ROOT / "README.md").read_text()
 MODEL = "smollm2:135m"
@@ -97,3 +99,16 @@ def test_readme_configuration_table_is_complete() -> None:
         flag = "--" + field.name.replace("_", "-")
         env = "TOKENWIRE_" + field.name.upper()
         assert f"| `{flag}` | `{env}` |" in README, f"README lacks a row for {flag}"
+
+
+def test_readme_kubernetes_probes_match_the_flags() -> None:
+    """The Kubernetes snippet's arguments are valid flags, and its probes ask the
+    --health-listen port for the liveness and readiness names the server serves."""
+    (manifest,) = _blocks("yaml")
+    args = json.loads(re.search(r"args: (\[.*?\])", manifest, flags=re.S)[1])  # type: ignore[index]
+    settings = parse_settings(args, {})
+    health_port = int(settings.health_listen.rpartition(":")[2])
+    found = re.findall(r"(\w+Probe):\s*\n\s*grpc: \{port: (\d+), service: (\w+)\}", manifest)
+    probes = {kind: (int(port), name) for kind, port, name in found}
+    assert probes == {"livenessProbe": (health_port, LIVENESS),
+                      "readinessProbe": (health_port, READINESS)}

@@ -6,6 +6,15 @@ the only place where pressure can be pushed back. Over a limit a call either
 waits in a bounded queue (``queue_timeout`` > 0, never past its deadline) or is
 refused at once with RESOURCE_EXHAUSTED and a retry hint.
 
+Identified callers (a bearer token, a client certificate) get the per-caller
+limits. Anonymous callers (no authentication configured) can be told apart only
+by peer address, and an address is not an identity: every service behind one
+NAT, Kubernetes node or sidecar proxy shares it, so a per-caller limit meant for
+one caller would throttle all of them together (one internal service opening
+2,000 streams had 1,744 refused at the old default of 256). They have limits of
+their own, per peer address, off by default (``max_streams_per_peer`` and
+``rate_per_peer`` 0): then only the global limit applies to them.
+
 Per-caller state lives only while it matters: a caller's slots are dropped when
 its last call ends, and its rate bucket once it has refilled, so a stream of
 distinct callers (anonymous ones are keyed by peer address) does not grow them.
@@ -114,10 +123,13 @@ class Ticket:
 
 class Admission:
     def __init__(self, *, max_streams: int, max_streams_per_caller: int, rate: float,
-                 burst: int, queue_timeout: float,
+                 burst: int, queue_timeout: float, max_streams_per_peer: int = 0,
+                 rate_per_peer: float = 0.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._global = _Slots(max_streams)
         self._per_caller_default = max_streams_per_caller
+        self._per_peer = max_streams_per_peer
+        self._rate_per_peer = rate_per_peer
         self._per_caller: dict[str, _Slots] = {}
         self._rate = rate
         self._burst = burst
@@ -135,9 +147,12 @@ class Admission:
         """Callers with per-caller state (running calls or a refilling rate bucket)."""
         return len(self._per_caller.keys() | self._buckets.keys())
 
-    def check_rate(self, caller: str, rate: float | None = None, burst: int | None = None) -> None:
-        """Takes one request from the caller's bucket or raises Overloaded."""
-        rate = self._rate if rate is None else rate
+    def check_rate(self, caller: str, rate: float | None = None, burst: int | None = None,
+                   *, anonymous: bool = False) -> None:
+        """Takes one request from the caller's bucket or raises Overloaded. An
+        ``anonymous`` caller is a peer address, limited by ``rate_per_peer``."""
+        if rate is None:
+            rate = self._rate_per_peer if anonymous else self._rate
         burst = self._burst if burst is None else burst
         if rate <= 0:
             return
@@ -151,9 +166,10 @@ class Admission:
         bucket.stamp = now
         if bucket.tokens < 1.0:
             wait = (1.0 - bucket.tokens) / rate
-            raise Overloaded(f"caller '{caller}' is over its rate limit of {rate:g} "
-                             f"requests/s (burst {burst}); retry in {wait:.2f}s",
-                             retry_after=wait)
+            raise Overloaded(f"{_who(caller, anonymous)} is over its rate limit of {rate:g} "
+                             f"requests/s (burst {burst}"
+                             + ("; --rate-per-peer" if anonymous else "")
+                             + f"); retry in {wait:.2f}s", retry_after=wait)
         bucket.tokens -= 1.0
         bucket.full_at = now + (float(burst) - bucket.tokens) / rate
 
@@ -169,17 +185,24 @@ class Admission:
             del self._per_caller[caller]
 
     async def admit(self, caller: str, *, max_streams: int | None = None,
-                    deadline: float | None = None) -> Ticket:
+                    anonymous: bool = False, deadline: float | None = None) -> Ticket:
         """Takes a global and a per-caller slot, waiting at most the queue
-        timeout (and never past ``deadline``, seconds from now)."""
+        timeout (and never past ``deadline``, seconds from now). An ``anonymous``
+        caller is a peer address: ``max_streams_per_peer`` applies, and when that is
+        0 only the global limit does."""
         wait = self._queue_timeout if deadline is None else min(self._queue_timeout, deadline)
-        limit = max_streams or self._per_caller_default
+        limit = self._per_peer if anonymous else max_streams or self._per_caller_default
+        if limit <= 0:
+            if not await self._global.take(wait):
+                raise self._full()
+            return Ticket((self._global,), _nothing)
         mine = self._per_caller.setdefault(caller, _Slots(limit))
         mine.limit = limit  # follows a reloaded policy
         if not await mine.take(wait):
             self._forget_if_idle(caller)
-            raise Overloaded(f"caller '{caller}' already has {mine.used} model calls running, "
-                             f"its limit (max streams per caller: {mine.limit}); retry when one "
+            which = "--max-streams-per-peer" if anonymous else "max streams per caller"
+            raise Overloaded(f"{_who(caller, anonymous)} already has {mine.used} model calls "
+                             f"running, its limit ({which}: {mine.limit}); retry when one "
                              "ends", retry_after=1.0)
         try:
             admitted = await self._global.take(wait)
@@ -190,6 +213,18 @@ class Admission:
         if not admitted:
             mine.give()
             self._forget_if_idle(caller)
-            raise Overloaded(f"the gateway is at its limit of {self._global.limit} concurrent "
-                             "model calls; retry shortly", retry_after=1.0)
+            raise self._full()
         return Ticket((self._global, mine), lambda: self._forget_if_idle(caller))
+
+    def _full(self) -> Overloaded:
+        return Overloaded(f"the gateway is at its limit of {self._global.limit} concurrent "
+                          "model calls; retry shortly", retry_after=1.0)
+
+
+def _nothing() -> None:
+    pass
+
+
+def _who(caller: str, anonymous: bool) -> str:
+    """How a refusal names the caller: ``caller 'name'`` or ``peer 10.0.0.7``."""
+    return f"peer {caller.removeprefix('peer:')}" if anonymous else f"caller '{caller}'"

@@ -5,7 +5,8 @@ changes, without a restart::
 
     [callers.search-indexer]
     token_sha256 = "9f86d0…"        # or token = "…" (plain; prefer the digest)
-    models = ["smollm2:*"]          # fnmatch patterns; default: every model
+    models = ["smollm2:*"]          # fnmatch patterns; default: every model (ListModels
+                                    # shows only these; "x" and "x:latest" are one model)
     methods = ["Generate", "Chat"]  # default: every method
     max_streams = 4                 # concurrent model calls; default: --max-streams-per-caller
     rate = 2.0                      # requests per second, burst ``burst``; default: the flags'
@@ -22,6 +23,7 @@ token, or how much of one, matched.
 
 from __future__ import annotations
 
+import contextvars
 import fnmatch
 import hashlib
 import hmac
@@ -33,7 +35,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["AuthError", "Caller", "CallerRegistry", "NotAllowed", "NotAuthenticated"]
+__all__ = ["AuthError", "Caller", "CallerRegistry", "NotAllowed", "NotAuthenticated",
+           "caller_var", "may_use_model"]
 
 log = logging.getLogger("tokenwire.service")
 
@@ -69,16 +72,36 @@ class Caller:
         if not any(fnmatch.fnmatchcase(short, p) for p in self.methods):
             raise NotAllowed(f"caller '{self.name}' may not call {short}; allowed: "
                              f"{', '.join(self.methods)}")
-        names = {model, _with_tag(model)} if model is not None else set()
-        if model is not None and not any(fnmatch.fnmatchcase(n, p) for n in names
-                                         for p in self.models):
+        if model is not None and not self.allows_model(model):
             raise NotAllowed(f"caller '{self.name}' may not use model '{model}'; allowed: "
                              f"{', '.join(self.models)}")
 
+    def allows_model(self, model: str) -> bool:
+        """Whether the ``models`` patterns admit ``model``, under any of the names
+        Ollama gives it (``tiny`` and ``tiny:latest`` are one model)."""
+        if self.models == ("*",):
+            return True
+        return any(fnmatch.fnmatchcase(n, p) for n in _names(model) for p in self.models)
 
-def _with_tag(model: str) -> str:
-    """Ollama reads a name without a tag as ":latest"."""
-    return model if ":" in model.rsplit("/", 1)[-1] else model + ":latest"
+
+def _names(model: str) -> set[str]:
+    """Ollama reads a name without a tag as ":latest": both spellings of one model."""
+    if ":" not in model.rsplit("/", 1)[-1]:
+        return {model, model + ":latest"}
+    return {model, model.removesuffix(":latest")}
+
+
+#: The caller of the current call, set by the guard (None: no authentication).
+caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
+    "tokenwire_caller", default=None)
+
+
+def may_use_model(model: str) -> bool:
+    """Whether the current call's caller may use ``model`` (by its policy, the same
+    rule that admits a model call); True when the server does not authenticate. For
+    handlers, so that they need no auth logic of their own (ListModels filters by it)."""
+    caller = caller_var.get()
+    return caller is None or caller.allows_model(model)
 
 
 def _digest(token: str) -> bytes:

@@ -114,6 +114,12 @@ class Settings:
         "help": "text (one readable line per event) or json (one JSON object per line)"})
     metrics_listen: str = field(default="", metadata={
         "help": "host:port to serve Prometheus metrics on (GET /metrics); empty = off"})
+    health_listen: str = field(default="", metadata={
+        "help": "host:port for a second, plaintext gRPC server with grpc.health.v1.Health "
+                "only (names liveness, readiness, \"\"), open to probes without credentials, "
+                "as kubelet's gRPC probe needs; no reflection, no model calls. It carries no "
+                "prompts or answers, so a non-loopback address needs no --insecure; "
+                "empty = off"})
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
                 "CPU; the admission limits apply per worker"})
@@ -136,10 +142,19 @@ class Settings:
     max_streams: int = field(default=1024, metadata={
         "help": "concurrent model calls (Generate, Chat, Complete, Embed) in all"})
     max_streams_per_caller: int = field(default=256, metadata={
-        "help": "concurrent model calls per caller (token, certificate or peer address)"})
+        "help": "concurrent model calls per identified caller (bearer token or client "
+                "certificate)"})
+    max_streams_per_peer: int = field(default=0, metadata={
+        "help": "concurrent model calls per peer address, for anonymous callers (no "
+                "authentication configured); 0 = none, only --max-streams: an address is "
+                "not an identity, every service behind one NAT, node or sidecar shares it"})
     rate: float = field(default=0.0, metadata={
-        "help": "requests per second per caller (token bucket); 0 = no limit"})
-    burst: int = field(default=20, metadata={"help": "token bucket size for --rate"})
+        "help": "requests per second per identified caller (token bucket); 0 = no limit"})
+    rate_per_peer: float = field(default=0.0, metadata={
+        "help": "requests per second per peer address, for anonymous callers (token "
+                "bucket); 0 = no limit"})
+    burst: int = field(default=20, metadata={
+        "help": "token bucket size for --rate and --rate-per-peer"})
     queue_timeout: float = field(default=0.0, metadata={
         "help": "seconds a call over the concurrency limits may wait for a slot; 0 = refuse"})
     max_messages: int = field(default=1000, metadata={
@@ -198,6 +213,10 @@ def _valid_listen(hostport: str) -> bool:
     return bool(sep and host) and port.isdigit() and int(port) < 65536
 
 
+def _port(hostport: str) -> str:
+    return hostport.rpartition(":")[2] if hostport else ""
+
+
 def parse_settings(argv: Sequence[str] | None = None,
                    environ: Mapping[str, str] | None = None) -> Settings:
     """Flags win over TOKENWIRE_* variables, which win over defaults."""
@@ -234,7 +253,8 @@ def parse_settings(argv: Sequence[str] | None = None,
                           "max_streams_per_caller", "burst", "max_messages")
         if getattr(settings, name) <= 0
     ] + [
-        name for name in ("rate", "queue_timeout", "max_output_tokens", "upstream_retries",
+        name for name in ("rate", "rate_per_peer", "max_streams_per_peer", "queue_timeout",
+                          "max_output_tokens", "upstream_retries",
                           "retry_backoff", "breaker_threshold", "breaker_cooldown", "workers")
         if getattr(settings, name) < 0
     ]
@@ -246,6 +266,13 @@ def parse_settings(argv: Sequence[str] | None = None,
     if settings.metrics_listen and not _valid_listen(settings.metrics_listen):
         parser.error(f"--metrics-listen {settings.metrics_listen!r} is not host:port "
                      "(e.g. 127.0.0.1:9464, or 0.0.0.0:9464 for every interface)")
+    if settings.health_listen and not _valid_listen(settings.health_listen):
+        parser.error(f"--health-listen {settings.health_listen!r} is not host:port "
+                     "(e.g. 0.0.0.0:8081, reachable by kubelet's probes)")
+    if settings.health_listen and _port(settings.health_listen) in {
+            _port(settings.listen), _port(settings.metrics_listen)} - {"0", ""}:
+        parser.error(f"--health-listen {settings.health_listen!r} needs a port of its own, "
+                     "not the one of --listen or --metrics-listen")
     if settings.log_format not in ("text", "json"):
         parser.error(f"--log-format must be text or json, not {settings.log_format!r}")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -1,24 +1,47 @@
-"""Health: SERVING only while Ollama answers; NOT_SERVING before shutdown."""
+"""Health for orchestrators: liveness (the process serves) apart from readiness (an
+upstream can serve).
+
+Health service names, all answered by the one HealthServicer (on the main port and, with
+``--health-listen``, on the probe port):
+
+    ""                              readiness (gRPC's "whole server" name, as before)
+    "tokenwire.v1.GenerationService" readiness
+    "readiness"                     SERVING while Ollama answers and the circuit is closed
+    "liveness"                      SERVING while the process serves; NOT_SERVING once
+                                    shutdown begins; never follows Ollama
+
+They are apart because a liveness probe that follows Ollama makes Kubernetes restart
+every healthy gateway during an Ollama outage, which fixes nothing and drops the calls
+the gateway could still refuse cleanly; readiness is what should take a gateway out of
+a Service's endpoints meanwhile.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 
-from grpc_health.v1 import health, health_pb2
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._exceptions import UpstreamError
 from ._metrics import Metrics
 from ._upstream import OllamaUpstream
 
-__all__ = ["HealthMonitor"]
+__all__ = ["LIVENESS", "READINESS", "HealthEndpoint", "HealthMonitor"]
 
 log = logging.getLogger("tokenwire.service")
 
+LIVENESS = "liveness"
+READINESS = "readiness"
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
 
 class HealthMonitor:
-    """Probes the upstream every ``interval`` seconds and publishes the result
-    for the overall server ("") and for each named service."""
+    """Probes the upstream every ``interval`` seconds and publishes the result as
+    readiness: for the overall server (""), "readiness" and each named service.
+    Liveness is SERVING from ``start`` until ``shutdown``."""
 
     def __init__(self, servicer: health.aio.HealthServicer, upstream: OllamaUpstream,
                  services: tuple[str, ...], *, interval: float,
@@ -26,7 +49,7 @@ class HealthMonitor:
         self._servicer = servicer
         self._metrics = metrics
         self._upstream = upstream
-        self._services = ("", *services)
+        self._services = ("", READINESS, *services)
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
         self._publishing: set[asyncio.Task[None]] = set()
@@ -48,8 +71,7 @@ class HealthMonitor:
         self.serving = serving
         if self._metrics is not None:
             self._metrics.upstream_reachable(serving)
-        status = (health_pb2.HealthCheckResponse.SERVING if serving
-                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        status = _SERVING if serving else _NOT_SERVING
         for name in self._services:
             await self._servicer.set(name, status)
 
@@ -68,14 +90,58 @@ class HealthMonitor:
             await self.check_once()
             await asyncio.sleep(self._interval)
 
+    async def prime(self) -> None:
+        """Before the ports open: alive, and not ready until the first probe says so
+        (grpcio's servicer would otherwise answer "" with SERVING meanwhile)."""
+        await self._servicer.set(LIVENESS, _SERVING)
+        for name in self._services:
+            await self._servicer.set(name, _NOT_SERVING)
+
     async def start(self) -> None:
         await self.check_once()
         self._task = asyncio.create_task(self._loop())
 
     async def shutdown(self) -> None:
-        """NOT_SERVING from now on; stops probing."""
+        """NOT_SERVING from now on, liveness too; stops probing."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task])
         await self._publish(False)
+        await self._servicer.set(LIVENESS, _NOT_SERVING)
+
+
+class HealthEndpoint:
+    """``--health-listen``: a second grpc.aio server, plaintext, in the same event loop,
+    serving the same HealthServicer and nothing else (no reflection, no model calls, no
+    credentials asked). It exists because kubelet's gRPC probe connects without TLS
+    (or, where TLS probes exist, without a client certificate) and sends no metadata,
+    so it can pass neither tokens nor mTLS on the main port."""
+
+    def __init__(self, servicer: health.aio.HealthServicer,
+                 interceptors: list[grpc.aio.ServerInterceptor], *,
+                 reuse_port: bool = False) -> None:
+        self._server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.so_reuseport", int(reuse_port)),
+            # A probe's request is a service name: nothing near gRPC's 4 MiB default.
+            ("grpc.max_receive_message_length", 64 * 1024),
+        ])
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, self._server)
+        self.port = 0
+        self.host = ""
+
+    def bind(self, listen: str) -> None:
+        self.port = int(self._server.add_insecure_port(listen))
+        if self.port == 0:
+            raise OSError(f"cannot listen on {listen} (--health-listen)")
+        self.host = listen.rpartition(":")[0]
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    async def start(self) -> None:
+        await self._server.start()
+
+    async def stop(self) -> None:
+        await self._server.stop(None)

@@ -3,13 +3,17 @@ the handler → one access-log line.
 
 grpc.aio interceptors see only the method name and metadata, so the guard
 wraps each handler; the wrapper has the request (for the model name) and the
-context (for the peer's certificate). The access log names the method,
-caller, outcome and time; it never contains prompt or answer text.
+context (for the peer's certificate). Every handler is wrapped, whatever its
+shape, so every method gets the same request id, authentication, decoding
+(undecodable bytes are INVALID_ARGUMENT, never UNKNOWN) and access log. The
+access log names the method, caller, outcome and time; it never contains
+prompt or answer text.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fnmatch
 import inspect
 import logging
@@ -22,10 +26,11 @@ from typing import Any
 import grpc
 
 from ._admission import Admission, Overloaded, Ticket
-from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated
+from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var
 from ._metrics import Metrics
 from ._status import (
     InitialMetadata,
+    Undecodable,
     error_reason_var,
     initial_metadata_var,
     request_id_trailer,
@@ -50,12 +55,30 @@ def _request_id(metadata: Any) -> str:
     return uuid.uuid4().hex
 
 
+#: RFC 6750's b64token: what may follow "Bearer " (and nothing else may).
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+_BEARER_FORM = ("send exactly one `authorization` metadata entry, `Bearer <token>`: the "
+                "scheme (any case), one space, the token (letters, digits, -._~+/, "
+                "optionally = at the end), nothing before or after")
+
+
 def _bearer(metadata: Any) -> str | None:
-    for key, value in metadata or ():
-        if key == "authorization" and isinstance(value, str):
-            scheme, _, token = value.partition(" ")
-            return token.strip() if scheme.lower() == "bearer" else ""
-    return None
+    """The bearer token, None when no `authorization` entry was sent. Ambiguous
+    credentials are refused, not guessed at, as strict gateways do: several entries
+    (which one would a proxy in front have checked?), or a value that is not exactly
+    ``Bearer <token>``. The refusal never repeats the value."""
+    values = [value for key, value in metadata or () if key == "authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise NotAuthenticated(f"{len(values)} `authorization` metadata entries; "
+                               + _BEARER_FORM)
+    value = values[0]
+    scheme, _, token = value.partition(" ") if isinstance(value, str) else ("", "", "")
+    if scheme.lower() != "bearer" or not _B64TOKEN.fullmatch(token):
+        raise NotAuthenticated("the `authorization` metadata is not a bearer token; "
+                               + _BEARER_FORM)
+    return token
 
 
 def _model_of(request: Any) -> str | None:
@@ -74,7 +97,160 @@ def _peer_host(peer: str) -> str:
     return f"peer:{host.strip('[]')}"
 
 
+def _strict(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The method's decoder, raising Undecodable for bytes that are no such message."""
+    if deserialize is None:
+        return None
+
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserialize(raw)
+        except Exception as exc:  # DecodeError: bad bytes, bad UTF-8, nested too deep
+            raise Undecodable(exc) from None
+
+    return decode
+
+
+class _Plan:
+    """What the guard decides for one call from its method and metadata alone, before
+    the handler runs, and the wrappers that apply it."""
+
+    __slots__ = ("guard", "infrastructure", "metadata", "method", "model_call", "needs_auth",
+                 "rid")
+
+    def __init__(self, guard: GuardInterceptor, method: str, metadata: Any) -> None:
+        self.guard = guard
+        self.method = method
+        self.metadata = metadata
+        self.rid = _request_id(metadata)
+        self.infrastructure = method.startswith(_OPEN_PREFIXES)
+        self.model_call = method in MODEL_CALLS
+        self.needs_auth = guard._auth_required and not (self.infrastructure
+                                                        and guard._open_health)
+
+    def wrap(self, behavior: Callable[..., Any],
+             decode: Callable[[bytes], Any] | None) -> Callable[..., Any]:
+        """A wrapper of the same kind as ``behavior``: an async generator for one
+        written with ``yield``, a coroutine for one that writes with ``context.write``."""
+        if inspect.isasyncgenfunction(behavior):
+            return self.generator(behavior, decode)
+        return self.coroutine(behavior, decode)
+
+    def coroutine(self, behavior: Callable[..., Any],
+                  decode: Callable[[bytes], Any] | None) -> Callable[..., Any]:
+        async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(self, context)
+            try:
+                request = await call.begin(raw, decode)
+                result = await behavior(request, context)
+                await call.initial.send(context)  # a unary answer: before the response
+                return result
+            except BaseException as exc:
+                await call.failed(exc)
+                raise
+            finally:
+                call.end()
+
+        return guarded
+
+    def generator(self, behavior: Callable[..., Any],
+                  decode: Callable[[bytes], Any] | None) -> Callable[..., Any]:
+        async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
+            call = _Call(self, context)
+            try:
+                request = await call.begin(raw, decode)
+                async with contextlib.aclosing(behavior(request, context)) as responses:
+                    async for response in responses:
+                        yield response
+            except BaseException as exc:
+                await call.failed(exc)
+                raise
+            finally:
+                call.end()
+
+        return guarded
+
+
+class _Call:
+    """One call from the guard's point of view: request id, caller, admission ticket,
+    outcome, and the access-log line at its end."""
+
+    __slots__ = ("context", "initial", "outcome", "plan", "started", "ticket", "who")
+
+    def __init__(self, plan: _Plan, context: grpc.aio.ServicerContext) -> None:
+        self.plan = plan
+        self.context = context
+        request_id_var.set(plan.rid)
+        error_reason_var.set(None)
+        context.set_trailing_metadata(request_id_trailer())
+        self.initial = InitialMetadata((("x-request-id", plan.rid),))
+        initial_metadata_var.set(self.initial)
+        self.started = time.perf_counter()
+        self.outcome = "OK"
+        self.who = "-"
+        self.ticket: Ticket | None = None
+
+    async def begin(self, raw: Any, decode: Callable[[bytes], Any] | None) -> Any:
+        """Authenticates, decodes a unary request, applies policy and admission.
+        Returns the request for the handler (a request stream is passed as it is)."""
+        plan, context, guard = self.plan, self.context, self.plan.guard
+        if not plan.model_call:  # model calls send it once their upstream request is out
+            await self.initial.send(context)
+        caller = guard._authenticate(context, plan.metadata) if plan.needs_auth else None
+        self.who = caller.name if caller else _peer_host(context.peer())
+        caller_var.set(caller)
+        request = decode(raw) if decode is not None else raw
+        if not plan.infrastructure:
+            if caller is not None:
+                caller.check(plan.method, _model_of(request) if decode is not None else None)
+            # Without authentication a caller is only a peer address: per-peer limits.
+            guard._admission.check_rate(self.who, caller.rate if caller else None,
+                                        caller.burst if caller else None,
+                                        anonymous=caller is None)
+            if plan.model_call:
+                self.ticket = await guard._admission.admit(
+                    self.who, max_streams=caller.max_streams if caller else None,
+                    anonymous=caller is None, deadline=context.time_remaining())
+                if guard._metrics is not None:
+                    guard._metrics.admitted()
+        return request
+
+    async def failed(self, exc: BaseException) -> None:
+        """Ends the call with the guard's own status (refusals, undecodable bytes), or
+        notes how the handler ended it."""
+        if isinstance(exc, AuthError | Overloaded | Undecodable):
+            status = status_for(exc)
+            self.outcome = status.code.name
+            await self.initial.send(self.context)
+            await self.context.abort(status.code, status.details, status.trailing_metadata)
+        elif isinstance(exc, asyncio.CancelledError):
+            self.outcome = "CANCELLED"
+        else:
+            code = self.context.code()
+            self.outcome = code.name if isinstance(code, grpc.StatusCode) else "ERROR"
+
+    def end(self) -> None:
+        metrics = self.plan.guard._metrics
+        if self.ticket is not None:
+            self.ticket.release()
+            if metrics is not None:
+                metrics.released()
+        took = time.perf_counter() - self.started
+        method, rid, who, outcome = self.plan.method, self.plan.rid, self.who, self.outcome
+        log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid, who,
+                 outcome, took * 1000, extra={"fields": {
+                     "method": method, "request_id": rid, "caller": who, "outcome": outcome,
+                     "ms": round(took * 1000, 1)}})
+        if metrics is not None:
+            metrics.call_ended(method, outcome,
+                               None if outcome == "OK" else error_reason_var.get(), took)
+
+
 class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Wraps every handler the server has, whatever its shape (unary or streaming
+    request, a coroutine or an async generator): one set of rules for tokenwire's
+    methods, health and reflection alike, and for anything registered later."""
+
     def __init__(
         self,
         *,
@@ -101,135 +277,50 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return None
-        method: str = details.method
-        metrics = self._metrics
-        metadata = details.invocation_metadata
-        rid = _request_id(metadata)
-        infrastructure = method.startswith(_OPEN_PREFIXES)
-        needs_auth = self._auth_required and not (infrastructure and self._open_health)
-
-        def wrap(behavior: Callable[..., Any],
-                 deserialize: Callable[[bytes], Any] | None) -> Callable[..., Any]:
-            async def guarded(raw: Any, context: grpc.aio.ServicerContext) -> Any:
-                request_id_var.set(rid)
-                error_reason_var.set(None)
-                context.set_trailing_metadata(request_id_trailer())
-                initial = InitialMetadata((("x-request-id", rid),))
-                initial_metadata_var.set(initial)
-                model_call = method in MODEL_CALLS
-                if not model_call:  # model calls send it once their upstream request is out
-                    await initial.send(context)
-                started = time.perf_counter()
-                outcome, who = "OK", "-"
-                ticket: Ticket | None = None
-                try:
-                    caller = self._authenticate(context, metadata) if needs_auth else None
-                    who = caller.name if caller else _peer_host(context.peer())
-                    try:
-                        request = deserialize(raw) if deserialize is not None else raw
-                    except Exception as exc:  # DecodeError: bad bytes, bad UTF-8, too deep
-                        outcome = "INVALID_ARGUMENT"
-                        await initial.send(context)
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                            f"the request could not be decoded: {exc}")
-                    if not infrastructure:
-                        if caller is not None:
-                            caller.check(method, _model_of(request))
-                        self._admission.check_rate(who, caller.rate if caller else None,
-                                                   caller.burst if caller else None)
-                        if model_call:
-                            ticket = await self._admission.admit(
-                                who, max_streams=caller.max_streams if caller else None,
-                                deadline=context.time_remaining())
-                            if metrics is not None:
-                                metrics.admitted()
-                    result = await behavior(request, context)
-                    await initial.send(context)  # a unary answer: before the response
-                    return result
-                except (AuthError, Overloaded) as exc:
-                    status = status_for(exc)
-                    outcome = status.code.name
-                    await initial.send(context)
-                    await context.abort(status.code, status.details, status.trailing_metadata)
-                except asyncio.CancelledError:
-                    outcome = "CANCELLED"
-                    raise
-                except BaseException:
-                    code = context.code()
-                    outcome = code.name if isinstance(code, grpc.StatusCode) else "ERROR"
-                    raise
-                finally:
-                    if ticket is not None:
-                        ticket.release()
-                        if metrics is not None:
-                            metrics.released()
-                    took = time.perf_counter() - started
-                    log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid,
-                             who, outcome, took * 1000, extra={"fields": {
-                                 "method": method, "request_id": rid, "caller": who,
-                                 "outcome": outcome, "ms": round(took * 1000, 1)}})
-                    if metrics is not None:
-                        metrics.call_ended(method, outcome,
-                                           None if outcome == "OK" else error_reason_var.get(),
-                                           took)
-
-            return guarded
-
-        if inspect.isasyncgenfunction(handler.unary_stream) or handler.stream_stream \
-                or handler.stream_unary:
-            # Not wrapped (reflection, streams written with yield): still authenticated.
-            return self._gate(handler, rid, metadata) if needs_auth else handler
+        plan = _Plan(self, details.method, details.invocation_metadata)
+        deserialize, serialize = handler.request_deserializer, handler.response_serializer
+        # A unary request is decoded by the guard itself (grpc.aio would decode it before
+        # any wrapper runs and answer a failure with UNKNOWN); a request stream is decoded
+        # message by message as the handler reads it, by a decoder that raises Undecodable,
+        # which the wrapper turns into INVALID_ARGUMENT.
         if handler.unary_unary is not None:
             return grpc.unary_unary_rpc_method_handler(
-                wrap(handler.unary_unary, handler.request_deserializer), None,
-                handler.response_serializer)
+                plan.coroutine(handler.unary_unary, _strict(deserialize)), None, serialize)
         if handler.unary_stream is not None:
             return grpc.unary_stream_rpc_method_handler(
-                wrap(handler.unary_stream, handler.request_deserializer), None,
-                handler.response_serializer)
-        return handler
-
-    def _gate(self, handler: grpc.RpcMethodHandler, rid: str, metadata: Any) -> Any:
-        """Authenticates, then delegates, for handlers the guard does not wrap."""
-        guard = self
-
-        async def gated(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id_var.set(rid)
-            context.set_trailing_metadata(request_id_trailer())
-            try:
-                guard._authenticate(context, metadata)
-            except AuthError as exc:
-                status = status_for(exc)
-                await context.abort(status.code, status.details, status.trailing_metadata)
-            async for item in behavior(request, context):
-                yield item
-
+                plan.wrap(handler.unary_stream, _strict(deserialize)), None, serialize)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                plan.coroutine(handler.stream_unary, None), _strict(deserialize), serialize)
         if handler.stream_stream is not None:
-            behavior = handler.stream_stream
             return grpc.stream_stream_rpc_method_handler(
-                gated, handler.request_deserializer, handler.response_serializer)
-        if handler.unary_stream is not None:
-            behavior = handler.unary_stream
-            return grpc.unary_stream_rpc_method_handler(
-                gated, handler.request_deserializer, handler.response_serializer)
+                plan.wrap(handler.stream_stream, None), _strict(deserialize), serialize)
         return handler
 
     def _authenticate(self, context: grpc.aio.ServicerContext, metadata: Any) -> Caller:
+        """The caller, from a bearer token and/or a client certificate. A certificate
+        must pass the allow-list whether or not a token comes with it; a token and a
+        certificate that name different callers are refused."""
         token = _bearer(metadata)
+        names = self._cert_names(context)
+        if names and self._allowed and not any(fnmatch.fnmatchcase(n, p) for n in names
+                                               for p in self._allowed):
+            raise NotAuthenticated(f"client certificate {names[0]!r} is not on this "
+                                   "server's allow-list")
+        named = self._registry.by_cert(names) if names and self._registry else None
         if token is not None:
-            caller = self._registry.by_token(token) if self._registry and token else None
+            caller = self._registry.by_token(token) if self._registry else None
             if caller is None:
                 raise NotAuthenticated("the bearer token is not valid; send `authorization: "
                                        "Bearer <token>` with a token this server knows")
+            if named is not None and named.name != caller.name:
+                raise NotAuthenticated(f"the bearer token is not the one of caller "
+                                       f"'{named.name}', whom the client certificate "
+                                       f"{names[0]!r} names; send that caller's token, or "
+                                       "none")
             return caller
-        names = self._cert_names(context)
         if names:
-            if self._allowed and not any(fnmatch.fnmatchcase(n, p) for n in names
-                                         for p in self._allowed):
-                raise NotAuthenticated(f"client certificate {names[0]!r} is not on this "
-                                       "server's allow-list")
-            known = self._registry.by_cert(names) if self._registry else None
-            return known or Caller(name=names[0])
+            return named or Caller(name=names[0])
         raise NotAuthenticated("this server needs credentials: a bearer token in "
                                "`authorization: Bearer <token>` metadata"
                                + (" or a client certificate" if self._mtls else ""))

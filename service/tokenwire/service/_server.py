@@ -18,7 +18,7 @@ from ._admission import Admission
 from ._auth import CallerRegistry
 from ._breaker import CircuitBreaker
 from ._config import Settings, redact_url
-from ._health import HealthMonitor
+from ._health import HealthEndpoint, HealthMonitor
 from ._interceptors import GuardInterceptor
 from ._metrics import Metrics, MetricsEndpoint
 from ._servicer import GenerationServicer, StreamSettings
@@ -48,20 +48,27 @@ class Runtime:
     metrics: Metrics
     #: Serving ``/metrics``, when ``--metrics-listen`` is set.
     metrics_endpoint: MetricsEndpoint | None = None
+    #: Serving health alone, plaintext and open, when ``--health-listen`` is set.
+    health_endpoint: HealthEndpoint | None = None
 
     @property
     def metrics_port(self) -> int | None:
         return self.metrics_endpoint.port if self.metrics_endpoint is not None else None
 
     @property
+    def health_target(self) -> str | None:
+        return self.health_endpoint.target if self.health_endpoint is not None else None
+
+    @property
     def target(self) -> str:
         return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains: NOT_SERVING first; new calls refused; in-flight model calls
-        get ``grace`` seconds to finish; the ones still running then end with
-        UNAVAILABLE (SHUTTING_DOWN) and keep what they already received;
-        whatever is left (health watchers, reflection) is cancelled."""
+        """Drains: NOT_SERVING first (readiness and liveness); new calls refused;
+        in-flight model calls get ``grace`` seconds to finish; the ones still running
+        then end with UNAVAILABLE (SHUTTING_DOWN) and keep what they already received;
+        whatever is left (health watchers, reflection) is cancelled. The health port
+        answers NOT_SERVING throughout and closes last."""
         grace = self.settings.shutdown_grace if grace is None else grace
         loop = asyncio.get_running_loop()
         await self.health.shutdown()
@@ -77,6 +84,8 @@ class Runtime:
         await self.upstream.aclose()
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.aclose()
+        if self.health_endpoint is not None:
+            await self.health_endpoint.stop()
 
     async def _model_calls_done(self, deadline: float) -> bool:
         """Waits (polling; shutdown only) until no model call is admitted."""
@@ -108,7 +117,9 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
     admission = Admission(
         max_streams=settings.max_streams,
         max_streams_per_caller=settings.max_streams_per_caller,
-        rate=settings.rate, burst=settings.burst, queue_timeout=settings.queue_timeout)
+        max_streams_per_peer=settings.max_streams_per_peer,
+        rate=settings.rate, rate_per_peer=settings.rate_per_peer, burst=settings.burst,
+        queue_timeout=settings.queue_timeout)
     guard = GuardInterceptor(
         admission=admission,
         registry=registry,
@@ -118,6 +129,8 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
         open_health=settings.open_health,
         metrics=metrics,
     )
+    _warn_unused_caller_limits(settings, identifies=registry.enabled or bool(
+        settings.tls_client_ca))
     server = grpc.aio.server(
         interceptors=[guard],
         options=[
@@ -128,6 +141,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", int(reuse_port)),
+            *_pending_limits(settings.max_streams),
         ],
     )
     servicer = GenerationServicer(
@@ -156,14 +170,50 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
         raise OSError(f"cannot listen on {settings.listen}")
     monitor = HealthMonitor(health_servicer, upstream, (SERVICE_NAME,),
                             interval=settings.health_interval, metrics=metrics)
+    probes = None
+    if settings.health_listen:
+        # No registry: the probe port asks for no credentials (it serves health alone).
+        probes = HealthEndpoint(health_servicer, [GuardInterceptor(
+            admission=admission, metrics=metrics)], reuse_port=reuse_port)
+        probes.bind(settings.health_listen)
     endpoint = None
     if settings.metrics_listen:
         endpoint = MetricsEndpoint(metrics.registry)
         await endpoint.start(settings.metrics_listen)
+    await monitor.prime()
     await server.start()
+    if probes is not None:
+        await probes.start()
     await monitor.start()
     return Runtime(server, port, monitor, upstream, settings, servicer, admission, metrics,
-                   endpoint)
+                   endpoint, probes)
+
+
+def _pending_limits(max_streams: int) -> list[tuple[str, int]]:
+    """gRPC core's queue of calls that have arrived but not yet reached a handler. At its
+    default soft limit of 1,000 (hard: 3,000) core sheds a burst with a bare CANCELLED
+    (no status of ours, no RetryInfo, and clients do not retry it) before admission has
+    seen the calls: one client opening 2,000 streams at once had about 200 dropped so.
+    A burst up to --max-streams must reach admission, which refuses properly."""
+    soft = max(1000, max_streams)
+    return [("grpc.server.max_pending_requests", soft),
+            ("grpc.server.max_pending_requests_hard_limit", 3 * soft)]
+
+
+def _warn_unused_caller_limits(settings: Settings, *, identifies: bool) -> None:
+    """Per-caller limits need callers that can be identified; say so rather than
+    let an explicit --rate or --max-streams-per-caller do nothing in silence."""
+    if identifies:
+        return
+    unused = [flag for flag, changed in (
+        ("--rate", settings.rate > 0),
+        ("--max-streams-per-caller",
+         settings.max_streams_per_caller != Settings.max_streams_per_caller)) if changed]
+    if unused:
+        log.warning("%s limit(s) identified callers only, and without --callers-file, "
+                    "TOKENWIRE_AUTH_TOKENS or --tls-client-ca every caller is anonymous; "
+                    "anonymous callers are limited per peer address by --rate-per-peer and "
+                    "--max-streams-per-peer", " and ".join(unused))
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
@@ -208,6 +258,9 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
              "reachable" if runtime.health.serving else "NOT reachable yet")
     if runtime.metrics_endpoint is not None:
         log.info("metrics on %s", runtime.metrics_endpoint.url)
+    if runtime.health_endpoint is not None and worker is None:
+        log.info("health checks on %s (plaintext, health only, no credentials)",
+                 runtime.health_endpoint.target)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

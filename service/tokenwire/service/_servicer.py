@@ -17,6 +17,7 @@ from google.protobuf.duration_pb2 import Duration
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
+from ._auth import may_use_model
 from ._convert import (
     chat_payload,
     embed_payload,
@@ -328,8 +329,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         body = await self._upstream.tags(deadline=context.time_remaining())
-        response = pb.ListModelsResponse(models=models_from_tags(body))
-        return _fits(response, self._stream.max_message_bytes, "")
+        # A caller sees only the models its policy lets it use (the guard knows who it is).
+        models = [m for m in models_from_tags(body) if may_use_model(m.name)]
+        return _fits(pb.ListModelsResponse(models=models), self._stream.max_message_bytes, "")
 
     @map_errors
     async def Embed(self, request: pb.EmbedRequest,

@@ -45,9 +45,8 @@ from ._exceptions import (
 from ._validate import ValidationFailed
 
 __all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ResponseTooLarge", "ShuttingDown",
-           "error_reason_var",
-           "initial_metadata_var", "map_errors", "request_id_trailer", "request_id_var",
-           "send_initial_metadata", "status_for"]
+           "Undecodable", "error_reason_var", "initial_metadata_var", "map_errors",
+           "request_id_trailer", "request_id_var", "send_initial_metadata", "status_for"]
 
 
 class InitialMetadata:
@@ -92,6 +91,18 @@ class ResponseTooLarge(Exception):
         super().__init__(message)
         self.message = message
 
+class Undecodable(Exception):
+    """The request bytes are not a message of the method's request type (bad wire
+    format, bad UTF-8 in a string, nesting past protobuf's limit): the caller's
+    mistake, so INVALID_ARGUMENT, never grpc.aio's UNKNOWN with a traceback."""
+
+    def __init__(self, cause: BaseException) -> None:
+        detail = str(cause) or type(cause).__name__
+        self.message = (f"the request could not be decoded: {detail}; send one serialized "
+                        "request message of the method's type (as a client generated from "
+                        "the .proto files does)")
+        super().__init__(self.message)
+
 
 DOMAIN = "tokenwire.dev"
 #: Longest status message, in UTF-8 bytes (it travels twice in the trailers).
@@ -109,6 +120,7 @@ error_reason_var: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 # Most specific classes first; the first match wins. (code, reason, retry after seconds)
 STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], ...] = (
     (ValidationFailed, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_REQUEST", None),
+    (Undecodable, grpc.StatusCode.INVALID_ARGUMENT, "UNDECODABLE_REQUEST", None),
     (NotAuthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", None),
     (NotAllowed, grpc.StatusCode.PERMISSION_DENIED, "NOT_ALLOWED", None),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", 1.0),
@@ -159,7 +171,7 @@ def status_for(exc: Exception) -> grpc.Status:
         if len(violations) > 5:
             message += f"; ... ({len(exc.violations)} problems in all, see BadRequest)"
     elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown
-                    | ResponseTooLarge):
+                    | ResponseTooLarge | Undecodable):
         message = exc.message
         violations = []
     elif isinstance(exc, UpstreamError):

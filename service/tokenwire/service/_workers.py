@@ -1,7 +1,8 @@
 """``--workers N``: a supervisor and N server processes sharing one port (SO_REUSEPORT).
 
-The supervisor serves nothing itself. It reserves the port (with a bound, not listening,
-SO_REUSEPORT socket, so ``:0`` becomes one concrete port for all), starts each worker as
+The supervisor serves nothing itself. It reserves the port, and the ``--health-listen``
+one (with bound, not listening, SO_REUSEPORT sockets, so ``:0`` becomes one concrete port
+for all), starts each worker as
 ``python -m tokenwire.service._main`` with the settings in the environment (not on the
 command line, where ``ps`` shows them), restarts a worker that dies (with backoff), and
 forwards SIGTERM/SIGINT so each worker drains as a single server does.
@@ -121,13 +122,17 @@ def reserve_port(listen: str) -> tuple[str, list[socket.socket]]:
 
 
 class _Supervisor:
-    def __init__(self, settings: Settings, listen: str, metrics_dir: str | None = None) -> None:
+    def __init__(self, settings: Settings, listen: str, metrics_dir: str | None = None,
+                 health_listen: str = "") -> None:
         self._settings, self._listen = settings, listen
+        self._health_listen = health_listen
         self._metrics_dir = metrics_dir
         self._env = dict(os.environ)
         # The workers write their figures under metrics_dir; the supervisor serves the sum.
+        # Each worker serves the health port too, shared like the main one.
         for name, value in dataclasses.asdict(dataclasses.replace(
-                settings, workers=1, listen=listen, metrics_listen="")).items():
+                settings, workers=1, listen=listen, metrics_listen="",
+                health_listen=health_listen)).items():
             self._env[_ENV_PREFIX + name.upper()] = str(value)
         if metrics_dir is not None:
             self._env[MULTIPROC_ENV] = metrics_dir
@@ -165,6 +170,9 @@ class _Supervisor:
                 await asyncio.gather(*(p.wait() for p in self._procs.values()))
                 return 0 if self._signalled else 1
             log.info("tokenwire-server listening on %s with %d workers", self._listen, count)
+            if self._health_listen:
+                log.info("health checks on %s (plaintext, health only, no credentials; "
+                         "each worker answers its own connections)", self._health_listen)
             keepers = asyncio.gather(*(self._keep(i, p) for i, p in enumerate(procs)))
             await self._stopping.wait()
             limit = self._settings.shutdown_grace + 10.0
@@ -266,15 +274,26 @@ class _Supervisor:
 
 def supervise(settings: Settings) -> int:
     """Runs ``settings.workers`` workers until SIGTERM or SIGINT. Returns the exit code."""
-    try:
-        listen, reserved = reserve_port(settings.listen)
-    except (OSError, ValueError) as exc:
-        log.error("cannot listen on %s: %s", settings.listen, exc)
-        return 1
+    reserved: list[socket.socket] = []
+    concrete: list[str] = []  # listen, then health_listen ("" when off)
+    for address in (settings.listen, settings.health_listen):
+        if not address:
+            concrete.append("")
+            continue
+        try:
+            chosen, sockets = reserve_port(address)
+        except (OSError, ValueError) as exc:
+            log.error("cannot listen on %s: %s", address, exc)
+            for sock in reserved:
+                sock.close()
+            return 1
+        concrete.append(chosen)
+        reserved += sockets
+    listen, health_listen = concrete
     metrics_dir = (tempfile.mkdtemp(prefix="tokenwire-metrics-")
                    if settings.metrics_listen else None)
     try:
-        return asyncio.run(_Supervisor(settings, listen, metrics_dir).run())
+        return asyncio.run(_Supervisor(settings, listen, metrics_dir, health_listen).run())
     finally:
         for sock in reserved:
             sock.close()
