@@ -187,21 +187,16 @@ def _follow(proc: subprocess.Popen[str], cmd: list[str], timeout: float,
     return code, out, "".join(seen)
 
 
-@pytest.fixture(scope="package")
-def real_ollama(request: pytest.FixtureRequest) -> Iterator[RealOllama]:
-    """Builds (first run only) and starts the pinned Ollama; stops it after this tier."""
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-
-    def show(line: str) -> None:
-        ctx = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
-        with ctx:
-            print(f"[real tier] {line}", file=sys.stderr, flush=True)
-
+@contextlib.contextmanager
+def started_ollama(show: Callable[[str], None], **env: str) -> Iterator[RealOllama]:
+    """Builds (first run only) and starts the pinned Ollama on a free port, with
+    ``OLLAMA_NUM_PARALLEL=1`` and the given extra environment; stops it on exit."""
     port = _free_port()
-    env = {**os.environ, "OLLAMA_NUM_PARALLEL": "1"}
+    env = {**os.environ, "OLLAMA_NUM_PARALLEL": "1", **env}
     cmd = [str(OLLAMA_DEV), "start", "--port", str(port)]
     stop = [str(OLLAMA_DEV), "stop", "--port", str(port)]
-    show(f"$ OLLAMA_NUM_PARALLEL=1 {' '.join(cmd)} (a first run builds Ollama: minutes)")
+    settings = " ".join(f"{k}={v}" for k, v in env.items() if k.startswith("OLLAMA_"))
+    show(f"$ {settings} {' '.join(cmd)} (a first run builds Ollama: minutes)")
     started = time.monotonic()
     try:
         code, out, err = _run_streaming(cmd, env, START_TIMEOUT, show)
@@ -210,7 +205,7 @@ def real_ollama(request: pytest.FixtureRequest) -> Iterator[RealOllama]:
                 f"the real tier needs a real Ollama, and `scripts/ollama-dev start` failed "
                 f"(exit {code}). This tier never skips. stdout:\n{out}\nstderr:\n{err}"
             )
-        FIGURES["ollama-dev start"] = f"{time.monotonic() - started:.1f} s"
+        FIGURES.setdefault("ollama-dev start", f"{time.monotonic() - started:.1f} s")
         ollama_dir = _cache_dir() / "ollama"
         pid = int((ollama_dir / f"serve-{port}.pid").read_text().strip())
         real = RealOllama(f"http://127.0.0.1:{port}", port, pid, ollama_dir / f"serve-{port}.log")
@@ -223,6 +218,25 @@ def real_ollama(request: pytest.FixtureRequest) -> Iterator[RealOllama]:
                                 check=False, cwd=ROOT)
         for line in result.stderr.splitlines():
             show(line)
+
+
+def shower(request: pytest.FixtureRequest) -> Callable[[str], None]:
+    """Prints a line of the real tier's progress on the terminal, past pytest's capture."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+
+    def show(line: str) -> None:
+        ctx = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+        with ctx:
+            print(f"[real tier] {line}", file=sys.stderr, flush=True)
+
+    return show
+
+
+@pytest.fixture(scope="package")
+def real_ollama(request: pytest.FixtureRequest) -> Iterator[RealOllama]:
+    """Builds (first run only) and starts the pinned Ollama; stops it after this tier."""
+    with started_ollama(shower(request)) as real:
+        yield real
 
 
 @pytest.fixture

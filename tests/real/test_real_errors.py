@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import grpc
@@ -21,10 +22,12 @@ import httpx
 import orjson
 import pytest
 from google.protobuf import struct_pb2
+from google.protobuf.duration_pb2 import Duration
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.conftest import runtimes
 from tests.helpers import reason, violations
-from tests.real.conftest import MODEL, MakeRuntime, RealOllama
+from tests.real.conftest import MODEL, REAL, MakeRuntime, RealOllama, shower, started_ollama
 from tests.real.test_real_ollama import greedy, receive
 from tokenwire.service import status_for
 from tokenwire.service._classify import classify_http_error, engine_said
@@ -116,6 +119,16 @@ CASES = [
          "the input length exceeds the context length", 400, *REJECTED, "prompt"),
     Case("embed input of the wrong type", "/api/embed", _json({"model": MODEL, "input": 3}),
          "invalid input type", 400, *REJECTED, "inputs"),
+    Case("embed input over the context, truncate off", "/api/embed",
+         _json({"model": MODEL, "input": "word " * 300, "truncate": False,
+                "options": {"num_ctx": 128}}),
+         "the input length exceeds the context length", 400, *REJECTED, "inputs"),
+    Case(":local and :cloud", "/api/generate",
+         _json({"model": MODEL + ":local:cloud", "prompt": "hi"}),
+         "use either :local or :cloud, not both", 400, *REJECTED, "model"),
+    Case("a cloud model with the cloud disabled", "/api/generate",
+         _json({"model": "gpt-oss:20b-cloud", "prompt": "hi"}), "ollama cloud is disabled",
+         403, "PERMISSION_DENIED", "UPSTREAM_FORBIDDEN"),
     Case("Host header refused", "/api/generate", _json({"model": MODEL, "prompt": "hi"}), "",
          403, "PERMISSION_DENIED", "UPSTREAM_FORBIDDEN", headers=(("Host", "example.com"),)),
     Case("not Ollama's API (wrong --ollama-url path)", "/v2/generate", b"{}",
@@ -147,7 +160,7 @@ async def test_every_ollama_error_is_read_by_who_failed(
                                        headers=dict(case.headers))
     assert answer.status_code == case.status, answer.text
     assert case.said in (engine_said(answer.content) or answer.text)
-    exc = classify_http_error(answer.status_code, answer.content, "nope:1b")
+    exc = classify_http_error(answer.status_code, answer.content, "nope:1b", case.path)
     assert not exc.outage, f"{case.name}: a live Ollama refused one request: {exc!r}"
     status = status_for(exc)
     assert (status.code.name, error_reason_var.get()) == (case.code, case.reason), exc
@@ -267,3 +280,57 @@ async def test_a_runner_killed_mid_stream_ends_unavailable_with_the_tokens_kept(
         assert "running the model" in (err.details() or "")
         assert len(received) >= 5 and "".join(t.text for t in received)
         assert not any(t.done for t in received)
+
+
+@pytest.fixture(scope="module")
+def busy_ollama(request: pytest.FixtureRequest) -> Iterator[RealOllama]:
+    """A second real Ollama that queues at most one request (OLLAMA_MAX_QUEUE=1): more at
+    once get its own 503 "server busy, please try again.  maximum pending requests
+    exceeded"."""
+    with started_ollama(shower(request), OLLAMA_MAX_QUEUE="1") as real:
+        yield real
+
+
+async def _unload(stub: GenerationServiceStub) -> None:
+    unload = pb.GenerateRequest(model=MODEL, keep_alive=Duration(seconds=0))
+    got = await receive(stub.Generate(unload, timeout=60))
+    assert got.tokens[-1].finish_reason == pb.FINISH_REASON_UNLOAD
+
+
+async def test_a_full_queue_is_an_outage_retried_with_jitter(
+        busy_ollama: RealOllama, figures: dict[str, str]) -> None:
+    """Ollama's own 503: UNAVAILABLE, UPSTREAM_BUSY with its words, RetryInfo; with retries
+    the calls it turned away come back (after jittered delays) and are served."""
+    request = pb.GenerateRequest(model=MODEL, prompt="Write a story.", options=greedy(20))
+    async with runtimes(replace(REAL, ollama_url=busy_ollama.url, breaker_threshold=0)) as make:
+        plain = await make(upstream_retries=0)
+        async with grpc.aio.insecure_channel(plain.target) as channel:
+            stub = GenerationServiceStub(channel)
+            await _unload(stub)  # calls queue (and overflow) while a model loads
+            offset = busy_ollama.log_size()
+            results = await asyncio.gather(
+                *(receive(stub.Generate(request, timeout=120)) for _ in range(4)),
+                return_exceptions=True)
+            refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
+            assert refused, "OLLAMA_MAX_QUEUE=1 turned none of 4 concurrent calls away"
+            for err in refused:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                assert reason(err) == "UPSTREAM_BUSY"
+                assert "maximum pending requests exceeded" in (err.details() or "")
+            statuses = [r.status for r in busy_ollama.requests_since(offset)
+                        if r.path == "/api/generate"]
+            assert statuses.count(503) == len(refused), statuses
+        patient = await make(upstream_retries=4, retry_backoff=1.0)
+        async with grpc.aio.insecure_channel(patient.target) as channel:
+            stub = GenerationServiceStub(channel)
+            await _unload(stub)
+            offset = busy_ollama.log_size()
+            served = await asyncio.gather(
+                *(receive(stub.Generate(request, timeout=120)) for _ in range(3)))
+            assert all(got.tokens[-1].done for got in served)
+            statuses = [r.status for r in busy_ollama.requests_since(offset)
+                        if r.path == "/api/generate"]
+            assert statuses.count(200) == 3 and statuses.count(503) >= 1, statuses
+    figures["real 503, queue of 1"] = (f"{len(refused)} of 4 refused UPSTREAM_BUSY without "
+                                       f"retries; 3 of 3 served with retries "
+                                       f"({statuses.count(503)} 503s retried)")

@@ -84,6 +84,7 @@ _FIELDS = (
     ("support insert", "suffix"),
     ("context length", "prompt"),
     ("invalid model name", "model"),
+    (":local or :cloud", "model"),
     ("model is required", "model"),
     ("invalid input type", "inputs"),
     ("duration", "keep_alive"),
@@ -110,20 +111,26 @@ def runner_failed(text: str) -> bool:
     return any(marker in text for marker in _RUNNER_FAILED)
 
 
-def _field_of(text: str) -> str:
+#: Where each endpoint's input text is, in the request (``prompt`` for /api/generate).
+_INPUT_FIELD = {"/api/chat": "messages", "/api/embed": "inputs"}
+
+
+def _field_of(text: str, path: str) -> str:
     if text.startswith('option "'):
         return "options." + text.split('"', 2)[1]
     lowered = text.lower()
-    return next((field for marker, field in _FIELDS if marker in lowered), "")
+    field = next((field for marker, field in _FIELDS if marker in lowered), "")
+    return _INPUT_FIELD.get(path, field) if field == "prompt" else field
 
 
-def _rejected(text: str, status: int) -> InvalidRequest:
-    return InvalidRequest(f"Ollama rejected the request: {text}", http_status=status,
-                          field=_field_of(text))
+def classify_http_error(status: int, body: bytes, model: str, path: str = "") -> UpstreamError:
+    """Turns a non-200 answer from Ollama to a request for ``path`` into an exception
+    (table in the module doc)."""
 
+    def rejected() -> InvalidRequest:
+        return InvalidRequest(f"Ollama rejected the request: {text}", http_status=status,
+                              field=_field_of(text, path))
 
-def classify_http_error(status: int, body: bytes, model: str) -> UpstreamError:
-    """Turns a non-200 answer from Ollama into an exception (table in the module doc)."""
     said = engine_said(body)
     raw = said if said is not None else body.decode("utf-8", "replace").strip()
     text = excerpt(raw, ENGINE_TEXT_BYTES)
@@ -153,11 +160,11 @@ def classify_http_error(status: int, body: bytes, model: str) -> UpstreamError:
     if said is not None and runner_failed(said):
         return RunnerCrashed(f"Ollama's model runner failed: {text}", http_status=status)
     if 400 <= status < 500:
-        return _rejected(text, status)
+        return rejected()
     if status == 500 and said is not None:
         # A live engine refusing this request: never an outage, whatever the words.
         if said.lower().startswith(_KNOWN_REQUEST_500) or _POINTS_AT_REQUEST.search(said):
-            return _rejected(text, status)
+            return rejected()
         return EngineError(f"Ollama could not run this request (HTTP 500): {text}",
                            http_status=status, outage=False)
     return UpstreamUnavailable(f"Ollama failed with HTTP {status}: {text or 'no body'}",

@@ -148,7 +148,7 @@ class OllamaUpstream:
             self.breaker.abandon()
             raise
         if status != 200:
-            raise self._failed(classify_http_error(status, body, _model_of(payload)))
+            raise self._failed(classify_http_error(status, body, _model_of(payload), path))
         self.breaker.success()
         return _parse_object(body)
 
@@ -200,7 +200,7 @@ class OllamaUpstream:
                 if lean_response.status != 200:
                     body = await lean_response.read_body(MAX_ERROR_BODY)
                     raise self._failed(classify_http_error(lean_response.status, body,
-                                                           _model_of(payload)))
+                                                           _model_of(payload), path))
                 self.breaker.success()
                 try:
                     yield lean_response
@@ -224,7 +224,7 @@ class OllamaUpstream:
                 except httpx.HTTPError as exc:
                     raise self._failed(self._transport_error(exc, path)) from exc
                 raise self._failed(
-                    classify_http_error(response.status_code, body, _model_of(payload)))
+                    classify_http_error(response.status_code, body, _model_of(payload), path))
             self.breaker.success()
             chunks = _iter_chunks(response, self._transport_error, path)
             async with contextlib.aclosing(chunks):
