@@ -163,6 +163,22 @@ _TOKENS = [{"model": "tiny", "response": word, "done": False} for word in ("one"
 _FINAL = {"model": "tiny", "response": " three", "done": True, "done_reason": "stop"}
 
 
+async def _protocol_error(stub: GenerationServiceStub, fake: FakeOllama,
+                          chunks: list[dict[str, Any]], final: dict[str, Any],
+                          ) -> tuple[list[pb.Token], grpc.aio.AioRpcError]:
+    """Streams an answer made of these lines: what arrived, and the error it ended with
+    (which must be UPSTREAM_PROTOCOL_ERROR)."""
+    fake.set_fault(Fault(raw_body=_lines(*chunks, final)))
+    received: list[pb.Token] = []
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        async for token in stub.Generate(pb.GenerateRequest(model="tiny", prompt="p"),
+                                         timeout=10):
+            received.append(token)
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+    assert reason(info.value) == "UPSTREAM_PROTOCOL_ERROR"
+    return received, info.value
+
+
 @pytest.mark.parametrize(("field", "value"), [
     ("eval_count", -1),
     ("eval_count", 2**32),
@@ -178,16 +194,8 @@ async def test_impossible_figures_on_the_final_line_are_a_protocol_error(
     """Every token is delivered, including the text that came on the bad final line; then
     UPSTREAM_PROTOCOL_ERROR naming the field (it was INTERNAL, 'see the server log', and the
     last text was lost)."""
-    final = {**_FINAL, field: value}
-    fake.set_fault(Fault(raw_body=_lines(*_TOKENS, final)))
-    received: list[pb.Token] = []
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for token in stub.Generate(pb.GenerateRequest(model="tiny", prompt="p"),
-                                         timeout=10):
-            received.append(token)
-    assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert reason(info.value) == "UPSTREAM_PROTOCOL_ERROR"
-    assert field in (info.value.details() or "")
+    received, err = await _protocol_error(stub, fake, _TOKENS, {**_FINAL, field: value})
+    assert field in (err.details() or "")
     assert "".join(t.text for t in received) == "one two three"
     assert not any(t.done for t in received)
 
@@ -203,14 +211,7 @@ async def test_impossible_figures_on_the_final_line_are_a_protocol_error(
 ])
 async def test_mistyped_chunks_are_a_protocol_error_after_what_came_before(
         stub: GenerationServiceStub, fake: FakeOllama, chunk: dict[str, Any]) -> None:
-    fake.set_fault(Fault(raw_body=_lines(*_TOKENS, chunk, _FINAL)))
-    received: list[pb.Token] = []
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        async for token in stub.Generate(pb.GenerateRequest(model="tiny", prompt="p"),
-                                         timeout=10):
-            received.append(token)
-    assert info.value.code() == grpc.StatusCode.INTERNAL
-    assert reason(info.value) == "UPSTREAM_PROTOCOL_ERROR"
+    received, _ = await _protocol_error(stub, fake, [*_TOKENS, chunk], _FINAL)
     assert "".join(t.text for t in received) == "one two"
 
 
