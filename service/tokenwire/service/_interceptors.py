@@ -1,10 +1,15 @@
-"""The call guard: request id → authentication → authorization → admission →
-the handler → one access-log line.
+"""The call guard: metadata size → request id → authentication → authorization →
+admission → the handler → one access-log line.
 
 grpc.aio interceptors see only the method name and metadata, so the guard
 wraps each handler; the wrapper has the request (for the model name) and the
 context (for the peer's certificate). The access log names the method,
 caller, outcome and time; it never contains prompt or answer text.
+
+A call whose metadata is over gRPC's own limit (only a client that never
+acknowledged the server's SETTINGS can send one, see ``_http2``) is refused as
+soon as grpc.aio resolves its handler, without waiting for its request message:
+its handler is swapped for a request-streaming one, which grpc.aio starts at once.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import grpc
 
 from ._admission import Admission, Overloaded, Ticket
 from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated
+from ._http2 import MAX_METADATA_BYTES, GarbageSweep, MetadataTooLarge, metadata_bytes
 from ._metrics import Metrics
 from ._status import (
     InitialMetadata,
@@ -67,6 +73,17 @@ def _model_of(request: Any) -> str | None:
     return model if isinstance(model, str) else None
 
 
+def _log_access(method: str, rid: str, who: str, outcome: str, took: float,
+                metrics: Metrics | None) -> None:
+    log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid,
+             who, outcome, took * 1000, extra={"fields": {
+                 "method": method, "request_id": rid, "caller": who,
+                 "outcome": outcome, "ms": round(took * 1000, 1)}})
+    if metrics is not None:
+        metrics.call_ended(method, outcome,
+                           None if outcome == "OK" else error_reason_var.get(), took)
+
+
 def _peer_host(peer: str) -> str:
     # "ipv4:127.0.0.1:5000" / "ipv6:[::1]:5000" / "unix:..."
     kind, _, rest = peer.partition(":")
@@ -92,19 +109,24 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._mtls = mtls
         self._auth_required = self._registry is not None or mtls
         self._open_health = open_health
+        self._sweep = GarbageSweep()
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        method: str = details.method
+        metadata = details.invocation_metadata
+        rid = _request_id(metadata)
+        size = metadata_bytes(metadata)
+        if size > MAX_METADATA_BYTES:  # before anything else, whatever the method
+            self._sweep.refused(size)
+            return self._refuse_metadata(method, rid, size)
         handler = await continuation(details)
         if handler is None:
             return None
-        method: str = details.method
         metrics = self._metrics
-        metadata = details.invocation_metadata
-        rid = _request_id(metadata)
         infrastructure = method.startswith(_OPEN_PREFIXES)
         needs_auth = self._auth_required and not (infrastructure and self._open_health)
 
@@ -163,15 +185,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                         ticket.release()
                         if metrics is not None:
                             metrics.released()
-                    took = time.perf_counter() - started
-                    log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid,
-                             who, outcome, took * 1000, extra={"fields": {
-                                 "method": method, "request_id": rid, "caller": who,
-                                 "outcome": outcome, "ms": round(took * 1000, 1)}})
-                    if metrics is not None:
-                        metrics.call_ended(method, outcome,
-                                           None if outcome == "OK" else error_reason_var.get(),
-                                           took)
+                    _log_access(method, rid, who, outcome, time.perf_counter() - started,
+                                metrics)
 
             return guarded
 
@@ -188,6 +203,21 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 wrap(handler.unary_stream, handler.request_deserializer), None,
                 handler.response_serializer)
         return handler
+
+    def _refuse_metadata(self, method: str, rid: str, size: int) -> grpc.RpcMethodHandler:
+        """A handler that ends the call with METADATA_TOO_LARGE at once. It is
+        request-streaming whatever the method is, so grpc.aio starts it without
+        waiting for a request message; it keeps no reference to the metadata."""
+        metrics = self._metrics
+
+        async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            request_id_var.set(rid)
+            status = status_for(MetadataTooLarge(size))
+            _log_access(method, rid, _peer_host(context.peer()), status.code.name, 0.0,
+                        metrics)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+        return grpc.stream_unary_rpc_method_handler(refuse)
 
     def _gate(self, handler: grpc.RpcMethodHandler, rid: str, metadata: Any) -> Any:
         """Authenticates, then delegates, for handlers the guard does not wrap."""

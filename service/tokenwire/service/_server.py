@@ -19,6 +19,7 @@ from ._auth import CallerRegistry
 from ._breaker import CircuitBreaker
 from ._config import Settings, redact_url
 from ._health import HealthMonitor
+from ._http2 import core_options, settle_malloc
 from ._interceptors import GuardInterceptor
 from ._metrics import Metrics, MetricsEndpoint
 from ._servicer import GenerationServicer, StreamSettings
@@ -125,6 +126,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", int(reuse_port)),
+            *core_options(),
         ],
     )
     servicer = GenerationServicer(
@@ -197,6 +199,7 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 1
     _settle_gc()
+    settle_malloc()
     log.info("tokenwire-server %s %s (upstream %s: %s)",
              "listening on" if worker is None else "worker serving on", runtime.target,
              redact_url(settings.resolved_ollama_url()),

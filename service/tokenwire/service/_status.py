@@ -40,6 +40,7 @@ from ._exceptions import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from ._http2 import MetadataTooLarge
 from ._validate import ValidationFailed
 
 __all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ShuttingDown", "error_reason_var",
@@ -99,6 +100,7 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], 
     (NotAuthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", None),
     (NotAllowed, grpc.StatusCode.PERMISSION_DENIED, "NOT_ALLOWED", None),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", 1.0),
+    (MetadataTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "METADATA_TOO_LARGE", None),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0),
     (CircuitOpen, grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN", 1.0),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", None),
@@ -143,7 +145,8 @@ def status_for(exc: Exception) -> grpc.Status:
         message = "invalid request: " + "; ".join(f"{f}: {d}" for f, d in violations[:5])
         if len(violations) > 5:
             message += f"; ... ({len(exc.violations)} problems in all, see BadRequest)"
-    elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown):
+    elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown
+                    | MetadataTooLarge):
         message = exc.message
         violations = []
     elif isinstance(exc, UpstreamError):
