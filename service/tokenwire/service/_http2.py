@@ -29,6 +29,15 @@ Measured against grpcio 1.85 (README "Security and reliability" has the figures)
   gave it back). :func:`settle_malloc` pins the threshold at glibc's initial 128 KiB,
   so large blocks keep going back to the kernel: 6-23 MiB and 33 MiB left. Nothing on
   the token path allocates that much at once.
+* **Calls the application has not picked up yet.** grpc core queues calls that arrive
+  faster than grpc.aio asks for them (it asks for one at a time). Past
+  ``grpc.server.max_pending_requests`` (default 1000) it cancels new ones at random, and
+  all of them past ``grpc.server.max_pending_requests_hard_limit`` (default 3000): the
+  caller sees CANCELLED with no details and the call never reaches the guard, so it
+  is neither refused with RetryInfo nor logged. A 2,000-call burst on one connection
+  lost 8-11 % that way. The queue is per method (grpc.aio registers each one).
+  ``--max-pending-calls`` sets both limits to one value: no random cancellations
+  below it, so the guard's admission answers the overload.
 """
 
 from __future__ import annotations
@@ -59,12 +68,15 @@ MMAP_THRESHOLD = 128 * 1024
 _ENTRY_OVERHEAD = 32
 
 
-def core_options() -> list[tuple[str, int]]:
+def core_options(max_pending_calls: int) -> list[tuple[str, int]]:
     """The grpc core channel arguments for the limits above."""
     return [
         ("grpc.max_metadata_size", SOFT_METADATA_BYTES),
         ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
         ("grpc.http2.settings_timeout", SETTINGS_TIMEOUT_MS),
+        # Equal soft and hard limits: no random cancellations, one documented bound.
+        ("grpc.server.max_pending_requests", max_pending_calls),
+        ("grpc.server.max_pending_requests_hard_limit", max_pending_calls),
     ]
 
 

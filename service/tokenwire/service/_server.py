@@ -126,7 +126,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", int(reuse_port)),
-            *core_options(),
+            *core_options(settings.max_pending_calls),
         ],
     )
     servicer = GenerationServicer(
