@@ -50,6 +50,9 @@ def test_bad_values_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
         parse_settings(["--idle-timeout", "0"], {})
     assert "--idle-timeout" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        parse_settings(["--max-pending-calls", "0"], {})
+    assert "--max-pending-calls" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         parse_settings([], {"TOKENWIRE_CONNECT_TIMEOUT": "soon"})
     assert "TOKENWIRE_CONNECT_TIMEOUT" in capsys.readouterr().err
 

@@ -103,6 +103,10 @@ class Settings:
         "help": "largest total image payload per request, in bytes"})
     max_concurrent_streams: int = field(default=2048, metadata={
         "help": "HTTP/2 concurrent streams per client connection"})
+    max_pending_calls: int = field(default=8192, metadata={
+        "help": "calls per method grpc core may queue, over all connections, before the "
+                "server picks them up; past it grpc cancels new calls (CANCELLED, no details, "
+                "not logged) before admission can refuse them with RESOURCE_EXHAUSTED"})
     upstream_connections: int = field(default=1000, metadata={
         "help": "size of the connection pool to Ollama"})
     health_interval: float = field(default=5.0, metadata={
@@ -249,8 +253,8 @@ def parse_settings(argv: Sequence[str] | None = None,
         name for name in ("connect_timeout", "first_token_timeout", "idle_timeout",
                           "unary_timeout",
                           "health_interval", "max_message_bytes", "max_prompt_bytes",
-                          "upstream_connections", "max_concurrent_streams", "max_streams",
-                          "max_streams_per_caller", "burst", "max_messages")
+                          "upstream_connections", "max_concurrent_streams", "max_pending_calls",
+                          "max_streams", "max_streams_per_caller", "burst", "max_messages")
         if getattr(settings, name) <= 0
     ] + [
         name for name in ("rate", "rate_per_peer", "max_streams_per_peer", "queue_timeout",

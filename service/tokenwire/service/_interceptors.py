@@ -8,6 +8,11 @@ shape, so every method gets the same request id, authentication, decoding
 (undecodable bytes are INVALID_ARGUMENT, never UNKNOWN) and access log. The
 access log names the method, caller, outcome and time; it never contains
 prompt or answer text.
+
+A call whose metadata is over gRPC's own limit (only a client that never
+acknowledged the server's SETTINGS can send one, see ``_http2``) is refused as
+soon as grpc.aio resolves its handler, without waiting for its request message:
+its handler is swapped for a request-streaming one, which grpc.aio starts at once.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import grpc
 
 from ._admission import Admission, Overloaded, Ticket
 from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var
+from ._http2 import MAX_METADATA_BYTES, GarbageSweep, MetadataTooLarge, metadata_bytes
 from ._metrics import Metrics
 from ._status import (
     InitialMetadata,
@@ -235,15 +241,20 @@ class _Call:
             self.ticket.release()
             if metrics is not None:
                 metrics.released()
-        took = time.perf_counter() - self.started
-        method, rid, who, outcome = self.plan.method, self.plan.rid, self.who, self.outcome
-        log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid, who,
-                 outcome, took * 1000, extra={"fields": {
-                     "method": method, "request_id": rid, "caller": who, "outcome": outcome,
-                     "ms": round(took * 1000, 1)}})
-        if metrics is not None:
-            metrics.call_ended(method, outcome,
-                               None if outcome == "OK" else error_reason_var.get(), took)
+        _log_access(self.plan.method, self.plan.rid, self.who, self.outcome,
+                    time.perf_counter() - self.started, metrics)
+
+
+def _log_access(method: str, rid: str, who: str, outcome: str, took: float,
+                metrics: Metrics | None) -> None:
+    """The call's access-log line, and its end in the metrics."""
+    log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid, who, outcome,
+             took * 1000, extra={"fields": {
+                 "method": method, "request_id": rid, "caller": who, "outcome": outcome,
+                 "ms": round(took * 1000, 1)}})
+    if metrics is not None:
+        metrics.call_ended(method, outcome, None if outcome == "OK" else error_reason_var.get(),
+                           took)
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
@@ -268,12 +279,18 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._mtls = mtls
         self._auth_required = self._registry is not None or mtls
         self._open_health = open_health
+        self._sweep = GarbageSweep()
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        size = metadata_bytes(details.invocation_metadata)
+        if size > MAX_METADATA_BYTES:  # before anything else, whatever the method
+            self._sweep.refused(size)
+            return self._refuse_metadata(details.method,
+                                         _request_id(details.invocation_metadata), size)
         handler = await continuation(details)
         if handler is None:
             return None
@@ -296,6 +313,21 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return grpc.stream_stream_rpc_method_handler(
                 plan.wrap(handler.stream_stream, None), _strict(deserialize), serialize)
         return handler
+
+    def _refuse_metadata(self, method: str, rid: str, size: int) -> grpc.RpcMethodHandler:
+        """A handler that ends the call with METADATA_TOO_LARGE at once. It is
+        request-streaming whatever the method is, so grpc.aio starts it without
+        waiting for a request message; it keeps no reference to the metadata."""
+        metrics = self._metrics
+
+        async def refuse(requests: Any, context: grpc.aio.ServicerContext) -> None:
+            request_id_var.set(rid)
+            status = status_for(MetadataTooLarge(size))
+            _log_access(method, rid, _peer_host(context.peer()), status.code.name, 0.0,
+                        metrics)
+            await context.abort(status.code, status.details, status.trailing_metadata)
+
+        return grpc.stream_unary_rpc_method_handler(refuse)
 
     def _authenticate(self, context: grpc.aio.ServicerContext, metadata: Any) -> Caller:
         """The caller, from a bearer token and/or a client certificate. A certificate

@@ -19,6 +19,7 @@ from ._auth import CallerRegistry
 from ._breaker import CircuitBreaker
 from ._config import Settings, redact_url
 from ._health import HealthEndpoint, HealthMonitor
+from ._http2 import core_options, settle_malloc
 from ._interceptors import GuardInterceptor
 from ._metrics import Metrics, MetricsEndpoint
 from ._servicer import GenerationServicer, StreamSettings
@@ -141,7 +142,7 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
             ("grpc.so_reuseport", int(reuse_port)),
-            *_pending_limits(settings.max_streams),
+            *core_options(settings.max_pending_calls),
         ],
     )
     servicer = GenerationServicer(
@@ -187,17 +188,6 @@ async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = 
     await monitor.start()
     return Runtime(server, port, monitor, upstream, settings, servicer, admission, metrics,
                    endpoint, probes)
-
-
-def _pending_limits(max_streams: int) -> list[tuple[str, int]]:
-    """gRPC core's queue of calls that have arrived but not yet reached a handler. At its
-    default soft limit of 1,000 (hard: 3,000) core sheds a burst with a bare CANCELLED
-    (no status of ours, no RetryInfo, and clients do not retry it) before admission has
-    seen the calls: one client opening 2,000 streams at once had about 200 dropped so.
-    A burst up to --max-streams must reach admission, which refuses properly."""
-    soft = max(1000, max_streams)
-    return [("grpc.server.max_pending_requests", soft),
-            ("grpc.server.max_pending_requests_hard_limit", 3 * soft)]
 
 
 def _warn_unused_caller_limits(settings: Settings, *, identifies: bool) -> None:
@@ -252,6 +242,7 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
         log.error("cannot start: %s", exc)
         return 1
     _settle_gc()
+    settle_malloc()
     log.info("tokenwire-server %s %s (upstream %s: %s)",
              "listening on" if worker is None else "worker serving on", runtime.target,
              redact_url(settings.resolved_ollama_url()),

@@ -42,6 +42,7 @@ from ._exceptions import (
     UpstreamUnavailable,
     excerpt,
 )
+from ._http2 import MetadataTooLarge
 from ._validate import ValidationFailed
 
 __all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ResponseTooLarge", "ShuttingDown",
@@ -124,6 +125,7 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], 
     (NotAuthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", None),
     (NotAllowed, grpc.StatusCode.PERMISSION_DENIED, "NOT_ALLOWED", None),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", 1.0),
+    (MetadataTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "METADATA_TOO_LARGE", None),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE", None),
     (CircuitOpen, grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN", 1.0),
@@ -171,7 +173,7 @@ def status_for(exc: Exception) -> grpc.Status:
         if len(violations) > 5:
             message += f"; ... ({len(exc.violations)} problems in all, see BadRequest)"
     elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown
-                    | ResponseTooLarge | Undecodable):
+                    | ResponseTooLarge | Undecodable | MetadataTooLarge):
         message = exc.message
         violations = []
     elif isinstance(exc, UpstreamError):
