@@ -30,8 +30,8 @@ from tests.helpers import reason, violations
 from tests.real.conftest import MODEL, REAL, MakeRuntime, RealOllama, shower, started_ollama
 from tests.real.test_real_ollama import greedy, receive
 from tokenwire.service import status_for
-from tokenwire.service._classify import classify_http_error, engine_said
 from tokenwire.service._status import error_reason_var
+from tokenwire.service.backends.ollama._errors import classify_http_error, engine_said
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 

@@ -19,7 +19,7 @@ from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama, Fault
 from tests.helpers import detail, reason, violations
 from tests.reliability._util import bearer, generate_all, outcome, retry_delay
-from tokenwire.service._admission import Admission, Overloaded
+from tokenwire.service.guard._admission import Admission, Overloaded
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 

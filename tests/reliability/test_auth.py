@@ -204,7 +204,7 @@ def test_token_check_compares_every_digest_in_constant_time(
     """No early exit and no comparison of raw tokens: a presented token is hashed
     and compared (hmac.compare_digest) with the digest of every known caller,
     whether it matches the first, the last or none."""
-    from tokenwire.service import _auth
+    from tokenwire.service.guard import _auth
 
     registry = _auth.CallerRegistry(str(_callers_file(tmp_path)), f"ops={TOKEN_ENV}")
     compared: list[tuple[bytes, bytes]] = []

@@ -20,7 +20,7 @@ from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama, Fault
 from tokenwire.service import Runtime
 from tokenwire.service import _server as server_module
-from tokenwire.service._admission import Admission
+from tokenwire.service.guard._admission import Admission
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 

@@ -19,8 +19,12 @@ from tokenwire.service import (
     UpstreamUnavailable,
     status_for,
 )
-from tokenwire.service._classify import classify_http_error, runner_failed, stream_error
 from tokenwire.service._exceptions import MAX_MESSAGE_BYTES, excerpt
+from tokenwire.service.backends.ollama._errors import (
+    classify_http_error,
+    runner_failed,
+    stream_error,
+)
 
 
 def _body(text: str) -> bytes:

@@ -7,7 +7,7 @@ import base64
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 
-from tokenwire.service._convert import (
+from tokenwire.service.backends.ollama._wire import (
     chat_payload,
     embed_payload,
     finish_reason,

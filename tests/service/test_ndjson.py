@@ -10,8 +10,8 @@ import orjson
 import pytest
 
 from tokenwire.service import ProtocolError, TruncatedStream, UpstreamDisconnected
-from tokenwire.service._ndjson import NDJSONPool
-from tokenwire.service._upstream import _parse_line
+from tokenwire.service.backends._transport import NDJSONPool
+from tokenwire.service.backends.ollama._adapter import _parse_line
 
 DONE = orjson.dumps({"response": "", "done": True}) + b"\n"
 A = orjson.dumps({"response": "a", "done": False}) + b"\n"

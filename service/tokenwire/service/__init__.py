@@ -25,8 +25,8 @@ from ._exceptions import (
 from ._server import SERVICE_NAME, Runtime, build_server, serve
 from ._servicer import GenerationServicer, StreamSettings
 from ._status import STATUS_TABLE, status_for
-from ._upstream import OllamaUpstream
 from ._validate import Limits, ValidationFailed
+from .backends.ollama._adapter import OllamaUpstream
 
 __all__ = [
     "SERVICE_NAME",

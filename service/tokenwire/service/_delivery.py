@@ -20,7 +20,7 @@ from tokenwire.v1 import generation_pb2 as pb
 
 from ._exceptions import ProtocolError
 from ._relay import Relay
-from ._upstream import Chunk
+from .backends.ollama._adapter import Chunk
 
 __all__ = ["Grouper", "split_message"]
 

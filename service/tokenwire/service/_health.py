@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._exceptions import UpstreamError
 from ._metrics import Metrics
-from ._upstream import OllamaUpstream
+from .backends.ollama._adapter import OllamaUpstream
 
 __all__ = ["LIVENESS", "READINESS", "HealthEndpoint", "HealthMonitor"]
 

@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 from ._exceptions import FirstTokenTimeout, IdleTimeout, UpstreamError
-from ._ndjson import Response
-from ._upstream import Chunk
+from .backends._transport import Response
+from .backends.ollama._adapter import Chunk
 
 log = logging.getLogger("tokenwire.service")
 

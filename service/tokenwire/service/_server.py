@@ -14,18 +14,18 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenwire.v1 import generation_pb2, generation_pb2_grpc
 
-from ._admission import Admission
-from ._auth import CallerRegistry
-from ._breaker import CircuitBreaker
 from ._config import Settings, redact_url
 from ._health import HealthEndpoint, HealthMonitor
-from ._http2 import core_options, settle_malloc
-from ._interceptors import GuardInterceptor
 from ._metrics import Metrics, MetricsEndpoint
 from ._servicer import GenerationServicer, StreamSettings
-from ._upstream import OllamaUpstream
 from ._validate import Limits
 from ._workers import WorkerLink
+from .backends._breaker import CircuitBreaker
+from .backends.ollama._adapter import OllamaUpstream
+from .guard._admission import Admission
+from .guard._auth import CallerRegistry
+from .guard._http2 import core_options, settle_malloc
+from .guard._interceptor import GuardInterceptor
 
 __all__ = ["SERVICE_NAME", "Runtime", "build_server", "serve"]
 

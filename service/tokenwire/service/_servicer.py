@@ -1,7 +1,7 @@
 """GenerationService: validate, call upstream, turn chunks into Tokens.
 
 The servicer holds no HTTP, JSON or retry logic: the upstream adapter and
-the relay are passed in, conversions are pure functions in ``_convert``.
+the relay are passed in, conversions are pure functions in ``backends.ollama._wire``.
 """
 
 from __future__ import annotations
@@ -17,8 +17,14 @@ from google.protobuf.duration_pb2 import Duration
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
-from ._auth import may_use_model
-from ._convert import (
+from ._delivery import Grouper, split_message
+from ._exceptions import ProtocolError, TruncatedStream
+from ._metrics import Metrics
+from ._relay import Relay
+from ._status import ResponseTooLarge, ShuttingDown, map_errors, send_initial_metadata
+from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
+from .backends.ollama._adapter import Chunk, OllamaUpstream
+from .backends.ollama._wire import (
     chat_payload,
     embed_payload,
     embed_response,
@@ -29,13 +35,7 @@ from ._convert import (
     tool_calls_from,
     usage_from,
 )
-from ._delivery import Grouper, split_message
-from ._exceptions import ProtocolError, TruncatedStream
-from ._metrics import Metrics
-from ._relay import Relay
-from ._status import ResponseTooLarge, ShuttingDown, map_errors, send_initial_metadata
-from ._upstream import Chunk, OllamaUpstream
-from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
+from .guard._auth import may_use_model
 
 __all__ = ["GenerationServicer", "StreamSettings"]
 

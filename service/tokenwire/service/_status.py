@@ -20,8 +20,6 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ._admission import Overloaded
-from ._auth import NotAllowed, NotAuthenticated
 from ._exceptions import (
     CircuitOpen,
     EngineError,
@@ -42,8 +40,10 @@ from ._exceptions import (
     UpstreamUnavailable,
     excerpt,
 )
-from ._http2 import MetadataTooLarge
 from ._validate import ValidationFailed
+from .guard._admission import Overloaded
+from .guard._auth import NotAllowed, NotAuthenticated
+from .guard._http2 import MetadataTooLarge
 
 __all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ResponseTooLarge", "ShuttingDown",
            "Undecodable", "error_reason_var", "initial_metadata_var", "map_errors",

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-from ._exceptions import (
+from .._exceptions import (
     ProtocolError,
     TruncatedStream,
     UpstreamConnectError,

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from ._exceptions import CircuitOpen
+from .._exceptions import CircuitOpen
 
 __all__ = ["CircuitBreaker"]
 

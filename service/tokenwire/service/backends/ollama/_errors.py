@@ -31,7 +31,7 @@ import re
 
 import orjson
 
-from ._exceptions import (
+from ..._exceptions import (
     EngineError,
     InvalidRequest,
     ModelNotFound,

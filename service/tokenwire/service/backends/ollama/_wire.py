@@ -30,8 +30,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from tokenwire.v1 import generation_pb2 as pb
 
-from ._exceptions import ProtocolError
-from ._upstream import Chunk
+from ..._exceptions import ProtocolError
+from ._adapter import Chunk
 
 __all__ = [
     "chat_payload",

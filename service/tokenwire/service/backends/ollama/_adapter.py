@@ -1,12 +1,12 @@
-"""The Ollama adapter: the only module (with ``_ndjson.py``) that speaks HTTP.
+"""The Ollama adapter: the only module (with ``backends._transport``) that speaks HTTP.
 
-Streams from a plain ``http://`` Ollama go through ``_ndjson.NDJSONPool``, a
+Streams from a plain ``http://`` Ollama go through ``_transport.NDJSONPool``, a
 small asyncio-Protocol HTTP/1.1 client that parses chunked NDJSON as bytes
 arrive: the benchmark measured httpx's per-chunk stack and pool scans at over
 half the gateway's CPU per token, and this path at 2.4x the throughput and a
 third of the CPU per token. Everything else (JSON endpoints, ``https://``,
 injected test transports) uses one ``httpx.AsyncClient``. Every failure leaves
-this module as an exception from ``_exceptions.py`` (``_classify.py`` decides
+this module as an exception from ``_exceptions.py`` (``_errors.py`` decides
 which, for error answers).
 
 Everything read is bounded: an error body at ``MAX_ERROR_BODY`` bytes (the rest is
@@ -25,10 +25,8 @@ from typing import Any
 import httpx
 import orjson
 
-from ._breaker import CircuitBreaker
-from ._classify import classify_http_error, stream_error
-from ._config import redact_url
-from ._exceptions import (
+from ..._config import redact_url
+from ..._exceptions import (
     CircuitOpen,
     ProtocolError,
     RequestTimeout,
@@ -39,7 +37,9 @@ from ._exceptions import (
     UpstreamError,
     UpstreamUnavailable,
 )
-from ._ndjson import MAX_LINE_BYTES, NDJSONPool
+from .._breaker import CircuitBreaker
+from .._transport import MAX_LINE_BYTES, NDJSONPool
+from ._errors import classify_http_error, stream_error
 
 __all__ = ["MAX_ERROR_BODY", "Chunk", "OllamaUpstream", "is_outage"]
 
@@ -91,7 +91,7 @@ class OllamaUpstream:
             headers={"Accept": "application/x-ndjson, application/json"},
             trust_env=False,
         )
-        # Streams on plain http:// go through the lean NDJSON client (_ndjson.py);
+        # Streams on plain http:// go through the lean NDJSON client (_transport.py);
         # https:// and injected test transports keep httpx.
         self._lean: NDJSONPool | None = None
         if transport is None and self._url.startswith("http://"):

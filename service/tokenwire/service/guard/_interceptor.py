@@ -30,11 +30,8 @@ from typing import Any
 
 import grpc
 
-from ._admission import Admission, Overloaded, Ticket
-from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var
-from ._http2 import MAX_METADATA_BYTES, GarbageSweep, MetadataTooLarge, metadata_bytes
-from ._metrics import Metrics
-from ._status import (
+from .._metrics import Metrics
+from .._status import (
     InitialMetadata,
     Undecodable,
     error_reason_var,
@@ -43,6 +40,9 @@ from ._status import (
     request_id_var,
     status_for,
 )
+from ._admission import Admission, Overloaded, Ticket
+from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var
+from ._http2 import MAX_METADATA_BYTES, GarbageSweep, MetadataTooLarge, metadata_bytes
 
 __all__ = ["GuardInterceptor"]
 
