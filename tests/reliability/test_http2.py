@@ -26,7 +26,7 @@ from google.rpc import error_details_pb2
 from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama
 from tests.helpers import detail, reason, server_process
-from tokenwire.service._http2 import SETTINGS_TIMEOUT_MS
+from tokenwire.service.guard._http2 import SETTINGS_TIMEOUT_MS
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
@@ -190,7 +190,7 @@ async def test_header_flood_before_settings_ack_is_refused_and_freed(
 # shrink from its top) and prints how much RSS that gave back; "pin": after settle_malloc.
 _FREE_PROBE = """
 import ctypes, sys, threading
-from tokenwire.service._http2 import settle_malloc
+from tokenwire.service.guard._http2 import settle_malloc
 libc = ctypes.CDLL(None)
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
 libc.free.argtypes = [ctypes.c_void_p]
@@ -271,11 +271,11 @@ async def test_burst_on_one_connection_is_refused_by_admission(
     calls not yet picked up; past 1,000 there grpc cancels calls at random (CANCELLED, no
     details, never in the access log): 8-11 % were lost so. With --max-pending-calls the
     whole burst reaches the guard, and what is over the limits (here 256 streams per
-    caller) is refused with RESOURCE_EXHAUSTED and RetryInfo, every call logged."""
+    peer address) is refused with RESOURCE_EXHAUSTED and RetryInfo, every call logged."""
     caplog.set_level(logging.INFO, logger="tokenwire.access")
     fake.tokens = ["t"] * 4
     fake.token_delay = 0.5  # each admitted call holds its slot ~2 s
-    runtime = await make_runtime()
+    runtime = await make_runtime(max_streams_per_peer=256)
     outcomes: collections.Counter[str] = collections.Counter()
     async with grpc.aio.insecure_channel(runtime.target) as channel:
         stub = GenerationServiceStub(channel)
