@@ -7,14 +7,16 @@ import base64
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 
-from tokenwire.service.backends.ollama._wire import (
-    chat_payload,
-    embed_payload,
+from tokenwire.service.backends.ollama._answers import (
     finish_reason,
-    generate_payload,
     model_from_tag,
     tool_calls_from,
     usage_from,
+)
+from tokenwire.service.backends.ollama._payloads import (
+    chat_payload,
+    embed_payload,
+    generate_payload,
 )
 from tokenwire.v1 import generation_pb2 as pb
 

@@ -11,7 +11,7 @@ import pytest
 
 from tokenwire.service import ProtocolError, TruncatedStream, UpstreamDisconnected
 from tokenwire.service.backends._transport import NDJSONPool
-from tokenwire.service.backends.ollama._adapter import _parse_line
+from tokenwire.service.backends.ollama._answers import generate_event
 
 DONE = orjson.dumps({"response": "", "done": True}) + b"\n"
 A = orjson.dumps({"response": "a", "done": False}) + b"\n"
@@ -64,8 +64,7 @@ async def serve() -> AsyncIterator[Callable[..., object]]:
         server = await asyncio.start_server(raw.handle, "127.0.0.1", 0)
         servers.append(server)
         port = server.sockets[0].getsockname()[1]
-        pool = NDJSONPool(f"http://127.0.0.1:{port}", connect_timeout=2, max_connections=4,
-                          parse_line=_parse_line)
+        pool = NDJSONPool(f"http://127.0.0.1:{port}", connect_timeout=2, max_connections=4)
         pools.append(pool)
         return pool
 
@@ -78,7 +77,7 @@ async def serve() -> AsyncIterator[Callable[..., object]]:
 
 
 async def _read(pool: NDJSONPool) -> list[dict[str, object]]:
-    response = await pool.open("/api/generate", b'{"model":"m"}')
+    response = await pool.open("/api/generate", b'{"model":"m"}', generate_event)
     try:
         assert response.status == 200
         return [chunk async for chunk, _ in response]
@@ -90,7 +89,7 @@ async def _read(pool: NDJSONPool) -> list[dict[str, object]]:
 async def test_chunked_stream_split_anywhere(serve: Callable[..., object], step: int) -> None:
     pool = await serve(RawServer(lambda n: chunked(A[:5], A[5:] + DONE), step=step))
     chunks = await _read(pool)  # type: ignore[arg-type]
-    assert [c["response"] for c in chunks] == ["a", ""]
+    assert [c[0] for c in chunks] == ["a", ""]
 
 
 async def test_length_body_without_newline_and_keep_alive(serve: Callable[..., object]) -> None:
@@ -99,7 +98,8 @@ async def test_length_body_without_newline_and_keep_alive(serve: Callable[..., o
         len(body), body))
     pool = await serve(raw)
     for _ in range(3):
-        assert (await _read(pool))[0]["done_reason"] == "load"  # type: ignore[arg-type]
+        final = (await _read(pool))[0][3]  # type: ignore[arg-type]
+        assert final is not None and final.usage.engine_finish_reason == "load"
     assert raw.connections == 1  # one kept-alive connection served all three
     assert raw.requests[0].startswith(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1:")
 
@@ -109,7 +109,7 @@ async def test_non_200_body_is_read_whole(serve: Callable[..., object]) -> None:
     pool: NDJSONPool = await serve(RawServer(  # type: ignore[assignment]
         lambda n: b"HTTP/1.1 404 Not Found\r\nContent-Length: %d\r\n\r\n%s" % (len(error), error),
         step=5))
-    response = await pool.open("/api/generate", b"{}")
+    response = await pool.open("/api/generate", b"{}", generate_event)
     assert response.status == 404
     assert await response.read_body(1 << 16) == error
     pool.release(response)
@@ -142,7 +142,7 @@ async def test_stale_kept_alive_connection_is_replaced(serve: Callable[..., obje
     pool = await serve(raw)
     await _read(pool)  # type: ignore[arg-type]
     await asyncio.sleep(0.05)
-    assert [c["response"] for c in await _read(pool)] == ["a", ""]  # type: ignore[arg-type]
+    assert [c[0] for c in await _read(pool)] == ["a", ""]  # type: ignore[arg-type]
     assert raw.connections == 2
 
 
@@ -159,10 +159,10 @@ async def test_a_stream_that_ends_while_paused_leaves_a_reusable_connection(
         got: list[object] = []
 
         def sink(chunk: dict[str, object], size: int) -> bool:
-            got.append(chunk["response"])
+            got.append(chunk[0])
             return True
 
-        response = await pool.open("/api/generate", b"{}")
+        response = await pool.open("/api/generate", b"{}", generate_event)
         try:
             await response.deliver(sink)
         finally:

@@ -17,7 +17,7 @@ from typing import Any
 
 import orjson
 
-from tokenwire.service.backends.ollama._wire import chat_payload, generate_payload
+from tokenwire.service.backends.ollama._payloads import chat_payload, generate_payload
 from tokenwire.v1 import generation_pb2 as pb
 
 #: Written order differs from the alphabetical and from the reverse order, at every level.
@@ -69,7 +69,7 @@ def test_chat_format_and_tool_parameters_text_keep_order() -> None:
 
 _CHILD = """
 import sys, orjson
-from tokenwire.service.backends.ollama._wire import chat_payload
+from tokenwire.service.backends.ollama._payloads import chat_payload
 from tokenwire.v1 import generation_pb2 as pb
 request = pb.ChatRequest.FromString(sys.stdin.buffer.read())  # as it comes off the wire
 sent = orjson.loads(orjson.dumps(chat_payload(request)))

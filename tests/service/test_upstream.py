@@ -10,7 +10,7 @@ from tokenwire.service import (
     EngineError,
     InvalidRequest,
     ModelNotFound,
-    OllamaUpstream,
+    OllamaBackend,
     PermissionDenied,
     ProtocolError,
     RunnerCrashed,
@@ -20,18 +20,21 @@ from tokenwire.service import (
     UpstreamConnectError,
     UpstreamDisconnected,
 )
+from tokenwire.service.backends.ollama._answers import generate_event
+from tokenwire.v1 import generation_pb2 as pb
 
 
 def _ndjson(*objs: dict[str, object]) -> bytes:
     return b"".join(orjson.dumps(o) + b"\n" for o in objs)
 
 
-def _upstream(handler: httpx.MockTransport) -> OllamaUpstream:
-    return OllamaUpstream("http://ollama.test", transport=handler)
+def _upstream(handler: httpx.MockTransport) -> OllamaBackend:
+    return OllamaBackend("http://ollama.test", transport=handler)
 
 
-async def _collect(upstream: OllamaUpstream, payload: dict[str, object] | None = None) -> list:
-    async with upstream.stream("/api/generate", payload or {"model": "m"}) as chunks:
+async def _collect(upstream: OllamaBackend, payload: dict[str, object] | None = None) -> list:
+    async with upstream.post_stream("/api/generate", payload or {"model": "m"},
+                                    generate_event) as chunks:
         return [c async for c, _ in chunks]
 
 
@@ -47,15 +50,16 @@ async def test_stream_parses_lines_split_across_reads() -> None:
 
     transport = httpx.MockTransport(lambda r: httpx.Response(200, content=pieces()))
     chunks = await _collect(_upstream(transport))
-    assert [c["response"] for c in chunks] == ["Hel", "lo", ""]
-    assert chunks[-1]["done"] is True
+    assert [c[0] for c in chunks] == ["Hel", "lo", ""]
+    assert chunks[-1][3] is not None
 
 
 async def test_plain_json_body_without_newline_is_one_chunk() -> None:
     body = orjson.dumps({"model": "m", "response": "", "done": True, "done_reason": "load"})
     transport = httpx.MockTransport(lambda r: httpx.Response(200, content=body))
-    chunks = await _collect(_upstream(transport))
-    assert chunks == [orjson.loads(body)]
+    [(text, _, _, final)] = await _collect(_upstream(transport))
+    assert text == "" and final is not None
+    assert final.finish_reason == pb.FINISH_REASON_LOAD
 
 
 async def test_request_body_is_the_payload() -> None:
@@ -74,10 +78,11 @@ async def test_error_line_mid_stream_raises_after_earlier_chunks() -> None:
     transport = httpx.MockTransport(lambda r: httpx.Response(200, content=body))
     got = []
     with pytest.raises(StreamError, match="error reading llm response"):
-        async with _upstream(transport).stream("/api/generate", {"model": "m"}) as chunks:
+        async with _upstream(transport).post_stream("/api/generate", {"model": "m"},
+                                                    generate_event) as chunks:
             async for c, _ in chunks:
                 got.append(c)
-    assert [c["response"] for c in got] == ["a"]
+    assert [c[0] for c in got] == ["a"]
 
 
 async def test_runner_crash_line_is_its_own_class() -> None:
@@ -167,7 +172,7 @@ async def test_json_endpoints() -> None:
 
     upstream = _upstream(httpx.MockTransport(handler))
     assert await upstream.version() == "0.24.0"
-    assert await upstream.tags() == {"models": []}
+    assert await upstream.models() == []
     with pytest.raises(ModelNotFound):
-        await upstream.embed({"model": "e", "input": ["x"]})
+        await upstream.embed(pb.EmbedRequest(model="e", inputs=["x"]))
     await upstream.aclose()

@@ -26,9 +26,13 @@ from ._server import SERVICE_NAME, Runtime, build_server, serve
 from ._servicer import GenerationServicer, StreamSettings
 from ._status import STATUS_TABLE, status_for
 from ._validate import Limits, ValidationFailed
-from .backends.ollama._adapter import OllamaUpstream
+from .backends import Backend, Event, Final
+from .backends.ollama import OllamaBackend
 
 __all__ = [
+    "Backend",
+    "Event",
+    "Final",
     "SERVICE_NAME",
     "STATUS_TABLE",
     "EngineError",
@@ -38,7 +42,7 @@ __all__ = [
     "InvalidRequest",
     "Limits",
     "ModelNotFound",
-    "OllamaUpstream",
+    "OllamaBackend",
     "PermissionDenied",
     "ProtocolError",
     "RequestTimeout",

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Callable
 
 from tokenwire.v1 import generation_pb2 as pb
 
 from ._exceptions import ProtocolError
 from ._relay import Relay
-from .backends.ollama._adapter import Chunk
+from .backends._base import Event
 
 __all__ = ["Grouper", "split_message"]
 
@@ -68,21 +67,19 @@ _SENTENCE_END = re.compile(r"[.!?\n]\s*$")
 
 
 class Grouper:
-    def __init__(self, relay: Relay, delivery: pb.Delivery,
-                 text_of: Callable[[Chunk], str]) -> None:
+    def __init__(self, relay: Relay, delivery: pb.Delivery) -> None:
         self._relay = relay
         self._mode = delivery.mode
         self._max_tokens = delivery.max_tokens
         self._max_delay = (delivery.max_delay.ToNanoseconds() / 1e9
                            if delivery.HasField("max_delay") else 0.0)
         self._sentences = delivery.at_sentence_end
-        self._text_of = text_of
-        self._held: list[Chunk] = []
+        self._held: list[Event] = []
         self._sizes: list[int] = []  # line bytes of each held chunk
         self._since = 0.0  # when the oldest held chunk arrived
         self._error: Exception | None = None
 
-    async def next(self) -> list[Chunk]:
+    async def next(self) -> list[Event]:
         """The next group of chunks; [] once the stream has ended."""
         if self._error is not None:
             raise self._error
@@ -98,13 +95,13 @@ class Grouper:
         if len(self._held) >= relay.max_pending or sum(self._sizes) >= relay.max_pending_bytes:
             return len(self._held)  # as much as the relay may hold: memory stays bounded
         for i, chunk in enumerate(self._held):
-            if (chunk.get("done") is True
+            if (chunk[3] is not None
                     or (self._max_tokens and i + 1 >= self._max_tokens)
-                    or (self._sentences and _SENTENCE_END.search(self._text_of(chunk)))):
+                    or (self._sentences and _SENTENCE_END.search(chunk[0]))):
                 return i + 1
         return 0
 
-    async def _next_batch(self) -> list[Chunk]:
+    async def _next_batch(self) -> list[Event]:
         loop = asyncio.get_running_loop()
         while True:
             cut = self._cut()
@@ -127,7 +124,7 @@ class Grouper:
             self._held.extend(got)
             self._sizes.extend(self._relay.taken_sizes)
 
-    def _flush_upto(self, n: int) -> list[Chunk]:
+    def _flush_upto(self, n: int) -> list[Event]:
         group, self._held = self._held[:n], self._held[n:]
         del self._sizes[:n]
         if self._held:

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ._exceptions import UpstreamError
 from ._metrics import Metrics
-from .backends.ollama._adapter import OllamaUpstream
+from .backends._base import Backend
 
 __all__ = ["LIVENESS", "READINESS", "HealthEndpoint", "HealthMonitor"]
 
@@ -43,7 +43,7 @@ class HealthMonitor:
     readiness: for the overall server (""), "readiness" and each named service.
     Liveness is SERVING from ``start`` until ``shutdown``."""
 
-    def __init__(self, servicer: health.aio.HealthServicer, upstream: OllamaUpstream,
+    def __init__(self, servicer: health.aio.HealthServicer, upstream: Backend,
                  services: tuple[str, ...], *, interval: float,
                  metrics: Metrics | None = None) -> None:
         self._servicer = servicer
@@ -77,7 +77,7 @@ class HealthMonitor:
 
     async def check_once(self) -> bool:
         try:
-            await self._upstream.version(timeout=min(self._interval, 5.0))
+            await self._upstream.probe(timeout=min(self._interval, 5.0))
             ok = True
         except UpstreamError:
             ok = False

@@ -24,15 +24,15 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
 
 from ._exceptions import FirstTokenTimeout, IdleTimeout, UpstreamError
+from .backends._base import Event
 from .backends._transport import Response
-from .backends.ollama._adapter import Chunk
 
 log = logging.getLogger("tokenwire.service")
 
 __all__ = ["Relay", "retry_delay"]
 
-#: Yields each chunk with the size of its line in bytes.
-Opener = Callable[[], AbstractAsyncContextManager[AsyncIterator[tuple[Chunk, int]]]]
+#: Yields each event with the size of its frame in bytes.
+Opener = Callable[[], AbstractAsyncContextManager[AsyncIterator[tuple[Event, int]]]]
 _RNG = random.Random()
 
 
@@ -67,7 +67,7 @@ class Relay:
         #: Upstream attempts made (1 + retries used).
         self.attempts = 0
         self._loop = asyncio.get_running_loop()
-        self._pending: list[Chunk] = []
+        self._pending: list[Event] = []
         self._sizes: list[int] = []  # line bytes of each pending chunk
         #: Line bytes of the chunks pending now; of each chunk ``take`` returned last.
         self.pending_bytes = 0
@@ -93,7 +93,7 @@ class Relay:
 
     # -- writer side ------------------------------------------------------------
 
-    async def take(self, max_items: int = 0, wait: float | None = None) -> list[Chunk] | None:
+    async def take(self, max_items: int = 0, wait: float | None = None) -> list[Event] | None:
         """Returns the chunks that arrived since the last call (at most
         ``max_items`` if > 0), waiting for at least one. Returns [] after the
         stream ended cleanly, None when ``wait`` seconds passed with nothing
@@ -201,7 +201,7 @@ class Relay:
                          "%.2fs", self.attempts, type(exc).__name__, delay)
                 await asyncio.sleep(delay)
 
-    def _push(self, chunk: Chunk, size: int) -> bool:
+    def _push(self, event: Event, size: int) -> bool:
         """Takes one chunk (its line was ``size`` bytes) from the upstream; True when
         pending is full."""
         now = self._loop.time()
@@ -216,9 +216,9 @@ class Relay:
         if not self.count:
             self.first_perf = self.last_perf
         self.count += 1
-        if chunk.get("done") is True:
+        if event[3] is not None:
             self._complete = True
-        self._pending.append(chunk)
+        self._pending.append(event)
         self._sizes.append(size)
         self.pending_bytes += size
         self._wake()
@@ -236,8 +236,8 @@ class Relay:
                 finally:
                     self._resume = None
                 return
-            async for chunk, size in chunks:
-                if self._push(chunk, size):
+            async for event, size in chunks:
+                if self._push(event, size):
                     self._space = self._loop.create_future()
                     try:
                         await self._space

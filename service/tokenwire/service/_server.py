@@ -20,8 +20,9 @@ from ._metrics import Metrics, MetricsEndpoint
 from ._servicer import GenerationServicer, StreamSettings
 from ._validate import Limits
 from ._workers import WorkerLink
+from .backends._base import Backend
 from .backends._breaker import CircuitBreaker
-from .backends.ollama._adapter import OllamaUpstream
+from .backends.ollama import OllamaBackend
 from .guard._admission import Admission
 from .guard._auth import CallerRegistry
 from .guard._http2 import core_options, settle_malloc
@@ -42,7 +43,7 @@ class Runtime:
     server: grpc.aio.Server
     port: int
     health: HealthMonitor
-    upstream: OllamaUpstream
+    upstream: Backend
     settings: Settings
     servicer: GenerationServicer
     admission: Admission
@@ -98,12 +99,12 @@ class Runtime:
         return True
 
 
-async def build_server(settings: Settings, *, upstream: OllamaUpstream | None = None,
+async def build_server(settings: Settings, *, upstream: Backend | None = None,
                        reuse_port: bool = False) -> Runtime:
     """Builds and starts the server; returns it with its bound port. ``reuse_port`` lets
     it share the port with the other workers of a ``--workers`` supervisor."""
     url = settings.resolved_ollama_url()
-    upstream = upstream or OllamaUpstream(
+    upstream = upstream or OllamaBackend(
         url,
         connect_timeout=settings.connect_timeout,
         max_connections=settings.upstream_connections,

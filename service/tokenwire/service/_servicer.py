@@ -1,7 +1,7 @@
-"""GenerationService: validate, call upstream, turn chunks into Tokens.
+"""GenerationService: validate, read the backend's neutral events, turn them into Tokens.
 
-The servicer holds no HTTP, JSON or retry logic: the upstream adapter and
-the relay are passed in, conversions are pure functions in ``backends.ollama._wire``.
+The servicer holds no HTTP, JSON or retry logic, and knows no engine: the backend and
+the relay are passed in, and what it reads are ``backends.Event``s.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -18,82 +18,41 @@ from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
 from ._delivery import Grouper, split_message
-from ._exceptions import ProtocolError, TruncatedStream
+from ._exceptions import TruncatedStream
 from ._metrics import Metrics
 from ._relay import Relay
 from ._status import ResponseTooLarge, ShuttingDown, map_errors, send_initial_metadata
 from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
-from .backends.ollama._adapter import Chunk, OllamaUpstream
-from .backends.ollama._wire import (
-    chat_payload,
-    embed_payload,
-    embed_response,
-    finish_reason,
-    generate_payload,
-    model_name,
-    models_from_tags,
-    tool_calls_from,
-    usage_from,
-)
+from .backends._base import Backend, Event, Final, StreamRequest
 from .guard._auth import may_use_model
 
 __all__ = ["GenerationServicer", "StreamSettings"]
 
-# (text, thinking, tool calls) carried by one chunk.
-_Piece = tuple[str, str, list[Any] | None]
-_PieceOf = Callable[[Chunk], _Piece]
 _Sink = Callable[[pb.Token], Awaitable[None]]
 _ADAPTIVE = pb.Delivery(mode=pb.DELIVERY_MODE_ADAPTIVE)
 
 
-def _generate_piece(chunk: Chunk) -> _Piece:
-    return chunk.get("response") or "", chunk.get("thinking") or "", chunk.get("tool_calls")
-
-
-def _chat_piece(chunk: Chunk) -> _Piece:
-    message = chunk.get("message") or {}
-    return message.get("content") or "", message.get("thinking") or "", message.get("tool_calls")
-
-
-#: What a chunk may hold that a Token cannot take: these end the call as a ProtocolError.
-_UNREADABLE = (TypeError, ValueError, AttributeError)
-
-
-def _merge(batch: list[Chunk], piece_of: _PieceOf, big_chars: int) -> tuple[pb.Token, bool]:
-    """Folds the chunks that piled up into one Token (order kept). The flag says the
+def _merge(batch: list[Event], big_chars: int) -> tuple[pb.Token, bool]:
+    """Folds the events that piled up into one Token (order kept). The flag says the
     Token may be over the message size limit (tool calls, or more than ``big_chars``
     characters): only then is its encoded size measured."""
     if len(batch) == 1:  # the common case: the caller keeps up
-        text, thinking, calls = piece_of(batch[0])
+        text, thinking, calls, _ = batch[0]
         token = pb.Token(text=text, thinking=thinking)
         if calls:
-            token.tool_calls.extend(tool_calls_from(calls))
+            token.tool_calls.extend(calls)
         return token, bool(calls) or len(text) + len(thinking) > big_chars
     texts, thoughts = [], []
     token = pb.Token()
-    for chunk in batch:
-        text, thinking, calls = piece_of(chunk)
+    for text, thinking, calls, _ in batch:
         texts.append(text)
         thoughts.append(thinking)
         if calls:
-            token.tool_calls.extend(tool_calls_from(calls))
+            token.tool_calls.extend(calls)
     joined, thought = "".join(texts), "".join(thoughts)
     token.text = joined
     token.thinking = thought
     return token, bool(token.tool_calls) or len(joined) + len(thought) > big_chars
-
-
-def _readable(batch: list[Chunk], piece_of: _PieceOf) -> int:
-    """How many chunks at the start of ``batch`` a Token can take."""
-    for i, chunk in enumerate(batch):
-        try:
-            text, thinking, calls = piece_of(chunk)
-            pb.Token(text=text, thinking=thinking)
-            if calls:
-                tool_calls_from(calls)
-        except (*_UNREADABLE, ProtocolError):
-            return i
-    return len(batch)
 
 
 def _duration(seconds: float) -> Duration:
@@ -126,7 +85,7 @@ class StreamSettings:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(
         self,
-        upstream: OllamaUpstream,
+        upstream: Backend,
         *,
         limits: Limits | None = None,
         stream: StreamSettings | None = None,
@@ -153,14 +112,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> None:
         validate_generate(request, self._limits)
-        await self._relay(context, "Generate", "/api/generate", generate_payload(request),
-                          _generate_piece, context.write, request.model, request.delivery)
+        await self._relay(context, "Generate", request, context.write, request.delivery)
 
     @map_errors
     async def Chat(self, request: pb.ChatRequest, context: grpc.aio.ServicerContext) -> None:
         validate_chat(request, self._limits)
-        await self._relay(context, "Chat", "/api/chat", chat_payload(request), _chat_piece,
-                          context.write, request.model, request.delivery)
+        await self._relay(context, "Chat", request, context.write, request.delivery)
 
     @map_errors
     async def Complete(self, request: pb.CompleteRequest,
@@ -190,37 +147,35 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 response.usage.CopyFrom(token.usage)
                 response.model = token.model
 
+        inner: StreamRequest
         if kind == "generate":
-            validate_generate(request.generate, self._limits)
-            # Nobody reads between messages here: adaptive grouping packs
-            # everything that is waiting, which is the cheapest.
-            await self._relay(context, "Complete", "/api/generate",
-                              generate_payload(request.generate), _generate_piece, collect,
-                              request.generate.model, _ADAPTIVE)
+            inner = request.generate
+            validate_generate(inner, self._limits)
         else:
-            validate_chat(request.chat, self._limits)
-            await self._relay(context, "Complete", "/api/chat", chat_payload(request.chat),
-                              _chat_piece, collect, request.chat.model, _ADAPTIVE)
+            inner = request.chat
+            validate_chat(inner, self._limits)
+        # Nobody reads between messages here: adaptive grouping packs everything that
+        # is waiting, which is the cheapest.
+        await self._relay(context, "Complete", inner, collect, _ADAPTIVE)
         response.text = "".join(texts)
         response.thinking = "".join(thoughts)
         return _fits(response, limit, "stream it with Generate or Chat, or ask for fewer "
                                       "tokens (options.max_tokens)")
 
-    async def _relay(self, context: grpc.aio.ServicerContext, method: str, path: str,
-                     payload: dict[str, Any], piece_of: _PieceOf, sink: _Sink, model: str,
-                     delivery: pb.Delivery) -> None:
+    async def _relay(self, context: grpc.aio.ServicerContext, method: str,
+                     request: StreamRequest, sink: _Sink, delivery: pb.Delivery) -> None:
         started = time.perf_counter()  # figures: loop.time() is 1 ms coarse under uvloop
         cap = self._stream.max_output_tokens
-        if cap:
-            options = payload.setdefault("options", {})
-            options.setdefault("num_predict", cap)
+        if cap and not request.options.HasField("max_tokens"):
+            request.options.max_tokens = cap
         first_token_wait = self._stream.first_token_timeout
         remaining = context.time_remaining()
         if remaining is not None:
             # The caller's deadline wins: wait for the first token as long as it allows.
             first_token_wait = remaining
+        upstream = self._upstream
         relay = Relay(
-            lambda: self._upstream.stream(path, payload),
+            lambda: upstream.stream(request),
             first_token_timeout=first_token_wait,
             idle_timeout=self._stream.idle_timeout,
             max_pending=self._stream.max_pending_chunks,
@@ -228,14 +183,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             retries=self._stream.retries,
             retry_backoff=self._stream.retry_backoff,
         )
-        next_batch: Callable[[], Awaitable[list[Chunk] | None]]
+        next_batch: Callable[[], Awaitable[list[Event] | None]]
         if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
             next_batch = relay.take  # everything pending: no grouping layer per message
         else:
-            next_batch = Grouper(relay, delivery, lambda chunk: piece_of(chunk)[0]).next
+            next_batch = Grouper(relay, delivery).next
         self._relays.add(relay)
         first_sent: float | None = None
-        carried = 0  # chunks folded into no message yet (empty pieces)
+        carried = 0  # events folded into no message yet (empty pieces)
         budget = self._stream.message_budget
         big_chars = budget // 4  # a UTF-8 character is at most 4 bytes
         try:
@@ -244,20 +199,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             while True:
                 batch = await next_batch()
                 if not batch:
-                    raise TruncatedStream("Ollama's stream ended without a final message")
-                try:
-                    token, big = _merge(batch, piece_of, big_chars)
-                except (*_UNREADABLE, ProtocolError) as exc:
-                    await self._deliver_readable(batch, piece_of, sink, carried, budget)
-                    if isinstance(exc, ProtocolError):
-                        raise
-                    raise ProtocolError("Ollama sent a chunk whose text, thinking or tool "
-                                        f"calls have the wrong type ({type(exc).__name__})"
-                                        ) from None
-                last = batch[-1]
-                done = last.get("done") is True
+                    raise TruncatedStream("the engine's stream ended without a final message")
+                token, big = _merge(batch, big_chars)
+                final = batch[-1][3]
                 has_content = bool(token.text or token.thinking or token.tool_calls)
-                if not (done or has_content):
+                if final is None and not has_content:
                     carried += len(batch)
                     continue
                 token.chunk_count = len(batch) + carried
@@ -266,13 +212,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     first_sent = time.perf_counter()
                 if big and token.ByteSize() > budget:
                     token = await _send_parts(token, sink, budget)
-                if done:
-                    try:
-                        self._finish(token, last, relay, started, first_sent, model)
-                    except ProtocolError:
-                        if has_content:  # what came with the unreadable final line
+                if final is not None:
+                    if final.error is not None:  # its figures cannot be read: text first
+                        if has_content:
                             await sink(token)
-                        raise
+                        raise final.error
+                    self._finish(token, final, relay, started, first_sent, request.model)
                     await sink(token)
                     if self._metrics is not None:
                         usage = token.usage
@@ -288,29 +233,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await relay.aclose()
 
     @staticmethod
-    async def _deliver_readable(batch: list[Chunk], piece_of: _PieceOf, sink: _Sink,
-                                carried: int, budget: int) -> None:
-        """Sends what a batch holds before its first unreadable chunk."""
-        good = batch[:_readable(batch, piece_of)]
-        if not good:
-            return
-        token, _ = _merge(good, piece_of, 0)
-        if token.text or token.thinking or token.tool_calls:
-            token.chunk_count = len(good) + carried
-            if token.ByteSize() > budget:
-                token = await _send_parts(token, sink, budget)
-            await sink(token)
-
-    @staticmethod
-    def _finish(token: pb.Token, last: Chunk, relay: Relay, started: float,
+    def _finish(token: pb.Token, final: Final, relay: Relay, started: float,
                 first_sent: float | None, model: str) -> None:
-        """Makes ``token`` the final one. Raises ProtocolError, leaving ``token`` as it
-        was, when the final chunk's figures cannot be read."""
-        usage = usage_from(last)
-        answered_by = model_name(last, model)
+        """Makes ``token`` the final one, with the engine's and the gateway's figures."""
         now = time.perf_counter()
         token.done = True
-        token.finish_reason = finish_reason(usage.engine_finish_reason)
+        token.finish_reason = final.finish_reason  # type: ignore[assignment]
+        usage = final.usage
         if first_sent is None and (token.text or token.thinking or token.tool_calls):
             first_sent = now
         if first_sent is not None:
@@ -321,25 +250,24 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 usage.tokens_per_second = (relay.count - 1) / span
         usage.gateway_duration.CopyFrom(_duration(now - started))
         token.usage.CopyFrom(usage)
-        token.model = answered_by
+        token.model = final.model or model
 
     # -- unary RPCs -------------------------------------------------------------
 
     @map_errors
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        body = await self._upstream.tags(deadline=context.time_remaining())
+        found = await self._upstream.models(deadline=context.time_remaining())
         # A caller sees only the models its policy lets it use (the guard knows who it is).
-        models = [m for m in models_from_tags(body) if may_use_model(m.name)]
+        models = [m for m in found if may_use_model(m.name)]
         return _fits(pb.ListModelsResponse(models=models), self._stream.max_message_bytes, "")
 
     @map_errors
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         validate_embed(request, self._limits)
-        body = await self._upstream.embed(embed_payload(request),
-                                          deadline=context.time_remaining())
-        return _fits(embed_response(body, request.model), self._stream.max_message_bytes,
+        response = await self._upstream.embed(request, deadline=context.time_remaining())
+        return _fits(response, self._stream.max_message_bytes,
                      "embed fewer inputs per call, or ask for fewer dimensions")
 
 

@@ -6,3 +6,7 @@
 
 Nothing above this package knows an engine's JSON.
 """
+
+from ._base import Backend, Decode, Event, Final, StreamRequest
+
+__all__ = ["Backend", "Decode", "Event", "Final", "StreamRequest"]

@@ -1,11 +1,12 @@
-"""A lean HTTP/1.1 client for Ollama's NDJSON streams on plain http://, built on
+"""A lean HTTP/1.1 client for an engine's NDJSON stream on plain http://, built on
 an asyncio Protocol.
 
 One TCP connection per stream, kept alive in a LIFO idle list. The response is
 parsed in data_received (status line, headers, chunked or length framing),
-NDJSON lines are split and parsed with orjson right there, and the parsed
-chunks are handed on from that callback: to a sink (``deliver``, the relay's
-path: no task wakes up per chunk) or to a queue (iteration). No per-chunk
+NDJSON lines are split and decoded right there (by the backend's ``decode``:
+one line, one neutral event), and the events are handed on from that callback:
+to a sink (``deliver``, the relay's path: no task wakes up per chunk) or to a
+queue (iteration). No per-chunk
 generator stack, no per-request pool scan, and the request goes out in one write.
 """
 
@@ -24,6 +25,7 @@ from .._exceptions import (
     UpstreamDisconnected,
     UpstreamError,
 )
+from ._base import Decode, Event
 
 _HEAD, _SIZE, _DATA, _CRLF, _TRAILER, _LENGTH, _UNTIL_CLOSE, _DONE = range(8)
 _END = object()
@@ -35,9 +37,9 @@ _MAX_RAW = 64 * 1024
 #: Longest NDJSON line accepted (Ollama's own client allows 8 MiB); both stream paths use it.
 MAX_LINE_BYTES = 8 * 1024 * 1024
 
-#: Takes one parsed chunk and the size of its line in bytes; returns True when it
-#: wants no more for now (reading pauses until ``Response.resume``).
-Sink = Callable[[Any, int], bool]
+#: Takes one event and the size of its line in bytes; returns True when it wants no
+#: more for now (reading pauses until ``Response.resume``).
+Sink = Callable[[Event, int], bool]
 
 
 class _Conn(asyncio.Protocol):
@@ -66,10 +68,10 @@ class _Conn(asyncio.Protocol):
 class Response:
     """One response: ``status`` once open; iterate it for parsed NDJSON chunks."""
 
-    def __init__(self, conn: _Conn, parse_line: Any, where: str) -> None:
+    def __init__(self, conn: _Conn, decode: Decode, where: str) -> None:
         self._conn = conn
         self._loop = asyncio.get_running_loop()
-        self._parse_line = parse_line
+        self._decode = decode
         self._where = where
         self._buf = bytearray()
         self._line = b""
@@ -234,16 +236,16 @@ class Response:
 
     def _emit(self, line: bytes) -> None:
         try:
-            chunk = self._parse_line(line)
+            event = self._decode(line)
         except UpstreamError as exc:
             self._fail(exc)
             return
-        if chunk.get("done") is True:
+        if event[3] is not None:
             self._saw_done = True
         sink = self._sink
         if sink is None:
-            self._items.append((chunk, len(line)))
-        elif sink(chunk, len(line)) and not self._paused and self._conn.transport:
+            self._items.append((event, len(line)))
+        elif sink(event, len(line)) and not self._paused and self._conn.transport:
             self._paused = True
             self._conn.transport.pause_reading()
 
@@ -344,7 +346,7 @@ class Response:
     def __aiter__(self) -> Response:
         return self
 
-    async def __anext__(self) -> tuple[dict[str, Any], int]:
+    async def __anext__(self) -> tuple[Event, int]:
         """The next chunk and the size of its line in bytes."""
         items = self._items
         while not items:
@@ -372,7 +374,7 @@ class NDJSONPool:
     """Keep-alive connections to one http:// Ollama, at most ``max_connections``."""
 
     def __init__(self, base_url: str, *, connect_timeout: float, max_connections: int,
-                 parse_line: Any, where: str = "", authorization: str | None = None) -> None:
+                 where: str = "", authorization: str | None = None) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError("the lean client speaks plain http:// only")
@@ -387,7 +389,6 @@ class NDJSONPool:
         self._connect_timeout = connect_timeout
         self._idle: list[_Conn] = []
         self._slots = asyncio.Semaphore(max_connections)
-        self._parse_line = parse_line
         #: Connections carrying a response now (opened and not yet released).
         self.in_use = 0
 
@@ -403,7 +404,9 @@ class NDJSONPool:
             ) from None
         return conn
 
-    async def open(self, path: str, body: bytes) -> Response:
+    async def open(self, path: str, body: bytes, decode: Decode) -> Response:
+        """Sends the request; returns the response once its head arrived. Each line
+        of its body will be decoded by ``decode``."""
         request = b"".join((
             b"POST ", (self._prefix + path).encode(), b" HTTP/1.1\r\nHost: ", self._host_header,
             b"\r\nAccept: application/x-ndjson, application/json\r\n"
@@ -421,7 +424,7 @@ class NDJSONPool:
                         break
                 else:
                     conn = await self._connect()
-                response = Response(conn, self._parse_line, self._where)
+                response = Response(conn, decode, self._where)
                 conn.response = response
                 assert conn.transport is not None
                 conn.transport.write(request)

@@ -4,3 +4,7 @@
     _wire          tokenwire requests as Ollama payloads; Ollama's answers as tokenwire values
     _errors        how Ollama's error answers become exceptions (who failed, then the words)
 """
+
+from ._adapter import OllamaBackend
+
+__all__ = ["OllamaBackend"]

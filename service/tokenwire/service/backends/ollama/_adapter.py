@@ -1,4 +1,4 @@
-"""The Ollama adapter: the only module (with ``backends._transport``) that speaks HTTP.
+"""The Ollama backend: the HTTP calls to one Ollama (with ``backends._transport``).
 
 Streams from a plain ``http://`` Ollama go through ``_transport.NDJSONPool``, a
 small asyncio-Protocol HTTP/1.1 client that parses chunked NDJSON as bytes
@@ -25,6 +25,8 @@ from typing import Any
 import httpx
 import orjson
 
+from tokenwire.v1 import generation_pb2 as pb
+
 from ..._config import redact_url
 from ..._exceptions import (
     CircuitOpen,
@@ -37,22 +39,23 @@ from ..._exceptions import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from .._base import Decode, Event, StreamRequest
 from .._breaker import CircuitBreaker
 from .._transport import MAX_LINE_BYTES, NDJSONPool
-from ._errors import classify_http_error, stream_error
+from ._answers import Chunk, chat_event, embed_response, generate_event, models_from_tags
+from ._answers import parse_object as _parse_object
+from ._errors import classify_http_error
+from ._payloads import chat_payload, embed_payload, generate_payload
 
-__all__ = ["MAX_ERROR_BODY", "Chunk", "OllamaUpstream", "is_outage"]
-
-#: One parsed NDJSON object from Ollama.
-Chunk = dict[str, Any]
+__all__ = ["MAX_ERROR_BODY", "OllamaBackend", "is_outage"]
 
 #: Most bytes read of an error answer's body (Ollama's are under 200; a proxy's HTML page
 #: or a hostile upstream can be megabytes).
 MAX_ERROR_BODY = 64 * 1024
 
 
-class OllamaUpstream:
-    """Talks to one Ollama server.
+class OllamaBackend:
+    """One Ollama server, as a ``backends.Backend``.
 
     ``connect_timeout`` bounds connection set-up. Stream reads have no httpx timeout
     because the first-token wait and the idle limit are enforced by the relay,
@@ -70,7 +73,9 @@ class OllamaUpstream:
         breaker: CircuitBreaker | None = None,
         unary_timeout: float = 120.0,
         max_body_bytes: int = 128 << 20,
+        name: str = "ollama",
     ) -> None:
+        self.name = name
         self.unary_timeout = unary_timeout
         self._max_body = max_body_bytes
         url = httpx.URL(base_url.rstrip("/"))
@@ -100,28 +105,44 @@ class OllamaUpstream:
                 pair = f"{url.username}:{url.password}".encode()
                 authorization = "Basic " + base64.b64encode(pair).decode("ascii")
             self._lean = NDJSONPool(self._url, connect_timeout=connect_timeout,
-                                    max_connections=max_connections, parse_line=_parse_line,
-                                    where=self.base_url, authorization=authorization)
+                                    max_connections=max_connections, where=self.base_url,
+                                    authorization=authorization)
 
     async def aclose(self) -> None:
         if self._lean is not None:
             self._lean.close()
         await self._client.aclose()
 
-    # -- plain JSON endpoints -------------------------------------------------
+    # -- the Backend interface ---------------------------------------------------
+
+    def stream(self, request: StreamRequest
+               ) -> contextlib.AbstractAsyncContextManager[AsyncIterator[tuple[Event, int]]]:
+        """Opens a Generate (/api/generate) or Chat (/api/chat) answer."""
+        if isinstance(request, pb.GenerateRequest):
+            return self.post_stream("/api/generate", generate_payload(request), generate_event)
+        return self.post_stream("/api/chat", chat_payload(request), chat_event)
+
+    async def models(self, *, deadline: float | None = None) -> list[pb.Model]:
+        """The installed models (/api/tags). ``deadline``: seconds the caller has left,
+        when it set a deadline."""
+        return models_from_tags(await self._request_json("GET", "/api/tags", deadline=deadline))
+
+    async def embed(self, request: pb.EmbedRequest, *,
+                    deadline: float | None = None) -> pb.EmbedResponse:
+        body = await self._request_json("POST", "/api/embed", embed_payload(request),
+                                        deadline=deadline)
+        return embed_response(body, request.model)
+
+    async def probe(self, *, timeout: float) -> None:  # noqa: ASYNC109 - a probe's bound
+        await self.version(timeout=timeout)
 
     async def version(self, *, timeout: float | None = None) -> str:  # noqa: ASYNC109
-        """Returns Ollama's version; doubles as the liveness probe (which goes
+        """Returns Ollama's version; doubles as the health probe (which goes
         through even while the circuit is open, and can close it)."""
         body = await self._request_json("GET", "/api/version", deadline=timeout, probe=True)
         return str(body.get("version", ""))
 
-    async def tags(self, *, deadline: float | None = None) -> Chunk:
-        """``deadline``: seconds the caller has left, when it set a deadline."""
-        return await self._request_json("GET", "/api/tags", deadline=deadline)
-
-    async def embed(self, payload: Chunk, *, deadline: float | None = None) -> Chunk:
-        return await self._request_json("POST", "/api/embed", payload, deadline=deadline)
+    # -- plain JSON endpoints -------------------------------------------------
 
     async def _request_json(
         self, method: str, path: str, payload: Chunk | None = None, *,
@@ -178,9 +199,10 @@ class OllamaUpstream:
     # -- streams --------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def stream(self, path: str, payload: Chunk
-                     ) -> AsyncIterator[AsyncIterator[tuple[Chunk, int]]]:
-        """Opens a streaming request and yields an iterator of (parsed chunk, line size).
+    async def post_stream(self, path: str, payload: Chunk, decode: Decode
+                          ) -> AsyncIterator[AsyncIterator[tuple[Event, int]]]:
+        """Opens a streaming request and yields an iterator of (event, line size), each
+        line decoded by ``decode``.
 
         Leaving the ``async with`` block (normally, by error or by cancellation)
         closes the HTTP response; a response closed before its end also closes
@@ -190,7 +212,7 @@ class OllamaUpstream:
         if self._lean is not None:
             lean = self._lean
             try:
-                lean_response = await lean.open(path, orjson.dumps(payload))
+                lean_response = await lean.open(path, orjson.dumps(payload), decode)
             except UpstreamError as exc:
                 raise self._failed(exc) from None
             except asyncio.CancelledError:
@@ -226,7 +248,7 @@ class OllamaUpstream:
                 raise self._failed(
                     classify_http_error(response.status_code, body, _model_of(payload), path))
             self.breaker.success()
-            chunks = _iter_chunks(response, self._transport_error, path)
+            chunks = _iter_events(response, decode, self._transport_error, path)
             async with contextlib.aclosing(chunks):
                 try:
                     yield chunks
@@ -265,16 +287,17 @@ async def _read_capped(response: httpx.Response, limit: int) -> bytes:
     return bytes(body[:limit])
 
 
-async def _iter_chunks(
+async def _iter_events(
     response: httpx.Response,
+    decode: Decode,
     transport_error: Any,
     path: str,
-) -> AsyncGenerator[tuple[Chunk, int], None]:
-    """Splits the body into lines and parses each once; yields each chunk with the
+) -> AsyncGenerator[tuple[Event, int], None]:
+    """Splits the body into lines and decodes each once; yields each event with the
     size of its line in bytes.
 
-    Ends normally only after a ``done: true`` object; an ``{"error": ...}``
-    line, a dropped connection or EOF without ``done`` raise.
+    Ends normally only after the final event; an ``{"error": ...}`` line, a dropped
+    connection or EOF without a final event raise.
     """
     pending = b""
     done = False
@@ -287,9 +310,9 @@ async def _iter_chunks(
                 line = data[start:end]
                 start = end + 1
                 if line.strip():
-                    chunk = _parse_line(line)
-                    done = chunk.get("done") is True
-                    yield chunk, len(line)
+                    event = decode(line)
+                    done = event[3] is not None
+                    yield event, len(line)
             pending = data[start:]
             if len(pending) > MAX_LINE_BYTES:
                 raise ProtocolError(f"Ollama sent a line longer than {MAX_LINE_BYTES} bytes")
@@ -297,9 +320,9 @@ async def _iter_chunks(
         raise transport_error(exc, path) from exc
     if pending.strip():
         # A plain JSON body (load/unload answers) has no trailing newline.
-        chunk = _parse_line(pending)
-        done = chunk.get("done") is True
-        yield chunk, len(pending)
+        event = decode(pending)
+        done = event[3] is not None
+        yield event, len(pending)
     if not done:
         raise TruncatedStream(
             "Ollama ended the stream without a final (done) message; the answer is incomplete"
@@ -310,24 +333,6 @@ def is_outage(exc: UpstreamError) -> bool:
     """Failures that say Ollama (not the request) is in trouble; these count
     towards the circuit breaker and may be retried before the first token."""
     return exc.outage
-
-
-def _parse_line(line: bytes) -> Chunk:
-    chunk = _parse_object(line)
-    error = chunk.get("error")
-    if error is not None:
-        raise stream_error(error)
-    return chunk
-
-
-def _parse_object(raw: bytes) -> Chunk:
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"Ollama sent a body that is not JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise ProtocolError("Ollama sent JSON that is not an object")
-    return value
 
 
 def _model_of(payload: Chunk | None) -> str:
