@@ -42,6 +42,7 @@ import ipaddress
 import math
 import re
 import socket
+import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -771,7 +772,10 @@ class FakeOllama:
         version: str = "0.20.0",
         capabilities: Mapping[str, Iterable[str]] | None = None,
         embed_dims: int = _EMBED_DIMS,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
+        #: Serve https:// with this (the URL says https then).
+        self.ssl_context = ssl_context
         self.models: list[str] = list(models)
         #: Per model (any spelling Ollama accepts), what it can do: "thinking", "tools",
         #: "insert" (suffix). Models not listed can use tools and suffix, and think when their
@@ -858,10 +862,12 @@ class FakeOllama:
 
     async def _listen(self, port: int) -> None:
         self._server = await asyncio.start_server(
-            self._on_connect, "127.0.0.1", port, backlog=1024, reuse_address=True
+            self._on_connect, "127.0.0.1", port, backlog=1024, reuse_address=True,
+            ssl=self.ssl_context,
         )
         self.port = self._server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = (f"https://localhost:{self.port}" if self.ssl_context is not None
+                    else f"http://127.0.0.1:{self.port}")
 
     async def _shutdown(self) -> None:
         server, self._server = self._server, None

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
+from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
 from google.protobuf.duration_pb2 import Duration
 
+from tests.conftest import FAST, runtimes
 from tests.fakeollama import FakeOllama
-from tests.helpers import joined, last_body
+from tests.helpers import joined, last_body, reason
+from tests.reliability.pki import make_pki
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
@@ -176,3 +181,32 @@ async def test_list_models_and_embed(stub: GenerationServiceStub) -> None:
     assert len(embedded.embeddings) == 2
     assert all(len(e.values) > 0 for e in embedded.embeddings)
     assert embedded.embeddings[0].values != embedded.embeddings[1].values
+
+
+async def test_an_https_upstream_streams_and_answers(tmp_path: Path) -> None:
+    """Ollama behind TLS: streams (the lean transport) and JSON calls (httpx) both verify
+    its certificate against --upstream-ca-file; without that CA the call is refused as
+    unreachable, naming the certificate problem."""
+    pki = make_pki(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pki.server.cert_path, pki.server.key_path)
+    async with FakeOllama(ssl_context=tls) as fake:
+        assert fake.url.startswith("https://")
+        async with runtimes(replace(FAST, ollama_url=fake.url)) as make:
+            trusted = await make(upstream_ca_file=str(pki.ca_path))
+            async with grpc.aio.insecure_channel(trusted.target) as channel:
+                stub = GenerationServiceStub(channel)
+                tokens = [t async for t in stub.Generate(
+                    pb.GenerateRequest(model="tiny", prompt="hi"), timeout=10)]
+                assert joined(tokens) == "".join(fake.tokens) and tokens[-1].done
+                listed = await stub.ListModels(pb.ListModelsRequest(), timeout=10)
+                assert [m.name for m in listed.models] == ["tiny:latest"]
+            untrusted = await make()
+            async with grpc.aio.insecure_channel(untrusted.target) as channel:
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    async for _ in GenerationServiceStub(channel).Generate(
+                            pb.GenerateRequest(model="tiny", prompt="hi"), timeout=10):
+                        pass
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert reason(info.value) == "UPSTREAM_UNREACHABLE"
+                assert "CERTIFICATE_VERIFY_FAILED" in (info.value.details() or "")

@@ -91,6 +91,9 @@ class Settings:
                 "a call's own deadline replaces it"})
     idle_timeout: float = field(default=60.0, metadata={
         "help": "seconds allowed between two chunks"})
+    upstream_ca_file: str = field(default="", metadata={
+        "help": "PEM CA bundle that verifies an https:// upstream's certificate (default: "
+                "the system's CAs)"})
     unary_timeout: float = field(default=120.0, metadata={
         "help": "seconds an upstream call of ListModels or Embed may take in all (a call's "
                 "own deadline, when shorter, wins)"})

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import signal
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -104,11 +105,13 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
     """Builds and starts the server; returns it with its bound port. ``reuse_port`` lets
     it share the port with the other workers of a ``--workers`` supervisor."""
     url = settings.resolved_ollama_url()
+    trust = ssl.create_default_context(cafile=settings.upstream_ca_file or None)
     upstream = upstream or OllamaBackend(
         url,
         connect_timeout=settings.connect_timeout,
         max_connections=settings.upstream_connections,
         unary_timeout=settings.unary_timeout,
+        ssl_context=trust,
         # An answer's JSON is a few times its message (numbers as text): room for that.
         max_body_bytes=4 * settings.max_message_bytes,
         breaker=CircuitBreaker(threshold=settings.breaker_threshold,

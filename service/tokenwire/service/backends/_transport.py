@@ -1,22 +1,37 @@
-"""A lean HTTP/1.1 client for an engine's NDJSON stream on plain http://, built on
-an asyncio Protocol.
+"""The lean HTTP/1.1 client that streams an engine's answer, over http:// or https://.
 
-One TCP connection per stream, kept alive in a LIFO idle list. The response is
-parsed in data_received (status line, headers, chunked or length framing),
-NDJSON lines are split and decoded right there (by the backend's ``decode``:
-one line, one neutral event), and the events are handed on from that callback:
-to a sink (``deliver``, the relay's path: no task wakes up per chunk) or to a
-queue (iteration). No per-chunk
-generator stack, no per-request pool scan, and the request goes out in one write.
+One connection per stream, kept alive in a LIFO idle list per upstream. The
+response is parsed in the Protocol's ``data_received`` by llhttp (httptools, the
+parser under uvicorn: status line, headers, chunked or length framing), its body
+is cut into frames right there (NDJSON lines, or Server-Sent Events for the
+OpenAI-compatible engines), each frame is decoded once by the backend into a
+neutral event, and the events are handed on from that callback: to a sink
+(``deliver``, the relay's path: no task wakes up per chunk) or to a queue
+(iteration). The request goes out in one write.
+
+Why not httpx for streams: its per-chunk generator stack and pool scans were over
+half the gateway's CPU per token (README, Performance). Why llhttp rather than our
+own parser: one well-kept, fuzzed parser for both engines and TLS, at the same
+cost per line (``bench/transport.py`` measures it against the hand-written parser
+it replaced, aiohttp and httpx; the figures are in its docstring and the README).
+
+SSE is framed by hand (``_SSE``): no well-kept library offers an incremental,
+push-style event decoder that can be fed from ``data_received`` (httpx-sse and
+openai-python decode lines pulled from their own HTTP clients). It follows the
+WHATWG rules: events end with a blank line, lines end with CRLF, LF or CR,
+``data:`` lines join with newlines, ``:`` starts a comment.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import ssl
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
+
+import httptools
 
 from .._exceptions import (
     ProtocolError,
@@ -27,19 +42,121 @@ from .._exceptions import (
 )
 from ._base import Decode, Event
 
-_HEAD, _SIZE, _DATA, _CRLF, _TRAILER, _LENGTH, _UNTIL_CLOSE, _DONE = range(8)
+__all__ = ["MAX_LINE_BYTES", "Framing", "Response", "SSEDecode", "Sink", "StreamPool"]
+
 _END = object()
 _HIGH_WATER = 4096
 _LOW_WATER = 1024
-_MAX_HEAD = 64 * 1024
 #: Most of a non-200 body kept before ``read_body`` sets its own bound.
 _MAX_RAW = 64 * 1024
-#: Longest NDJSON line accepted (Ollama's own client allows 8 MiB); both stream paths use it.
+#: Longest frame (NDJSON line, SSE event) accepted; Ollama's own client allows 8 MiB.
 MAX_LINE_BYTES = 8 * 1024 * 1024
 
-#: Takes one event and the size of its line in bytes; returns True when it wants no
+#: Takes one event and the size of its frame in bytes; returns True when it wants no
 #: more for now (reading pauses until ``Response.resume``).
 Sink = Callable[[Event, int], bool]
+#: Decodes one Server-Sent Event (its type, "message" when none was given, and its
+#: data) into an event, or None when it carries nothing to deliver.
+SSEDecode = Callable[[str, bytes], "Event | None"]
+#: How an answer's body is cut into frames, with the decoder for them.
+Framing = tuple[str, Any]  # ("ndjson", Decode) | ("sse", SSEDecode)
+
+
+class _NDJSON:
+    """One frame per line; a last line without a newline is a frame too (a whole JSON
+    body, as Ollama's load and unload answers are)."""
+
+    __slots__ = ("_decode", "_line", "_out")
+
+    def __init__(self, decode: Decode, out: Callable[[Event, int], None]) -> None:
+        self._decode = decode
+        self._out = out
+        self._line = b""
+
+    def feed(self, data: bytes) -> None:
+        if self._line:
+            data = self._line + data
+        start = 0
+        decode, out = self._decode, self._out
+        while (end := data.find(b"\n", start)) != -1:
+            line = data[start:end]
+            start = end + 1
+            if line.strip():
+                out(decode(line), len(line))
+        self._line = data[start:]
+        if len(self._line) > MAX_LINE_BYTES:
+            raise ProtocolError(f"the engine sent a line longer than {MAX_LINE_BYTES} bytes")
+
+    def end(self) -> None:
+        line, self._line = self._line, b""
+        if line.strip():
+            self._out(self._decode(line), len(line))
+
+
+class _SSE:
+    """Server-Sent Events: each event's data (``data:`` lines joined with newlines)
+    and type go to the decoder once its blank line arrives."""
+
+    __slots__ = ("_cr", "_data", "_decode", "_kind", "_line", "_out", "_size")
+
+    def __init__(self, decode: SSEDecode, out: Callable[[Event, int], None]) -> None:
+        self._decode = decode
+        self._out = out
+        self._line = b""  # an unterminated line
+        self._cr = False  # the last byte fed was a CR: a LF right after it ends nothing
+        self._data: list[bytes] = []
+        self._kind = ""
+        self._size = 0
+
+    def feed(self, data: bytes) -> None:
+        if self._cr and data.startswith(b"\n"):
+            data = data[1:]
+        self._cr = data.endswith(b"\r")
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        if self._line:
+            data = self._line + data
+        start = 0
+        while (end := data.find(b"\n", start)) != -1:
+            self._field(data[start:end])
+            start = end + 1
+        self._line = data[start:]
+        if len(self._line) + self._size > MAX_LINE_BYTES:
+            raise ProtocolError(f"the engine sent an event longer than {MAX_LINE_BYTES} bytes")
+
+    def _field(self, line: bytes) -> None:
+        if not line:  # the blank line: dispatch
+            if self._data:
+                data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+                kind = self._kind or "message"
+                self._data, self._kind, self._size = [], "", 0
+                event = self._decode(kind, data)
+                if event is not None:
+                    self._out(event, len(data))
+            else:
+                self._kind = ""
+            return
+        if line[0] == 0x3A:  # ":" a comment, e.g. a keep-alive
+            return
+        name, _, value = line.partition(b":")
+        if value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+            self._size += len(value)
+            if self._size > MAX_LINE_BYTES:
+                raise ProtocolError(
+                    f"the engine sent an event longer than {MAX_LINE_BYTES} bytes")
+        elif name == b"event":
+            self._kind = value.decode("utf-8", "replace")
+        # id and retry are for browsers reconnecting; a gateway does not reconnect.
+
+    def end(self) -> None:
+        """An event not closed by a blank line when the body ended is dropped, as the
+        SSE rules say (the backend then sees no final event: a truncated stream)."""
+
+
+_FRAMERS: dict[str, Any] = {"ndjson": _NDJSON, "sse": _SSE}
 
 
 class _Conn(asyncio.Protocol):
@@ -66,186 +183,106 @@ class _Conn(asyncio.Protocol):
 
 
 class Response:
-    """One response: ``status`` once open; iterate it for parsed NDJSON chunks."""
+    """One response: ``status`` once open; iterate it for ``(event, frame size)``
+    pairs, or hand a sink to ``deliver``."""
 
-    def __init__(self, conn: _Conn, decode: Decode, where: str) -> None:
+    def __init__(self, conn: _Conn, framing: Framing, where: str) -> None:
         self._conn = conn
         self._loop = asyncio.get_running_loop()
-        self._decode = decode
         self._where = where
-        self._buf = bytearray()
-        self._line = b""
+        self._parser = httptools.HttpResponseParser(self)
+        self._framer = _FRAMERS[framing[0]](framing[1], self._deliver)
         self._items: collections.deque[Any] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
         self._head: asyncio.Future[None] = self._loop.create_future()
-        self._state = _HEAD
-        self._remaining = 0
         self._raw: bytearray | None = None  # body of a non-200 answer
         self._raw_limit = _MAX_RAW  # read no more of it than this (read_body's bound)
         self._raw_cut = False  # the bound was reached: the rest is not read
+        self._until_close = False  # no length, not chunked: the body ends with the connection
+        self._headers_seen = False
         self._saw_done = False
         self._stopped = False  # an error item was queued; ignore the rest
         self._paused = False
         self._ended = False
         self._sink: Sink | None = None
         self._outcome: asyncio.Future[None] | None = None  # deliver()'s end
+        self._length = False
+        self._chunked = False
         self.status = 0
         self.keep_alive = True
         self.complete = False
         self.got_bytes = False
 
-    # -- protocol side ---------------------------------------------------------------
+    # -- llhttp's callbacks ------------------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
-        self.got_bytes = True
-        buf = self._buf
-        buf += data
-        pos = 0
-        n = len(buf)
-        try:
-            while pos < n or self._state == _TRAILER:
-                state = self._state
-                if state == _SIZE:
-                    end = buf.find(b"\r\n", pos)
-                    if end < 0:
-                        break
-                    size = int(bytes(buf[pos:end]).split(b";", 1)[0], 16)
-                    pos = end + 2
-                    if size:
-                        self._remaining = size
-                        self._state = _DATA
-                    else:
-                        self._state = _TRAILER
-                elif state == _DATA:
-                    take = min(n - pos, self._remaining)
-                    self._body(bytes(buf[pos:pos + take]))
-                    pos += take
-                    self._remaining -= take
-                    if not self._remaining:
-                        self._state = _CRLF
-                elif state == _CRLF:
-                    if n - pos < 2:
-                        break
-                    if buf[pos:pos + 2] != b"\r\n":
-                        raise ProtocolError("bad chunk framing from Ollama")
-                    pos += 2
-                    self._state = _SIZE
-                elif state == _TRAILER:
-                    end = buf.find(b"\r\n", pos)
-                    if end < 0:
-                        break
-                    blank = end == pos
-                    pos = end + 2
-                    if blank:
-                        self._finish()
-                        break
-                elif state == _HEAD:
-                    end = buf.find(b"\r\n\r\n", pos)
-                    if end < 0:
-                        if n - pos > _MAX_HEAD:
-                            raise ProtocolError("Ollama sent too large a response head")
-                        break
-                    self._parse_head(bytes(buf[pos:end]))
-                    pos = end + 4
-                elif state == _LENGTH:
-                    take = min(n - pos, self._remaining)
-                    self._body(bytes(buf[pos:pos + take]))
-                    pos += take
-                    self._remaining -= take
-                    if not self._remaining:
-                        self._finish()
-                elif state == _UNTIL_CLOSE:
-                    self._body(bytes(buf[pos:]))
-                    pos = n
-                else:  # _DONE: bytes after the end of the response
-                    self.keep_alive = False
-                    pos = n
-        except (ValueError, ProtocolError) as exc:
-            err = exc if isinstance(exc, ProtocolError) else ProtocolError(
-                f"Ollama sent a malformed HTTP response ({exc})")
-            self._fail(err)
-            pos = n
-        del buf[:pos]
-        if self._items:
-            self._wake()
-            if len(self._items) >= _HIGH_WATER and not self._paused and self._conn.transport:
-                self._paused = True
-                self._conn.transport.pause_reading()
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length":
+            self._length = True
+        elif name == b"transfer-encoding":
+            self._chunked = b"chunked" in value.lower()
 
-    def _parse_head(self, head: bytes) -> None:
-        lines = head.split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/1."):
-            raise ProtocolError("Ollama sent something that is not an HTTP/1.x response")
-        status = int(parts[1])
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
         if 100 <= status < 200:
-            return  # interim answer; the real head follows
-        chunked, length = False, None
-        for line in lines[1:]:
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            value = value.strip().lower()
-            if name == b"transfer-encoding":
-                chunked = b"chunked" in value
-            elif name == b"content-length":
-                length = int(value)
-            elif name == b"connection" and b"close" in value:
-                self.keep_alive = False
-        if parts[0] == b"HTTP/1.0":
-            self.keep_alive = False
+            self._length = self._chunked = False
+            return  # an interim answer: the real head follows
         self.status = status
+        self.keep_alive = self._parser.should_keep_alive()
+        self._headers_seen = True
         if status != 200:
             self._raw = bytearray()
-        if chunked:
-            self._state = _SIZE
-        elif length is not None:
-            self._remaining = length
-            self._state = _LENGTH
-            if not length:
-                self._finish()
-        else:
-            self._state = _UNTIL_CLOSE
+        if not self._length and not self._chunked:
+            self._until_close = True
             self.keep_alive = False
         if not self._head.done():
             self._head.set_result(None)
 
-    def _body(self, data: bytes) -> None:
-        if self._raw is not None:
+    def on_body(self, body: bytes) -> None:
+        raw = self._raw
+        if raw is not None:
             if not self._raw_cut:
-                self._raw += data
-                if len(self._raw) >= self._raw_limit:
+                raw += body
+                if len(raw) >= self._raw_limit:
                     self._raw_cut = True  # enough to classify it; never reused
                     self.keep_alive = False
                     self._wake()
             return
         if self._stopped:
             return
-        if self._line:
-            data = self._line + data
-        start = 0
-        while (end := data.find(b"\n", start)) != -1:
-            line = data[start:end]
-            start = end + 1
-            if line.strip():
-                self._emit(line)
-                if self._stopped:
-                    return
-        self._line = data[start:]
-        if len(self._line) > MAX_LINE_BYTES:
-            self._fail(ProtocolError(f"Ollama sent a line longer than {MAX_LINE_BYTES} bytes"))
-
-    def _emit(self, line: bytes) -> None:
         try:
-            event = self._decode(line)
+            self._framer.feed(body)
         except UpstreamError as exc:
             self._fail(exc)
-            return
+
+    def on_message_complete(self) -> None:
+        if self._headers_seen:
+            self._finish()
+
+    # -- protocol side -------------------------------------------------------------------
+
+    def _feed(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(ProtocolError("the engine tried to upgrade the HTTP connection"))
+        except httptools.HttpParserError as exc:
+            self._fail(ProtocolError(f"the engine at {self._where} sent a malformed HTTP "
+                                     f"response ({exc})"))
+        if self._items:
+            self._wake()
+            if len(self._items) >= _HIGH_WATER and not self._paused and self._conn.transport:
+                self._paused = True
+                self._conn.transport.pause_reading()
+
+    def _deliver(self, event: Event, size: int) -> None:
         if event[3] is not None:
             self._saw_done = True
         sink = self._sink
         if sink is None:
-            self._items.append((event, len(line)))
-        elif sink(event, len(line)) and not self._paused and self._conn.transport:
+            self._items.append((event, size))
+        elif sink(event, size) and not self._paused and self._conn.transport:
             self._paused = True
             self._conn.transport.pause_reading()
 
@@ -259,27 +296,29 @@ class Response:
         self._wake()
 
     def _finish(self) -> None:
-        self._state = _DONE
+        if self.complete:
+            return
         self.complete = True
         if self._raw is None and not self._stopped:
-            if self._line.strip():  # a plain JSON body has no trailing newline
-                self._emit(self._line)
-                self._line = b""
+            try:
+                self._framer.end()
+            except UpstreamError as exc:
+                self._fail(exc)
             if not self._stopped:
                 if self._saw_done:
                     self._items.append(_END)
                 else:
                     self._fail(TruncatedStream(
-                        "Ollama ended the stream without a final (done) message; "
-                        "the answer is incomplete"))
+                        "the engine ended the stream without a final message; the answer "
+                        "is incomplete"))
         self._wake()
 
     def _eof(self, exc: Exception | None) -> None:
-        if self._state == _UNTIL_CLOSE:
+        if self._until_close and exc is None:
             self._finish()
         elif not self.complete:
             self._fail(UpstreamDisconnected(
-                f"Ollama at {self._where} closed the connection "
+                f"the engine at {self._where} closed the connection "
                 f"({type(exc).__name__ if exc else 'EOF'}); the answer is incomplete"))
         self._wake()
 
@@ -315,10 +354,10 @@ class Response:
         return bytes(self._raw or b"")[:limit]
 
     async def deliver(self, sink: Sink) -> None:
-        """Hands every chunk to ``sink`` from the protocol callback as it is
-        parsed, and returns once the stream ended (raises its error). When the
+        """Hands every event to ``sink`` from the protocol callback as it is
+        decoded, and returns once the stream ended (raises its error). When the
         sink says it is full, reading pauses until ``resume()``."""
-        while self._items:  # parsed before we were called (e.g. with the head)
+        while self._items:  # decoded before we were called (e.g. with the head)
             item = self._items.popleft()
             if item is _END:
                 self._ended = True
@@ -347,7 +386,7 @@ class Response:
         return self
 
     async def __anext__(self) -> tuple[Event, int]:
-        """The next chunk and the size of its line in bytes."""
+        """The next event and the size of its frame in bytes."""
         items = self._items
         while not items:
             if self._ended:
@@ -370,22 +409,28 @@ class Response:
         return item  # type: ignore[no-any-return]
 
 
-class NDJSONPool:
-    """Keep-alive connections to one http:// Ollama, at most ``max_connections``."""
+class StreamPool:
+    """Keep-alive connections to one upstream (http:// or https://), at most
+    ``max_connections``. ``headers`` go with every request (e.g. Authorization);
+    ``ssl_context`` verifies an https:// upstream (default: the system's CAs)."""
 
     def __init__(self, base_url: str, *, connect_timeout: float, max_connections: int,
-                 where: str = "", authorization: str | None = None) -> None:
+                 where: str = "", headers: dict[str, str] | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(base_url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise ValueError("the lean client speaks plain http:// only")
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http:// or https:// URL: {base_url}")
         self._host = parts.hostname
-        self._port = parts.port or 80
+        self._tls = parts.scheme == "https"
+        self._port = parts.port or (443 if self._tls else 80)
+        self._ssl = (ssl_context or ssl.create_default_context()) if self._tls else None
         self._prefix = parts.path.rstrip("/")
         netloc = parts.netloc.rpartition("@")[2]
         self._host_header = netloc.encode("idna")
         self._where = where or base_url
-        self._authorization = (b"Authorization: " + authorization.encode("latin-1") + b"\r\n"
-                               if authorization else b"")
+        self._headers = b"".join(
+            name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n"
+            for name, value in (headers or {}).items())
         self._connect_timeout = connect_timeout
         self._idle: list[_Conn] = []
         self._slots = asyncio.Semaphore(max_connections)
@@ -396,23 +441,25 @@ class NDJSONPool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(_Conn, self._host, self._port)
-        except (OSError, TimeoutError) as exc:
+                _, conn = await loop.create_connection(
+                    _Conn, self._host, self._port, ssl=self._ssl,
+                    server_hostname=self._host if self._tls else None)
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             raise UpstreamConnectError(
-                f"cannot reach Ollama at {self._where} ({type(exc).__name__}: {exc}); "
-                "check that Ollama is running there, or point --ollama-url/OLLAMA_HOST at it"
+                f"cannot reach the engine at {self._where} ({type(exc).__name__}: {exc}); "
+                "check that it is running there and that its URL is right"
             ) from None
         return conn
 
-    async def open(self, path: str, body: bytes, decode: Decode) -> Response:
-        """Sends the request; returns the response once its head arrived. Each line
-        of its body will be decoded by ``decode``."""
+    async def open(self, path: str, body: bytes, framing: Framing, *,
+                   accept: bytes = b"application/x-ndjson, application/json") -> Response:
+        """Sends the request; returns the response once its head arrived. Its body is
+        cut and decoded as ``framing`` says."""
         request = b"".join((
             b"POST ", (self._prefix + path).encode(), b" HTTP/1.1\r\nHost: ", self._host_header,
-            b"\r\nAccept: application/x-ndjson, application/json\r\n"
-            b"Content-Type: application/json\r\nUser-Agent: tokenwire\r\n", self._authorization,
-            b"Content-Length: ",
-            str(len(body)).encode(), b"\r\n\r\n", body))
+            b"\r\nAccept: ", accept, b"\r\nContent-Type: application/json\r\n"
+            b"User-Agent: tokenwire\r\n", self._headers,
+            b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body))
         await self._slots.acquire()
         try:
             while True:
@@ -424,7 +471,7 @@ class NDJSONPool:
                         break
                 else:
                     conn = await self._connect()
-                response = Response(conn, decode, self._where)
+                response = Response(conn, framing, self._where)
                 conn.response = response
                 assert conn.transport is not None
                 conn.transport.write(request)

@@ -1,13 +1,13 @@
 """The Ollama backend: the HTTP calls to one Ollama (with ``backends._transport``).
 
-Streams from a plain ``http://`` Ollama go through ``_transport.NDJSONPool``, a
-small asyncio-Protocol HTTP/1.1 client that parses chunked NDJSON as bytes
-arrive: the benchmark measured httpx's per-chunk stack and pool scans at over
-half the gateway's CPU per token, and this path at 2.4x the throughput and a
-third of the CPU per token. Everything else (JSON endpoints, ``https://``,
-injected test transports) uses one ``httpx.AsyncClient``. Every failure leaves
-this module as an exception from ``_exceptions.py`` (``_errors.py`` decides
-which, for error answers).
+Streams go through ``_transport.StreamPool``, a small asyncio-Protocol HTTP/1.1
+client (llhttp underneath) that decodes NDJSON lines as bytes arrive, over
+http:// and https://: the benchmark measured httpx's per-chunk stack and pool
+scans at over half the gateway's CPU per token, and this path at 2.4x the
+throughput and a third of the CPU per token. The JSON endpoints (and streams
+through an injected test transport) use one ``httpx.AsyncClient``. Every failure
+leaves this module as an exception from ``_exceptions.py`` (``_errors.py``
+decides which, for error answers).
 
 Everything read is bounded: an error body at ``MAX_ERROR_BODY`` bytes (the rest is
 not read and the connection is dropped), a JSON answer at ``max_body_bytes``, a
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -41,7 +42,7 @@ from ..._exceptions import (
 )
 from .._base import Decode, Event, StreamRequest
 from .._breaker import CircuitBreaker
-from .._transport import MAX_LINE_BYTES, NDJSONPool
+from .._transport import MAX_LINE_BYTES, StreamPool
 from ._answers import Chunk, chat_event, embed_response, generate_event, models_from_tags
 from ._answers import parse_object as _parse_object
 from ._errors import classify_http_error
@@ -74,6 +75,7 @@ class OllamaBackend:
         unary_timeout: float = 120.0,
         max_body_bytes: int = 128 << 20,
         name: str = "ollama",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.name = name
         self.unary_timeout = unary_timeout
@@ -93,20 +95,21 @@ class OllamaBackend:
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
             transport=transport,
+            verify=ssl_context or True,
             headers={"Accept": "application/x-ndjson, application/json"},
             trust_env=False,
         )
-        # Streams on plain http:// go through the lean NDJSON client (_transport.py);
-        # https:// and injected test transports keep httpx.
-        self._lean: NDJSONPool | None = None
-        if transport is None and self._url.startswith("http://"):
-            authorization = None
+        # Streams go through the lean client (_transport.py), on http:// and https://;
+        # an injected httpx transport (tests) keeps httpx.
+        self._lean: StreamPool | None = None
+        if transport is None:
+            headers = {}
             if url.userinfo:
                 pair = f"{url.username}:{url.password}".encode()
-                authorization = "Basic " + base64.b64encode(pair).decode("ascii")
-            self._lean = NDJSONPool(self._url, connect_timeout=connect_timeout,
+                headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
+            self._lean = StreamPool(self._url, connect_timeout=connect_timeout,
                                     max_connections=max_connections, where=self.base_url,
-                                    authorization=authorization)
+                                    headers=headers, ssl_context=ssl_context)
 
     async def aclose(self) -> None:
         if self._lean is not None:
@@ -212,7 +215,7 @@ class OllamaBackend:
         if self._lean is not None:
             lean = self._lean
             try:
-                lean_response = await lean.open(path, orjson.dumps(payload), decode)
+                lean_response = await lean.open(path, orjson.dumps(payload), ("ndjson", decode))
             except UpstreamError as exc:
                 raise self._failed(exc) from None
             except asyncio.CancelledError:
