@@ -16,6 +16,7 @@ from tokenwire.service import (
     StreamError,
     UpstreamBusy,
     UpstreamError,
+    UpstreamRateLimited,
     UpstreamUnavailable,
     status_for,
 )
@@ -69,7 +70,7 @@ def _classify(status: int, body: bytes) -> UpstreamError:
         (503, _body("server busy, please try again.  maximum pending requests exceeded"),
          UpstreamBusy, True, ""),
         # Quotas and refusals are not outages.
-        (429, _body("rate limit exceeded"), UpstreamBusy, False, ""),
+        (429, _body("rate limit exceeded"), UpstreamRateLimited, False, ""),
         (403, b"", PermissionDenied, False, ""),
         (400, _body("invalid model name"), InvalidRequest, False, "model"),
         (400, _body('time: missing unit in duration "300"'), InvalidRequest, False,

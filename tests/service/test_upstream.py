@@ -34,7 +34,7 @@ def _upstream(handler: httpx.MockTransport) -> OllamaBackend:
 
 async def _collect(upstream: OllamaBackend, payload: dict[str, object] | None = None) -> list:
     async with upstream.post_stream("/api/generate", payload or {"model": "m"},
-                                    generate_event) as chunks:
+                                    ("ndjson", generate_event)) as chunks:
         return [c async for c, _ in chunks]
 
 
@@ -79,7 +79,7 @@ async def test_error_line_mid_stream_raises_after_earlier_chunks() -> None:
     got = []
     with pytest.raises(StreamError, match="error reading llm response"):
         async with _upstream(transport).post_stream("/api/generate", {"model": "m"},
-                                                    generate_event) as chunks:
+                                                    ("ndjson", generate_event)) as chunks:
             async for c, _ in chunks:
                 got.append(c)
     assert [c[0] for c in got] == ["a"]

@@ -11,7 +11,10 @@ outages count towards the circuit breaker and are retried before the first
 token. An engine that answers and refuses this one request, whatever its words,
 is alive: that is never an outage. The class sets the default; the classifier
 decides for the cases a class alone cannot (an ``EngineError`` from a live
-engine or from a dead one behind a proxy).
+engine or from a dead one behind a proxy). ``retryable`` says whether trying
+again (after ``retry_after`` seconds when the engine named a wait, or on
+another upstream) may succeed before the first token: every outage, and a rate
+limit, which is not an outage.
 
 Messages are bounded (``MAX_MESSAGE_BYTES``): an upstream can put megabytes
 into an error, and a status message travels in HTTP/2 trailers.
@@ -21,6 +24,8 @@ into an error, and a status message travels in HTTP/2 trailers.
     │   ├── UpstreamConnectError    no connection (refused, DNS, TLS, connect timeout)
     │   ├── UpstreamBusy            the engine said 503: its queue is full
     │   └── CircuitOpen             failing fast after repeated failures
+    ├── UpstreamRateLimited       the engine said 429: slow down (retryable, no outage)
+    │   └── QuotaExhausted          ... because the account's quota is spent (not retryable)
     ├── UpstreamTimeout           the engine went quiet
     │   ├── FirstTokenTimeout       nothing arrived within the first-token wait
     │   ├── IdleTimeout             a gap between two chunks exceeded the idle limit
@@ -49,6 +54,7 @@ __all__ = [
     "ModelNotFound",
     "PermissionDenied",
     "ProtocolError",
+    "QuotaExhausted",
     "RequestTimeout",
     "RunnerCrashed",
     "StreamError",
@@ -57,6 +63,7 @@ __all__ = [
     "UpstreamConnectError",
     "UpstreamDisconnected",
     "UpstreamError",
+    "UpstreamRateLimited",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "excerpt",
@@ -84,6 +91,8 @@ class UpstreamError(Exception):
 
     #: Default of ``outage`` for the class.
     outage_by_default = False
+    #: Seconds the engine asked to wait before trying again, when it said.
+    retry_after: float | None = None
 
     def __init__(self, message: str, *, http_status: int | None = None, field: str = "",
                  outage: bool | None = None) -> None:
@@ -96,6 +105,11 @@ class UpstreamError(Exception):
         #: The engine is not well (see the module docstring): counts towards the breaker
         #: and may be retried before the first token.
         self.outage = self.outage_by_default if outage is None else outage
+
+    @property
+    def retryable(self) -> bool:
+        """Trying again (later, or elsewhere) may succeed before the first token."""
+        return self.outage
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -116,6 +130,32 @@ class CircuitOpen(UpstreamUnavailable):
     def __init__(self, message: str, *, retry_after: float) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class UpstreamRateLimited(UpstreamError):
+    """HTTP 429: the engine (or a proxy in front) limits how fast this gateway may
+    call. Not an outage; retryable after ``retry_after``, or on another upstream."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None,
+                 http_status: int | None = 429) -> None:
+        super().__init__(message, http_status=http_status)
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class QuotaExhausted(UpstreamRateLimited):
+    """HTTP 429 that says the account's quota (credits, billing) is spent: waiting a
+    few seconds does not help, so not retryable (and no wait is suggested)."""
+
+    def __init__(self, message: str, *, http_status: int | None = 429) -> None:
+        super().__init__(message, retry_after=None, http_status=http_status)
+
+    @property
+    def retryable(self) -> bool:
+        return False
 
 
 class UpstreamTimeout(UpstreamError):

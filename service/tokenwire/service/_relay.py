@@ -192,9 +192,11 @@ class Relay:
                 await self._read()
                 return
             except UpstreamError as exc:
-                if self.count or self.attempts > self._retries or not exc.outage:
+                if self.count or self.attempts > self._retries or not exc.retryable:
                     raise
                 delay = retry_delay(self.attempts, self._retry_backoff, self._rng)
+                if exc.retry_after is not None:  # the engine named its wait: not sooner
+                    delay = max(delay, exc.retry_after)
                 if self._loop.time() + delay >= self._started_at + self._first_token_timeout:
                     raise
                 log.info("upstream attempt %d failed before the first token (%s); retrying in "

@@ -29,6 +29,7 @@ from ._exceptions import (
     ModelNotFound,
     PermissionDenied,
     ProtocolError,
+    QuotaExhausted,
     RequestTimeout,
     RunnerCrashed,
     StreamError,
@@ -37,6 +38,7 @@ from ._exceptions import (
     UpstreamConnectError,
     UpstreamDisconnected,
     UpstreamError,
+    UpstreamRateLimited,
     UpstreamUnavailable,
     excerpt,
 )
@@ -130,6 +132,8 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], 
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE", None),
     (CircuitOpen, grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN", 1.0),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", None),
+    (QuotaExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_QUOTA_EXHAUSTED", None),
+    (UpstreamRateLimited, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_RATE_LIMITED", 1.0),
     (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT, "UPSTREAM_REJECTED_REQUEST", None),
     (PermissionDenied, grpc.StatusCode.PERMISSION_DENIED, "UPSTREAM_FORBIDDEN", None),
     (UpstreamConnectError, grpc.StatusCode.UNAVAILABLE, "UPSTREAM_UNREACHABLE", 1.0),
@@ -195,7 +199,9 @@ def status_for(exc: Exception) -> grpc.Status:
     if isinstance(exc, ModelNotFound):
         details.append(_pack(error_details_pb2.ResourceInfo(
             resource_type="model", resource_name=exc.model, description=message)))
-    retry_after = getattr(exc, "retry_after", retry_after)
+    named = getattr(exc, "retry_after", None)  # the engine's own wait, or the breaker's
+    if named is not None:
+        retry_after = named
     if retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(max(retry_after, 0.001) * 1e9))

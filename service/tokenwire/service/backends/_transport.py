@@ -153,7 +153,13 @@ class _SSE:
 
     def end(self) -> None:
         """An event not closed by a blank line when the body ended is dropped, as the
-        SSE rules say (the backend then sees no final event: a truncated stream)."""
+        SSE rules say. A decoder with an ``end()`` is asked for a last event then (an
+        answer that gave its finish reason but no ``[DONE]``); without one the stream
+        has no final event: truncated."""
+        finish = getattr(self._decode, "end", None)
+        event = finish() if finish is not None else None
+        if event is not None:
+            self._out(event, 0)
 
 
 _FRAMERS: dict[str, Any] = {"ndjson": _NDJSON, "sse": _SSE}
@@ -209,6 +215,8 @@ class Response:
         self._length = False
         self._chunked = False
         self.status = 0
+        #: The answer's headers, by lowercase name (say, retry-after on a 429).
+        self.headers: dict[bytes, bytes] = {}
         self.keep_alive = True
         self.complete = False
         self.got_bytes = False
@@ -217,6 +225,7 @@ class Response:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        self.headers[name] = value
         if name == b"content-length":
             self._length = True
         elif name == b"transfer-encoding":
@@ -226,6 +235,7 @@ class Response:
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             self._length = self._chunked = False
+            self.headers.clear()
             return  # an interim answer: the real head follows
         self.status = status
         self.keep_alive = self._parser.should_keep_alive()

@@ -10,7 +10,7 @@ and to pick between a request error and an engine error.
     404 "model ... not found"                ModelNotFound
     404 other, 405                           EngineError: --ollama-url is not Ollama's API
     401 / 403                                PermissionDenied
-    429                                      UpstreamBusy, not an outage (a quota, not a fault)
+    429                                      UpstreamRateLimited: retryable, not an outage
     503                                      UpstreamBusy (outage)
     other 4xx                                InvalidRequest
     any status, runner-failure text          RunnerCrashed (outage)
@@ -40,6 +40,7 @@ from ..._exceptions import (
     StreamError,
     UpstreamBusy,
     UpstreamError,
+    UpstreamRateLimited,
     UpstreamUnavailable,
     excerpt,
 )
@@ -152,8 +153,8 @@ def classify_http_error(status: int, body: bytes, model: str, path: str = "") ->
             http_status=status,
         )
     if status == 429:
-        return UpstreamBusy(f"Ollama is rate limiting ({text or 'HTTP 429'}); retry later",
-                            http_status=status, outage=False)
+        return UpstreamRateLimited(f"Ollama is rate limiting ({text or 'HTTP 429'}); retry "
+                                   "later", http_status=status)
     if status == 503:
         return UpstreamBusy(f"Ollama is busy ({text or 'HTTP 503'}); retry later",
                             http_status=status)
