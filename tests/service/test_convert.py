@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 
+import orjson
 from google.protobuf import struct_pb2
 from google.protobuf.duration_pb2 import Duration
 
@@ -100,6 +101,18 @@ def test_tool_calls_from_ollama() -> None:
     ])
     assert [(c.id, c.name, c.index) for c in calls] == [("call_x", "f", 1), ("", "g", 1)]
     assert dict(calls[0].arguments)["a"] == 1
+
+
+def test_tool_call_arguments_keep_their_order_as_text() -> None:
+    """A Struct is a map and loses the order the model wrote; arguments_text keeps it, both
+    from the engine and back to it in the history."""
+    [call] = tool_calls_from([{"function": {"name": "f", "arguments": {"z": 1, "a": 2}}}])
+    assert call.arguments_text == '{"z":1,"a":2}'
+    sent = pb.ToolCall(name="f", arguments_text='{"z":1,"a":2}')
+    history = pb.ChatRequest(model="m", messages=[
+        pb.Message(role=pb.ROLE_ASSISTANT, tool_calls=[sent])])
+    body = orjson.dumps(chat_payload(history))
+    assert b'"arguments":{"z":1,"a":2}' in body
 
 
 def test_usage_and_finish_reason() -> None:

@@ -134,8 +134,9 @@ def _depth_over(value: Any, limit: int) -> bool:
 
 
 def _check_schema_text(text: str, field: str, limits: Limits, out: _Violations, *,
-                       allow_empty: bool) -> None:
-    """A JSON Schema given as JSON text: one JSON object, within the size and depth limits.
+                       allow_empty: bool, what: str = "JSON Schema") -> None:
+    """A JSON Schema (or ``what`` else) given as JSON text: one JSON object, within the
+    size and depth limits.
 
     This is the only parse of the text: the payload builders forward it as written
     (``orjson.Fragment``), which keeps its key order, so they rely on this check having
@@ -148,7 +149,7 @@ def _check_schema_text(text: str, field: str, limits: Limits, out: _Violations, 
                            f"(--max-prompt-bytes)"))
         return
     if not text.strip():
-        out.append((field, "must be a JSON Schema object as JSON text, e.g. "
+        out.append((field, f"must be a {what} object as JSON text, e.g. "
                            "{\"type\": \"object\", \"properties\": {...}}; got no text"))
         return
     try:
@@ -157,13 +158,13 @@ def _check_schema_text(text: str, field: str, limits: Limits, out: _Violations, 
         if "depth limit" in exc.msg:  # deeper than orjson's own limit (1024 levels)
             out.append((field, _too_deep(limits)))
         else:
-            out.append((field, f"not valid JSON ({exc}); give a JSON Schema object as JSON "
+            out.append((field, f"not valid JSON ({exc}); give a {what} object as JSON "
                                f"text"))
         return
     if not isinstance(value, dict):
         out.append((field, f"must be a JSON object ({{...}}), got a JSON {_json_type(value)}"))
     elif not value and not allow_empty:
-        out.append((field, "must be a non-empty JSON Schema object"))
+        out.append((field, f"must be a non-empty {what} object"))
     elif _depth_over(value, limits.max_schema_depth):
         out.append((field, _too_deep(limits)))
 
@@ -271,6 +272,10 @@ def validate_chat(request: pb.ChatRequest, limits: Limits) -> None:
             _check_enum(message.role, pb.Role, f"{field}.role", out)
         total += len(message.content.encode())
         images += _check_images(message.images, f"{field}.images", out)
+        for j, call in enumerate(message.tool_calls):
+            if call.arguments_text:  # sent back to the engine: it must be a JSON object
+                _check_schema_text(call.arguments_text, f"{field}.tool_calls[{j}].arguments_text",
+                                   limits, out, allow_empty=True, what="tool-call arguments")
     _check_images_total(images, "messages", limits, out)
     if total > limits.max_prompt_bytes:
         out.append(("messages", f"message text totals {total} bytes, over the limit of "

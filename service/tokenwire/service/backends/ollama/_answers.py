@@ -125,6 +125,7 @@ def tool_calls_from(raw: Sequence[dict[str, Any]]) -> list[pb.ToolCall]:
         arguments = function.get("arguments")
         if isinstance(arguments, dict):
             call.arguments.update(arguments)
+            call.arguments_text = orjson.dumps(arguments).decode()  # Ollama's key order
         elif arguments is not None:
             raise ProtocolError(f"Ollama sent arguments of tool call {position} that are not "
                                 "a JSON object")

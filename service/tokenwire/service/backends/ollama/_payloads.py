@@ -124,7 +124,9 @@ def _tool_call_json(call: pb.ToolCall) -> dict[str, Any]:
     function: dict[str, Any] = {
         "index": call.index,
         "name": call.name,
-        "arguments": struct_to_py(call.arguments),
+        # Validated as a JSON object; as text it keeps its key order.
+        "arguments": (orjson.Fragment(call.arguments_text) if call.arguments_text
+                      else struct_to_py(call.arguments)),
     }
     out: dict[str, Any] = {"function": function}
     if call.id:
