@@ -1055,6 +1055,19 @@ def _type_ok(value: Any, want: str) -> bool:
     }[want]
 
 
+def _lax_number(value: Any, want: str) -> tuple[float | int] | None:
+    """A numeric string as pydantic (lax mode) reads it for a number or integer field."""
+    if not isinstance(value, str) or want not in ("number", "integer"):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    if want == "integer":
+        return (int(number),) if number.is_integer() else None
+    return (number,)
+
+
 def _words(value: Any) -> int:
     """A stand-in token count: whitespace-separated words in every string in value."""
     if isinstance(value, str):
@@ -1500,6 +1513,9 @@ class FakeOpenAI:
             return {}, wire.not_an_object(path, body)
         for name, want in _FIELDS[path].items():
             if wire.name == "ollama" and name in _OLLAMA_UNKNOWN:
+                continue
+            if wire.name == "llama-cpp-python" and (lax := _lax_number(body.get(name), want)):
+                body[name] = lax[0]  # pydantic's lax mode: "3" is 3
                 continue
             if not _type_ok(body.get(name), want):
                 return {}, wire.bad_type(path, name, body[name], want)
