@@ -228,6 +228,7 @@ _DEFAULT_ERROR_TYPES = {
     401: "invalid_request_error",
     403: "invalid_request_error",
     404: "invalid_request_error",
+    405: "invalid_request_error",
     429: "rate_limit_error",
     503: "service_unavailable",
 }
@@ -1234,6 +1235,7 @@ class _Writer:
         self.conn, self.fault = conn, fault
         self._head = head
         self.early = early
+        self._offset = 0
 
     async def start(self) -> None:
         if self.early:
@@ -1245,13 +1247,18 @@ class _Writer:
             await self.conn.send(head)
 
     async def write(self, data: bytes) -> None:
+        """One write, or with ``split_every`` pieces of that many bytes of the whole body, so
+        that the cuts fall at a different place in every event."""
         step = self.fault.split_every
-        if not step or len(data) <= step:
+        if not step:
             await self._chunk(data)
             return
-        for start in range(0, len(data), step):
-            await self._chunk(data[start : start + step])
-            if start + step < len(data) and await self.conn.pause(self.fault.split_delay):
+        while data:
+            take = step - self._offset % step
+            piece, data = data[:take], data[take:]
+            self._offset += len(piece)
+            await self._chunk(piece)
+            if data and await self.conn.pause(self.fault.split_delay):
                 raise ConnectionError("client went away")
 
     async def _chunk(self, data: bytes) -> None:
