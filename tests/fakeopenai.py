@@ -86,7 +86,12 @@ __all__ = [
 DEFAULT_TOKENS: tuple[str, ...] = ("The", " sky", " is", " blue", " – ", "mostly", ".")
 
 Dialect = Literal["openai", "ollama", "llama-cpp-python"]
-ToolCallStyle = Literal["indexed", "whole", "no_index", "index0", "object_args"]
+#: How tool-call deltas are cut: "indexed" as the spec says (id, type and name once, then
+#: argument pieces); "repeated" as llama-cpp-python does (every piece repeats index, id, type
+#: and name); "whole" all calls in one chunk (Ollama); broken: "no_index" (Ollama #7881),
+#: "index0" (every call at index 0, told apart by a new id), "object_args" (arguments as a JSON
+#: object, not a string).
+ToolCallStyle = Literal["indexed", "repeated", "whole", "no_index", "index0", "object_args"]
 
 _SSE = "text/event-stream"
 _SSE_UTF8 = "text/event-stream; charset=utf-8"
@@ -725,6 +730,7 @@ class _LlamaCppPythonWire(_Wire):
     name: Dialect = "llama-cpp-python"
     sse_type = _SSE_UTF8
     honours_include_usage = False
+    tool_call_style: ToolCallStyle = "repeated"
 
     def event_json(self, obj: Any) -> bytes:
         return _py_json(obj)
@@ -1173,7 +1179,18 @@ class _Plan:
             text = call.arguments
             step = max(1, math.ceil(len(text) / 3))
             for start in range(0, len(text), step):
-                yield [{"index": index, "function": {"arguments": text[start : start + step]}}]
+                piece = text[start : start + step]
+                if self.style == "repeated":
+                    yield [
+                        {
+                            "index": index,
+                            "id": self._call_id(i),
+                            "type": "function",
+                            "function": {"name": call.name, "arguments": piece},
+                        }
+                    ]
+                else:
+                    yield [{"index": index, "function": {"arguments": piece}}]
 
     def events(self) -> list[dict[str, Any]]:
         """Every data event of the stream, [DONE] excluded (the usage chunk last, if any)."""

@@ -495,6 +495,14 @@ async def test_tool_calls_broken_styles(fake: FakeOpenAI) -> None:
         (False, "call_a", '{"city": "Paris"}'),
         (False, "call_b", '{"tz": "CET"}'),
     ]
+    deltas, _ = await tool_deltas(fake, "repeated")  # llama-cpp-python: names repeat
+    assert {(d["index"], d["id"], d["function"]["name"]) for d in deltas} == {
+        (0, "call_a", "get_weather"),
+        (1, "call_b", "get_time"),
+    }
+    assert "".join(d["function"]["arguments"] for d in deltas if d["index"] == 0) == (
+        '{"city": "Paris"}'
+    )
     deltas, _ = await tool_deltas(fake, "index0")
     assert {d["index"] for d in deltas} == {0}
     assert [d["id"] for d in deltas if "id" in d] == ["call_a", "call_b"]
