@@ -1,6 +1,7 @@
 """The real tier: tokenwire against a real, pinned Ollama (v0.24.0) with a real model
 (SmolLM2-135M), started once per session by ``scripts/ollama-dev`` on a port of its own with
-``OLLAMA_NUM_PARALLEL=1``.
+``OLLAMA_NUM_PARALLEL=1``; for the OpenAI-compatible wire also llama.cpp's server (the one in
+llama-cpp-python 0.3.36) with the same GGUF, started by ``scripts/llama-dev`` (``real_llama``).
 
 The first run on a machine builds Ollama from source (minutes; progress is shown on the
 terminal); later runs use the build cached in ``~/.cache/tokenwire``. This tier never skips: when
@@ -35,9 +36,14 @@ from tokenwire.v1 import generation_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[2]
 OLLAMA_DEV = ROOT / "scripts" / "ollama-dev"
+LLAMA_DEV = ROOT / "scripts" / "llama-dev"
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+#: llama-dev's context size (LLAMA_DEV_N_CTX default).
+LLAMA_N_CTX = 2048
 MODEL = "smollm2:135m"
 OLLAMA_VERSION = "0.24.0"
-#: A fresh machine builds Ollama from source first (about 4-10 minutes on 2 cores).
+#: A fresh machine builds Ollama from source first (about 4-10 minutes on 2 cores), or
+#: llama-cpp-python (about 14 minutes on 2 shared cores).
 START_TIMEOUT = 1800.0
 STOP_TIMEOUT = 60.0
 
@@ -220,6 +226,62 @@ def started_ollama(show: Callable[[str], None], **env: str) -> Iterator[RealOlla
             show(line)
 
 
+@dataclass(frozen=True)
+class RealLlama:
+    """The running llama.cpp server (llama-cpp-python): its URL, pid and log."""
+
+    url: str
+    port: int
+    pid: int
+    log: Path
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size
+
+    def log_since(self, offset: int) -> str:
+        with self.log.open("rb") as f:
+            f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text("utf-8", "replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(cannot read {self.log}: {exc})"
+
+
+@contextlib.contextmanager
+def started_llama(show: Callable[[str], None], **env: str) -> Iterator[RealLlama]:
+    """Builds (first run only) and starts llama-cpp-python's server with smollm2:135m on a free
+    port (``scripts/llama-dev start``), with the given extra environment; stops it on exit."""
+    port = _free_port()
+    env = {**os.environ, **env}
+    cmd = [str(LLAMA_DEV), "start", "--port", str(port)]
+    stop = [str(LLAMA_DEV), "stop", "--port", str(port)]
+    show(f"$ {' '.join(cmd)} (a first run builds llama-cpp-python: about 15 minutes)")
+    started = time.monotonic()
+    try:
+        code, out, err = _run_streaming(cmd, env, START_TIMEOUT, show)
+        url = f"http://127.0.0.1:{port}"
+        if code != 0 or f"LLAMA_URL={url}" not in out:
+            raise RuntimeError(
+                f"the real tier needs llama.cpp's server, and `scripts/llama-dev start` failed "
+                f"(exit {code}). This tier never skips. stdout:\n{out}\nstderr:\n{err}"
+            )
+        FIGURES.setdefault("llama-dev start", f"{time.monotonic() - started:.1f} s")
+        llama_dir = _cache_dir() / "llama"
+        pid = int((llama_dir / f"serve-{port}.pid").read_text().strip())
+        real = RealLlama(url, port, pid, llama_dir / f"serve-{port}.log")
+        models = httpx.get(url + "/v1/models", timeout=10).json()
+        assert [m["id"] for m in models["data"]] == [MODEL], models
+        yield real
+    finally:
+        result = subprocess.run(stop, capture_output=True, text=True, timeout=STOP_TIMEOUT,
+                                check=False, cwd=ROOT)
+        for line in result.stderr.splitlines():
+            show(line)
+
+
 def shower(request: pytest.FixtureRequest) -> Callable[[str], None]:
     """Prints a line of the real tier's progress on the terminal, past pytest's capture."""
     capture = request.config.pluginmanager.getplugin("capturemanager")
@@ -236,6 +298,13 @@ def shower(request: pytest.FixtureRequest) -> Callable[[str], None]:
 def real_ollama(request: pytest.FixtureRequest) -> Iterator[RealOllama]:
     """Builds (first run only) and starts the pinned Ollama; stops it after this tier."""
     with started_ollama(shower(request)) as real:
+        yield real
+
+
+@pytest.fixture(scope="package")
+def real_llama(request: pytest.FixtureRequest) -> Iterator[RealLlama]:
+    """Builds (first run only) and starts llama.cpp's server; stops it after this tier."""
+    with started_llama(shower(request)) as real:
         yield real
 
 
@@ -289,11 +358,13 @@ def tool_bin() -> Path:
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The test that first needs Ollama also waits for its build: give it that time."""
-    for item in items:
-        if "real_ollama" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.timeout(START_TIMEOUT + 300))
-            return
+    """The test that first needs Ollama (or llama.cpp's server) also waits for its build:
+    give it that time."""
+    for fixture in ("real_ollama", "real_llama"):
+        for item in items:
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.timeout(START_TIMEOUT + 300))
+                break
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -305,6 +376,9 @@ def pytest_runtest_makereport(
     real = getattr(item, "funcargs", {}).get("real_ollama")
     if report.failed and isinstance(real, RealOllama):
         report.sections.append((f"Ollama log (tail of {real.log})", real.log_tail()))
+    llama = getattr(item, "funcargs", {}).get("real_llama")
+    if report.failed and isinstance(llama, RealLlama):
+        report.sections.append((f"llama.cpp server log (tail of {llama.log})", llama.log_tail()))
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
