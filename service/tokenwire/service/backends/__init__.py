@@ -2,7 +2,10 @@
 
     _breaker       a circuit breaker per upstream
     _transport     the lean HTTP/1.1 client that streams an engine's answer
+    _http          the HTTP engine base: bounded JSON calls, streams, breaker bookkeeping
+    _words         reading an engine's error words, whatever the engine
     ollama/        Ollama's native API (/api/generate, /api/chat, NDJSON)
+    openai/        OpenAI-compatible APIs (/v1/chat/completions, Server-Sent Events)
 
 Nothing above this package knows an engine's JSON.
 """

@@ -162,16 +162,18 @@ class HTTPEngine:
         """Status, body and headers, the body read up to its bound (an error body to
         MAX_ERROR_BODY; a success body over ``max_body_bytes`` is a ProtocolError)."""
         try:
-            async with self._client.stream(method, path, content=content) as response:
-                headers = dict(response.headers)
+            headers = {"Content-Type": "application/json"} if content is not None else None
+            async with self._client.stream(method, path, content=content,
+                                           headers=headers) as response:
+                got = dict(response.headers)
                 if response.status_code != 200:
                     return (response.status_code,
-                            await _read_capped(response, MAX_ERROR_BODY), headers)
+                            await _read_capped(response, MAX_ERROR_BODY), got)
                 body = await _read_capped(response, self._max_body + 1)
                 if len(body) > self._max_body:
                     raise ProtocolError(f"{self.engine}'s answer to {path} is larger than "
                                         f"{self._max_body} bytes; ask for less per call")
-                return 200, body, headers
+                return 200, body, got
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, path) from exc
 

@@ -27,10 +27,6 @@ by the adapter, and every text put into a message is cut again (``excerpt``).
 
 from __future__ import annotations
 
-import re
-
-import orjson
-
 from ..._exceptions import (
     EngineError,
     InvalidRequest,
@@ -44,9 +40,10 @@ from ..._exceptions import (
     UpstreamUnavailable,
     excerpt,
 )
+from .._words import engine_said, points_at_request
 
 __all__ = ["ENGINE_TEXT_BYTES", "classify_http_error", "engine_said", "runner_failed",
-           "stream_error"]
+           "stream_error"]  # engine_said: re-exported for the real tier's catalogue
 
 #: How much of the engine's own words a message quotes, in UTF-8 bytes.
 ENGINE_TEXT_BYTES = 400
@@ -66,12 +63,6 @@ _RUNNER_FAILED = (
 )
 #: Request errors Ollama is known to answer with HTTP 500 (matched at the start).
 _KNOWN_REQUEST_500 = ('option "', "invalid format", "invalid json schema")
-#: Words by which an error text Ollama gave with a 500 points at the request.
-_POINTS_AT_REQUEST = re.compile(
-    r"\b(invalid|must|expected|required|missing|unsupported|not supported|does not support"
-    r"|exceeds?|exceeded|too (long|large|many|big)|schema|format|option|parameters?"
-    r"|arguments?|fields?|unmarshal|malformed|not allowed|bad request)\b",
-    re.IGNORECASE)
 #: (marker in the text, request field it is about), first match wins.
 _FIELDS = (
     ("json schema", "format"),
@@ -90,21 +81,6 @@ _FIELDS = (
     ("invalid input type", "inputs"),
     ("duration", "keep_alive"),
 )
-
-
-def engine_said(body: bytes) -> str | None:
-    """The text of a well-formed ``{"error": text}`` body (Ollama's shape, or OpenAI's
-    ``{"error": {"message": text}}``); None for anything else (HTML, plain text, empty)."""
-    try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(value, dict):
-        return None
-    error = value.get("error")
-    if isinstance(error, dict):
-        error = error.get("message")
-    return error if isinstance(error, str) and error.strip() else None
 
 
 def runner_failed(text: str) -> bool:
@@ -164,7 +140,7 @@ def classify_http_error(status: int, body: bytes, model: str, path: str = "") ->
         return rejected()
     if status == 500 and said is not None:
         # A live engine refusing this request: never an outage, whatever the words.
-        if said.lower().startswith(_KNOWN_REQUEST_500) or _POINTS_AT_REQUEST.search(said):
+        if said.lower().startswith(_KNOWN_REQUEST_500) or points_at_request(said):
             return rejected()
         return EngineError(f"Ollama could not run this request (HTTP 500): {text}",
                            http_status=status, outage=False)
