@@ -59,6 +59,8 @@ class HTTPEngine:
 
     #: How messages name the engine ("Ollama", "the OpenAI-compatible engine").
     engine = "the engine"
+    #: What to check when it cannot be reached.
+    hint = "check that it is running there and that its URL is right"
 
     def __init__(
         self,
@@ -104,7 +106,8 @@ class HTTPEngine:
         if transport is None:
             self._lean = StreamPool(self._url, connect_timeout=connect_timeout,
                                     max_connections=max_connections, where=self.base_url,
-                                    headers=headers, ssl_context=ssl_context)
+                                    headers=headers, ssl_context=ssl_context,
+                                    engine=self.engine, hint=self.hint)
 
     async def aclose(self) -> None:
         if self._lean is not None:
@@ -257,7 +260,7 @@ class HTTPEngine:
         if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
             return UpstreamConnectError(
                 f"cannot reach {self.engine} at {self.base_url} ({type(exc).__name__}: "
-                f"{exc}); check that it is running there and that its URL is right")
+                f"{exc}); {self.hint}")
         if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
             return UpstreamDisconnected(
                 f"{self.engine} at {self.base_url} closed the connection during {path} "

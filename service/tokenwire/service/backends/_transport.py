@@ -192,10 +192,11 @@ class Response:
     """One response: ``status`` once open; iterate it for ``(event, frame size)``
     pairs, or hand a sink to ``deliver``."""
 
-    def __init__(self, conn: _Conn, framing: Framing, where: str) -> None:
+    def __init__(self, conn: _Conn, framing: Framing, where: str, engine: str) -> None:
         self._conn = conn
         self._loop = asyncio.get_running_loop()
         self._where = where
+        self._engine = engine
         self._parser = httptools.HttpResponseParser(self)
         self._framer = _FRAMERS[framing[0]](framing[1], self._deliver)
         self._items: collections.deque[Any] = collections.deque()
@@ -278,7 +279,7 @@ class Response:
         except httptools.HttpParserUpgrade:
             self._fail(ProtocolError("the engine tried to upgrade the HTTP connection"))
         except httptools.HttpParserError as exc:
-            self._fail(ProtocolError(f"the engine at {self._where} sent a malformed HTTP "
+            self._fail(ProtocolError(f"{self._engine} at {self._where} sent a malformed HTTP "
                                      f"response ({exc})"))
         if self._items:
             self._wake()
@@ -319,7 +320,7 @@ class Response:
                     self._items.append(_END)
                 else:
                     self._fail(TruncatedStream(
-                        "the engine ended the stream without a final message; the answer "
+                        f"{self._engine} ended the stream without a final message; the answer "
                         "is incomplete"))
         self._wake()
 
@@ -328,7 +329,7 @@ class Response:
             self._finish()
         elif not self.complete:
             self._fail(UpstreamDisconnected(
-                f"the engine at {self._where} closed the connection "
+                f"{self._engine} at {self._where} closed the connection "
                 f"({type(exc).__name__ if exc else 'EOF'}); the answer is incomplete"))
         self._wake()
 
@@ -426,7 +427,9 @@ class StreamPool:
 
     def __init__(self, base_url: str, *, connect_timeout: float, max_connections: int,
                  where: str = "", headers: dict[str, str] | None = None,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None, engine: str = "the engine",
+                 hint: str = "check that it is running there and that its URL is right",
+                 ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http:// or https:// URL: {base_url}")
@@ -438,6 +441,8 @@ class StreamPool:
         netloc = parts.netloc.rpartition("@")[2]
         self._host_header = netloc.encode("idna")
         self._where = where or base_url
+        self._engine = engine
+        self._hint = hint
         self._headers = b"".join(
             name.encode("latin-1") + b": " + value.encode("latin-1") + b"\r\n"
             for name, value in (headers or {}).items())
@@ -456,8 +461,8 @@ class StreamPool:
                     server_hostname=self._host if self._tls else None)
         except (OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
             raise UpstreamConnectError(
-                f"cannot reach the engine at {self._where} ({type(exc).__name__}: {exc}); "
-                "check that it is running there and that its URL is right"
+                f"cannot reach {self._engine} at {self._where} ({type(exc).__name__}: {exc}); "
+                + self._hint
             ) from None
         return conn
 
@@ -481,7 +486,7 @@ class StreamPool:
                         break
                 else:
                     conn = await self._connect()
-                response = Response(conn, framing, self._where)
+                response = Response(conn, framing, self._where, self._engine)
                 conn.response = response
                 assert conn.transport is not None
                 conn.transport.write(request)

@@ -31,6 +31,7 @@ class OllamaBackend(HTTPEngine):
     """One Ollama server, as a ``backends.Backend``."""
 
     engine = "Ollama"
+    hint = "check that Ollama is running there, or point --ollama-url/OLLAMA_HOST at it"
 
     def __init__(
         self,
