@@ -77,8 +77,11 @@ type params struct {
 func (s *server) parse(r *http.Request) (params, error) {
 	p := params{tokens: s.defTokens, interval: s.defInterval, model: "bench"}
 	var body struct {
-		Model  string `json:"model"`
-		Prompt string `json:"prompt"`
+		Model    string `json:"model"`
+		Prompt   string `json:"prompt"`
+		Messages []struct {
+			Content string `json:"content"`
+		} `json:"messages"`
 	}
 	data, err := io.ReadAll(io.LimitReader(r.Body, 1<<20))
 	if err != nil {
@@ -111,7 +114,11 @@ func (s *server) parse(r *http.Request) (params, error) {
 		}
 		return nil
 	}
-	for _, word := range strings.Fields(body.Prompt) {
+	prompt := body.Prompt
+	for _, m := range body.Messages { // an OpenAI-style chat: the words are in the messages
+		prompt += " " + m.Content
+	}
+	for _, word := range strings.Fields(prompt) {
 		if k, v, ok := strings.Cut(word, "="); ok {
 			if err := set(k, v); err != nil {
 				return p, err
@@ -167,10 +174,20 @@ func (s *server) generate(w http.ResponseWriter, r *http.Request) {
 	}
 
 	ctl := http.NewResponseController(w)
-	w.Header().Set("Content-Type", "application/x-ndjson")
+	// /v1/chat/completions answers as an OpenAI-compatible server does (Server-Sent Events,
+	// as Ollama's /v1 frames them); /api/generate as Ollama's NDJSON.
+	sse := r.URL.Path == "/v1/chat/completions"
+	if sse {
+		w.Header().Set("Content-Type", "text/event-stream")
+	} else {
+		w.Header().Set("Content-Type", "application/x-ndjson")
+	}
 	w.WriteHeader(http.StatusOK)
 
 	prefix := `{"model":` + strconv.Quote(p.model) + `,"created_at":"`
+	ssePrefix := `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":` +
+		strconv.FormatInt(start.Unix(), 10) + `,"model":` + strconv.Quote(p.model) +
+		`,"choices":[{"index":0,"delta":{"role":"assistant","content":" `
 	buf := make([]byte, 0, 256)
 	var timer *time.Timer
 	written := 0
@@ -206,14 +223,22 @@ func (s *server) generate(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		now := time.Now()
-		buf = append(buf[:0], prefix...)
-		buf = now.UTC().AppendFormat(buf, time.RFC3339Nano)
-		buf = append(buf, `","response":" `...)
+		if sse {
+			buf = append(buf[:0], ssePrefix...)
+		} else {
+			buf = append(buf[:0], prefix...)
+			buf = now.UTC().AppendFormat(buf, time.RFC3339Nano)
+			buf = append(buf, `","response":" `...)
+		}
 		ns := uint64(now.UnixNano())
 		for shift := 60; shift >= 0; shift -= 4 {
 			buf = append(buf, hexDigits[(ns>>uint(shift))&0xf])
 		}
-		buf = append(buf, `","done":false}`+"\n"...)
+		if sse {
+			buf = append(buf, `"},"finish_reason":null}]}`+"\n\n"...)
+		} else {
+			buf = append(buf, `","done":false}`+"\n"...)
+		}
 		if _, err := w.Write(buf); err != nil {
 			s.finish(rec, written, false)
 			return
@@ -228,6 +253,20 @@ func (s *server) generate(w http.ResponseWriter, r *http.Request) {
 		timer.Stop()
 	}
 	total := time.Since(start)
+	if sse {
+		finished.Store(true)
+		tail := `data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":0,"model":` +
+			strconv.Quote(p.model) + `,"choices":[{"index":0,"delta":{"role":"assistant",` +
+			`"content":""},"finish_reason":"stop"}]}` + "\n\n" +
+			`data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":0,"model":` +
+			strconv.Quote(p.model) + `,"choices":[],"usage":{"prompt_tokens":4,` +
+			`"completion_tokens":` + strconv.Itoa(p.tokens) + `,"total_tokens":` +
+			strconv.Itoa(p.tokens+4) + `}}` + "\n\ndata: [DONE]\n\n"
+		_, _ = io.WriteString(w, tail)
+		_ = ctl.Flush()
+		s.finish(rec, written, true)
+		return
+	}
 	final := map[string]any{
 		"model":                p.model,
 		"created_at":           time.Now().UTC().Format(time.RFC3339Nano),
@@ -316,6 +355,11 @@ func main() {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("/api/generate", s.generate)
+	mux.HandleFunc("/v1/chat/completions", s.generate)
+	mux.HandleFunc("/v1/models", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"object":"list","data":[{"id":"bench","object":"model"}]}`)
+	})
 	mux.HandleFunc("/stats", s.stats)
 	mux.HandleFunc("/api/version", func(w http.ResponseWriter, r *http.Request) {
 		w.Header().Set("Content-Type", "application/json; charset=utf-8")
