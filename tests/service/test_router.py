@@ -25,7 +25,8 @@ from tokenwire.service import (
 from tokenwire.service._relay import Relay
 from tokenwire.service.backends._base import Event, Final
 from tokenwire.service.backends._breaker import CircuitBreaker
-from tokenwire.service.backends._router import Router, Upstream, moves_on
+from tokenwire.service.backends._choice import Upstream, moves_on
+from tokenwire.service.backends._router import Router
 from tokenwire.service.backends._upstreams import (
     UpstreamsFile,
     UpstreamsFileError,
@@ -414,3 +415,13 @@ async def test_a_reload_keeps_unchanged_upstreams_and_retires_the_others(tmp_pat
     assert [u.name for u in router.upstreams] == ["a", "c", "b"]
     await router.aclose()
     assert all(fake.closed for fake in built)
+
+
+async def test_list_models_refreshes_a_discovered_list_for_routing() -> None:
+    router, fakes = _router(_toml(a="discover = true\ndiscover_interval = 3600"))
+    fakes["a"].listed = ["m:latest"]
+    await router.discover()
+    fakes["a"].listed = ["m:latest", "pulled:latest"]  # pulled since
+    assert router.routes("pulled") == ()
+    assert {m.name for m in await router.models()} == {"m:latest", "pulled:latest"}
+    assert [u.name for u, _ in router.routes("pulled")] == ["a"]

@@ -26,7 +26,8 @@ from ._relay import Opener, Relay
 from ._status import ResponseTooLarge, ShuttingDown, map_errors, send_initial_metadata
 from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
 from .backends._base import Backend, Event, Final, StreamRequest
-from .backends._router import Call, Router
+from .backends._choice import Call
+from .backends._router import Router
 from .guard._auth import may_use_model
 
 __all__ = ["GenerationServicer", "StreamSettings"]

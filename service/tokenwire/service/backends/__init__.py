@@ -3,6 +3,12 @@
     _breaker       a circuit breaker per upstream
     _transport     the lean HTTP/1.1 client that streams an engine's answer
     ollama/        Ollama's native API (/api/generate, /api/chat, NDJSON)
+    _upstreams     the upstreams file (--upstreams-file), checked and watched
+    _factory       the backend object of each configured upstream, by kind
+    _router        which upstreams serve a model; probes, discovery, reloads; merged
+                   model lists and embeds
+    _choice        where one attempt goes (health, tier, slots, loaded model, weight),
+                   and a call's attempts (the relay's opener and failover)
 
 Nothing above this package knows an engine's JSON.
 """
