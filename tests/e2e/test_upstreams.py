@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 from collections import Counter
@@ -155,13 +156,17 @@ async def test_an_upstream_with_the_model_loaded_is_preferred(
 
 
 async def test_an_upstream_that_refuses_connections_fails_over_before_the_first_token(
-        tmp_path: Path, gpu1: FakeOllama, gpu2: FakeOllama) -> None:
+        tmp_path: Path, gpu1: FakeOllama, gpu2: FakeOllama,
+        caplog: pytest.LogCaptureFixture) -> None:
     # Probes far apart: gpu1 goes down after the last one said it was up.
     async with gateway(_preferring_gpu1(tmp_path, gpu1, gpu2), health_interval=60.0) as (
             runtime, stub):
         assert (await _generate(stub))[-1].usage.upstream == "gpu1"
         await gpu1.go_down()
-        tokens = await _generate(stub)
+        with caplog.at_level(logging.INFO, "tokenwire.service"):
+            tokens = await _generate(stub)
+    assert ("upstream gpu1 failed before the first token (UpstreamConnectError); 1 other "
+            "upstream(s) left for this call") in caplog.text
     assert joined(tokens) == ANSWER  # one answer: nothing twice
     assert sum(t.chunk_count for t in tokens) == gpu2.streams[-1].chunks_sent  # each once
     assert (tokens[-1].usage.upstream, tokens[-1].usage.attempts) == ("gpu2", 2)

@@ -54,7 +54,8 @@ class Failover(Protocol):
         """The error of an attempt whose own limit ran out."""
 
     def failed(self, exc: UpstreamError) -> bool:
-        """True when another upstream takes the next attempt now (no backoff)."""
+        """True when another upstream takes the next attempt now (no backoff); says so
+        in the log."""
 
 
 def retry_delay(attempt: int, backoff: float, rng: random.Random = _RNG) -> float:
@@ -225,9 +226,7 @@ class Relay:
                 if self.count or self._closing:
                     raise
                 if self._failover is not None and self._failover.failed(exc):
-                    log.info("upstream attempt %d failed before the first token (%s); trying "
-                             "the next upstream", self.attempts, type(exc).__name__)
-                    continue
+                    continue  # the failover logs which upstream failed
                 if retried >= self._retries or not exc.outage:
                     raise
                 retried += 1

@@ -20,6 +20,7 @@ path over 4 upstreams (the target is 20).
 from __future__ import annotations
 
 import fnmatch
+import logging
 import math
 import random
 from collections.abc import AsyncIterator
@@ -41,6 +42,7 @@ from ._upstreams import UpstreamSpec
 __all__ = ["Call", "Route", "Upstream", "choose", "moves_on", "spellings"]
 
 Route = tuple["Upstream", "str | None"]  # the upstream, and the model it receives (None: as asked)
+log = logging.getLogger("tokenwire.service")
 
 
 def spellings(model: str) -> tuple[str, ...]:
@@ -197,7 +199,11 @@ class Call:
         if not moves_on(exc):
             return False
         tried = self._tried
-        return any(upstream not in tried for upstream, _ in self._routes)
+        left = sum(1 for upstream, _ in self._routes if upstream not in tried)
+        if left:
+            log.info("upstream %s failed before the first token (%s); %d other upstream(s) "
+                     "left for this call", self.upstream_name, type(exc).__name__, left)
+        return left > 0
 
 
 def _renamed(request: StreamRequest, model: str) -> StreamRequest:
