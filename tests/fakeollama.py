@@ -795,6 +795,9 @@ class FakeOllama:
         self.tool_calls_on_done = False
         self.done_reason = "stop"
         self.check_host = True
+        #: Models /api/ps lists as loaded, as named in /api/tags ("tiny:latest"); a
+        #: generation loads its model, and an unload request (keep_alive 0) drops it.
+        self.loaded: list[str] = []
         self.requests: list[Request] = []
         self.streams: list[StreamRecord] = []
         self.active_streams = 0
@@ -814,6 +817,7 @@ class FakeOllama:
             "/": (("GET", "HEAD"), self._root),
             "/api/version": (("GET", "HEAD"), self._version),
             "/api/tags": (("GET", "HEAD"), self._tags),
+            "/api/ps": (("GET", "HEAD"), self._ps),
             "/api/generate": (("POST",), self._generate),
             "/api/chat": (("POST",), self._chat),
             "/api/embed": (("POST",), self._embed),
@@ -1040,6 +1044,23 @@ class FakeOllama:
             })  # fmt: skip
         return await self._reply(conn, 200, {"models": models}, keep, req.method == "HEAD")
 
+    async def _ps(self, conn: _Conn, req: Request, keep: bool) -> bool:
+        """The loaded models, in the layout of the real /api/ps (fewer fields)."""
+        running = [{"name": name, "model": name, "size": 190_948_608,
+                    "digest": hashlib.sha256(name.encode()).hexdigest(),
+                    "expires_at": "2026-04-01T12:05:00.000000000Z", "size_vram": 0,
+                    "context_length": 4096} for name in self.loaded]
+        return await self._reply(conn, 200, {"models": running}, keep, req.method == "HEAD")
+
+    def _listed_name(self, name: str) -> str:
+        """``name`` as /api/tags lists it (a tag added, the installed spelling)."""
+        wanted = _normalize_model(name)
+        for installed in self.models:
+            if _normalize_model(installed) == wanted:
+                return installed if installed.rfind(":") > installed.rfind("/") else (
+                    installed + ":latest")
+        return name
+
     def _has_model(self, name: str) -> bool:
         wanted = _normalize_model(name)
         return any(_normalize_model(m) == wanted for m in self.models)
@@ -1115,6 +1136,9 @@ class FakeOllama:
             return await self._error(conn, 400, message, keep)
         empty = not (body.get("messages") if chat else body.get("prompt"))
         if empty and _keep_alive_zero(body.get("keep_alive")):
+            listed = self._listed_name(model)
+            if listed in self.loaded:
+                self.loaded.remove(listed)
             return await self._reply(conn, 200, self._load_object(model, chat, "unload"), keep)
         think = body.get("think")
         if think is not None and think is not False and not self._can(model, "thinking"):
@@ -1130,6 +1154,8 @@ class FakeOllama:
         if fault.status is not None:
             return await self._fault_status(conn, fault, keep)
         if empty:
+            if (listed := self._listed_name(model)) not in self.loaded:
+                self.loaded.append(listed)
             load = self._load_object(model, chat, "load")
             return await self._run_whole(conn, keep, fault, None, 1, lambda _n, _c: load)
         streaming = body.get("stream") is not False
@@ -1139,6 +1165,8 @@ class FakeOllama:
                 return keep
             return await self._error(conn, 500, error, keep)
         answer = _Answer(self, chat, body, model)
+        if (listed := self._listed_name(model)) not in self.loaded:
+            self.loaded.append(listed)
         return await self._run_answer(conn, req, keep, fault, answer, streaming)
 
     def _load_object(self, model: str, chat: bool, reason: str) -> dict[str, Any]:

@@ -43,8 +43,10 @@ MODELS = [
         family="llama",
         parameter_size="134.52M",
         quantization_level="Q4_1",
+        upstreams=["gpu1", "gpu2"],
     ),
-    generation_pb2.Model(name="thinker:1b", size_bytes=1_300_000_000, family="qwen3"),
+    generation_pb2.Model(name="thinker:1b", size_bytes=1_300_000_000, family="qwen3",
+                         upstreams=["hosted"]),
 ]
 
 
@@ -80,6 +82,8 @@ def final_token(model: str, **fields: Any) -> Token:
         completion_tokens=2,
         time_to_first_token=duration_pb2.Duration(nanos=12_000_000),
         eval_tokens_per_second=42.5,
+        upstream="gpu2",
+        attempts=2,
     )
     return Token(
         done=True,

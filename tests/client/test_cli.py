@@ -44,6 +44,7 @@ def test_generate_streams_text_and_prints_stats(run: Run) -> None:
     assert "first token 12 ms" in err
     assert "42.5 tokens/s" in err
     assert "finish STOP" in err
+    assert "upstream gpu2 (2 attempts)" in err
     assert "request id req-test-1" in err
 
 
@@ -188,9 +189,11 @@ def test_models_table(run: Run) -> None:
     code, out, _ = run("models")
     assert code == 0
     header, first, second = out.splitlines()
-    assert header.split() == ["NAME", "SIZE", "FAMILY", "PARAMS", "QUANTIZATION"]
-    assert first.split() == ["tiny:latest", "91.0", "MB", "llama", "134.52M", "Q4_1"]
-    assert second.split() == ["thinker:1b", "1.3", "GB", "qwen3"]
+    assert header.split() == ["NAME", "SIZE", "FAMILY", "PARAMS", "QUANTIZATION", "UPSTREAMS"]
+    assert first.split() == ["tiny:latest", "91.0", "MB", "llama", "134.52M", "Q4_1",
+                             "gpu1,gpu2"]
+    assert second.split() == ["thinker:1b", "1.3", "GB", "qwen3", "hosted"]
+    assert second.index("hosted") == header.index("UPSTREAMS")  # in its column
 
 
 def test_health(run: Run) -> None:

@@ -38,6 +38,8 @@ async def test_generate_streams_tokens_in_order_then_final(aclient: AsyncClient)
     completion = stream.completion
     assert completion.finish_reason_name == "STOP"
     assert completion.usage is not None and completion.usage.completion_tokens == 2
+    # which configured upstream served it, in how many attempts (Usage.upstream/attempts)
+    assert (completion.upstream, completion.attempts) == ("gpu2", 2)
 
 
 async def test_stream_can_be_stepped_with_anext(aclient: AsyncClient) -> None:

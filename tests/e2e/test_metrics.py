@@ -65,7 +65,7 @@ async def test_calls_tokens_errors_and_timings_are_counted(metered: Runtime,
     assert value(found, ttft + "_count", method="Complete") == 1
     assert value(found, "tokenwire_rpc_duration_seconds_count", method="Generate") == 2
     assert value(found, "tokenwire_model_calls_in_flight") == 0
-    assert value(found, "tokenwire_upstream_up") == 1
+    assert value(found, "tokenwire_upstream_up", upstream="ollama") == 1
 
 
 async def test_in_flight_and_upstream_up_follow_the_state(metered: Runtime,
@@ -83,7 +83,7 @@ async def test_in_flight_and_upstream_up_follow_the_state(metered: Runtime,
     await fake.go_down()
     await metered.health.check_once()
     found = samples((await scrape(metered.metrics_port)).text)
-    assert value(found, "tokenwire_upstream_up") == 0
+    assert value(found, "tokenwire_upstream_up", upstream="ollama") == 0
     assert value(found, "tokenwire_rpcs_total", method="Generate", code="CANCELLED") == 1
     assert value(found, "tokenwire_model_calls_in_flight") == 0
 

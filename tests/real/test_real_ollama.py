@@ -119,7 +119,7 @@ async def test_metrics_show_ollamas_counts_and_the_real_first_token_time(
     assert value(found, "tokenwire_tokens_total", kind="prompt") == usage.prompt_tokens
     assert value(found, "tokenwire_time_to_first_token_seconds_sum", method="Generate") \
         == pytest.approx(secs(usage.time_to_first_token))
-    assert value(found, "tokenwire_upstream_up") == 1
+    assert value(found, "tokenwire_upstream_up", upstream="ollama") == 1
 
 
 async def test_chat_multi_turn_with_system_message(real_stub: GenerationServiceStub) -> None:

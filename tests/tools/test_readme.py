@@ -13,6 +13,7 @@ from tests.fakeollama import FakeOllama
 from tests.tools.conftest import ROOT
 from tokenwire.service import Runtime, Settings, parse_settings
 from tokenwire.service._health import LIVENESS, READINESS
+from tokenwire.service.backends._upstreams import parse_upstreams
 
 README = (ROOT / "README.md").read_text()
 MODEL = "smollm2:135m"
@@ -112,3 +113,16 @@ def test_readme_kubernetes_probes_match_the_flags() -> None:
     probes = {kind: (int(port), name) for kind, port, name in found}
     assert probes == {"livenessProbe": (health_port, LIVENESS),
                       "readinessProbe": (health_port, READINESS)}
+
+
+def test_readme_upstreams_example_reads_and_prints_as_shown() -> None:
+    """The "Several upstreams" file is a valid upstreams file, and the configuration lines
+    shown under it are what the server prints for it."""
+    [example] = [b for b in _blocks("toml") if "[upstreams." in b]
+    config = parse_upstreams(example, "/etc/tokenwire/upstreams.toml")
+    assert [u.name for u in config.upstreams] == ["gpu1", "gpu2", "hosted"]
+    assert [t.upstream for t in config.aliases["chat-small"]] == ["gpu1", "gpu2", "hosted"]
+    [printed] = [b for b in _blocks("text") if "upstreams from" in b]
+    described = config.describe()
+    for line in printed.strip().splitlines():
+        assert line.strip() in [d.strip() for d in described], line

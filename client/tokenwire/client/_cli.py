@@ -124,9 +124,10 @@ def _chat(client: Client, args: argparse.Namespace) -> int:
 
 
 def _models(client: Client, args: argparse.Namespace) -> int:
-    rows = [("NAME", "SIZE", "FAMILY", "PARAMS", "QUANTIZATION")]
+    rows = [("NAME", "SIZE", "FAMILY", "PARAMS", "QUANTIZATION", "UPSTREAMS")]
     rows += [
-        (m.name, _size(m.size_bytes), m.family, m.parameter_size, m.quantization_level)
+        (m.name, _size(m.size_bytes), m.family, m.parameter_size, m.quantization_level,
+         ",".join(m.upstreams))
         for m in client.list_models()
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
@@ -244,6 +245,10 @@ def _stats(completion: Completion) -> str:
         if rate:
             parts.append(f"{rate:.1f} tokens/s")
     parts.append(f"finish {completion.finish_reason_name}")
+    if completion.upstream:
+        attempts = completion.attempts
+        parts.append(f"upstream {completion.upstream} ({attempts} attempt"
+                     f"{'' if attempts == 1 else 's'})")
     if completion.request_id:
         parts.append(f"request id {completion.request_id}")
     return "[" + ", ".join(parts) + "]"
@@ -346,7 +351,7 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("model")
     cmd.set_defaults(handler=_chat)
 
-    cmd = commands.add_parser("models", help="list installed models")
+    cmd = commands.add_parser("models", help="list models and the upstreams that serve them")
     cmd.set_defaults(handler=_models)
 
     cmd = commands.add_parser("health", help="check serving status (exit 0 only if SERVING)")

@@ -94,6 +94,18 @@ class Completion:
     request_id: str | None
 
     @property
+    def upstream(self) -> str:
+        """The upstream that served the call, by the gateway's configured name ("" when
+        the gateway did not say)."""
+        return self.usage.upstream if self.usage is not None else ""
+
+    @property
+    def attempts(self) -> int:
+        """Upstream attempts the call took (1: the first upstream answered; 0 when the
+        gateway did not say)."""
+        return self.usage.attempts if self.usage is not None else 0
+
+    @property
     def finish_reason_name(self) -> str:
         """``"STOP"``, ``"LENGTH"``... (the enum name without its prefix)."""
         name = generation_pb2.FinishReason.Name(self.finish_reason)

@@ -175,7 +175,7 @@ class Token(_message.Message):
     def __init__(self, text: _Optional[str] = ..., done: _Optional[bool] = ..., thinking: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ..., chunk_count: _Optional[int] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "total_duration", "load_duration", "prompt_eval_duration", "eval_duration", "eval_tokens_per_second", "time_to_first_token", "tokens_per_second", "gateway_duration", "engine_finish_reason")
+    __slots__ = ("prompt_tokens", "completion_tokens", "total_duration", "load_duration", "prompt_eval_duration", "eval_duration", "eval_tokens_per_second", "time_to_first_token", "tokens_per_second", "gateway_duration", "engine_finish_reason", "upstream", "attempts")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_DURATION_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +187,8 @@ class Usage(_message.Message):
     TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_DURATION_FIELD_NUMBER: _ClassVar[int]
     ENGINE_FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     total_duration: _duration_pb2.Duration
@@ -198,7 +200,9 @@ class Usage(_message.Message):
     tokens_per_second: float
     gateway_duration: _duration_pb2.Duration
     engine_finish_reason: str
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., load_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_eval_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., eval_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., eval_tokens_per_second: _Optional[float] = ..., time_to_first_token: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., tokens_per_second: _Optional[float] = ..., gateway_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., engine_finish_reason: _Optional[str] = ...) -> None: ...
+    upstream: str
+    attempts: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., total_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., load_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., prompt_eval_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., eval_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., eval_tokens_per_second: _Optional[float] = ..., time_to_first_token: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., tokens_per_second: _Optional[float] = ..., gateway_duration: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., engine_finish_reason: _Optional[str] = ..., upstream: _Optional[str] = ..., attempts: _Optional[int] = ...) -> None: ...
 
 class Options(_message.Message):
     __slots__ = ("temperature", "top_p", "top_k", "min_p", "typical_p", "max_tokens", "stop", "seed", "repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty", "num_ctx", "num_keep")
@@ -297,7 +301,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "size_bytes", "digest", "modified_at", "format", "family", "parameter_size", "quantization_level")
+    __slots__ = ("name", "size_bytes", "digest", "modified_at", "format", "family", "parameter_size", "quantization_level", "upstreams")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -306,6 +310,7 @@ class Model(_message.Message):
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     PARAMETER_SIZE_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAMS_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_bytes: int
     digest: str
@@ -314,7 +319,8 @@ class Model(_message.Message):
     family: str
     parameter_size: str
     quantization_level: str
-    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[str] = ..., modified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., format: _Optional[str] = ..., family: _Optional[str] = ..., parameter_size: _Optional[str] = ..., quantization_level: _Optional[str] = ...) -> None: ...
+    upstreams: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., digest: _Optional[str] = ..., modified_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., format: _Optional[str] = ..., family: _Optional[str] = ..., parameter_size: _Optional[str] = ..., quantization_level: _Optional[str] = ..., upstreams: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("model", "inputs", "truncate", "dimensions", "keep_alive")

@@ -82,8 +82,18 @@ class Settings:
 
     listen: str = field(default="127.0.0.1:50051", metadata={"help": "address to serve gRPC on"})
     ollama_url: str = field(
-        default="", metadata={"help": "Ollama base URL (default: from OLLAMA_HOST, as Ollama's "
+        default="", metadata={"help": "Ollama base URL, the one upstream when there is no "
+                                      "--upstreams-file (default: from OLLAMA_HOST, as Ollama's "
                                       "CLI reads it, else http://127.0.0.1:11434)"})
+    upstreams_file: str = field(default="", metadata={
+        "help": "TOML file of upstreams (Ollama hosts, OpenAI-compatible servers: URL, key "
+                "source, models, slots, weight, priority) and model aliases, reloaded when it "
+                "changes; replaces --ollama-url"})
+    failover_timeout: float = field(default=30.0, metadata={
+        "help": "seconds an upstream gets to send a call's first token while another healthy "
+                "upstream could take the call; then the call moves on (the last candidate gets "
+                "the whole --first-token-timeout); per upstream: failover_timeout in the "
+                "upstreams file"})
     connect_timeout: float = field(default=5.0, metadata={
         "help": "seconds to connect to Ollama"})
     first_token_timeout: float = field(default=300.0, metadata={
@@ -254,7 +264,7 @@ def parse_settings(argv: Sequence[str] | None = None,
     settings = Settings(**vars(args))
     problems = [
         name for name in ("connect_timeout", "first_token_timeout", "idle_timeout",
-                          "unary_timeout",
+                          "unary_timeout", "failover_timeout",
                           "health_interval", "max_message_bytes", "max_prompt_bytes",
                           "upstream_connections", "max_concurrent_streams", "max_pending_calls",
                           "max_streams", "max_streams_per_caller", "burst", "max_messages")
@@ -280,6 +290,9 @@ def parse_settings(argv: Sequence[str] | None = None,
             _port(settings.listen), _port(settings.metrics_listen)} - {"0", ""}:
         parser.error(f"--health-listen {settings.health_listen!r} needs a port of its own, "
                      "not the one of --listen or --metrics-listen")
+    if settings.upstreams_file and settings.ollama_url:
+        parser.error("--ollama-url and --upstreams-file: set one (the file names every "
+                     "upstream, Ollama hosts included)")
     if settings.log_format not in ("text", "json"):
         parser.error(f"--log-format must be text or json, not {settings.log_format!r}")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -6,7 +6,8 @@ Health service names, all answered by the one HealthServicer (on the main port a
 
     ""                              readiness (gRPC's "whole server" name, as before)
     "tokenwire.v1.GenerationService" readiness
-    "readiness"                     SERVING while Ollama answers and the circuit is closed
+    "readiness"                     SERVING while at least one upstream answers its probe
+                                    and its circuit is closed
     "liveness"                      SERVING while the process serves; NOT_SERVING once
                                     shutdown begins; never follows Ollama
 
@@ -24,9 +25,8 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ._exceptions import UpstreamError
 from ._metrics import Metrics
-from .backends._base import Backend
+from .backends._router import Router
 
 __all__ = ["LIVENESS", "READINESS", "HealthEndpoint", "HealthMonitor"]
 
@@ -39,56 +39,65 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class HealthMonitor:
-    """Probes the upstream every ``interval`` seconds and publishes the result as
-    readiness: for the overall server (""), "readiness" and each named service.
-    Liveness is SERVING from ``start`` until ``shutdown``."""
+    """Probes every upstream every ``interval`` seconds (all at once) and publishes the
+    result as readiness, for the overall server (""), "readiness" and each named
+    service: SERVING while at least one upstream can serve. Each upstream's state is
+    the metric ``tokenwire_upstream_up{upstream="<configured name>"}``. Liveness is
+    SERVING from ``start`` until ``shutdown``."""
 
-    def __init__(self, servicer: health.aio.HealthServicer, upstream: Backend,
+    def __init__(self, servicer: health.aio.HealthServicer, upstreams: Router,
                  services: tuple[str, ...], *, interval: float,
                  metrics: Metrics | None = None) -> None:
         self._servicer = servicer
         self._metrics = metrics
-        self._upstream = upstream
+        self._router = upstreams
         self._services = ("", READINESS, *services)
         self._interval = interval
         self._task: asyncio.Task[None] | None = None
         self._publishing: set[asyncio.Task[None]] = set()
+        self._shown: set[str] = set()  # upstream names the metric has
         self.serving: bool | None = None
         self._stopping = False
-        upstream.breaker.on_change = self._breaker_changed
+        upstreams.on_change = self._changed
 
-    def _breaker_changed(self, is_open: bool) -> None:
-        """An open circuit means NOT_SERVING now, not at the next probe."""
+    def _changed(self) -> None:
+        """A circuit opened or closed, or the upstreams were reloaded: publish now, not
+        at the next probe."""
         if self._stopping:
             return
-        task = asyncio.get_running_loop().create_task(self._publish(not is_open))
+        task = asyncio.get_running_loop().create_task(self._publish())
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
-    async def _publish(self, serving: bool) -> None:
+    async def _publish(self, serving: bool | None = None) -> None:
+        if serving is None:
+            serving = self._router.ready
+            if self._metrics is not None:
+                names = set()
+                for upstream in self._router.upstreams:
+                    names.add(upstream.name)
+                    self._metrics.upstream_reachable(upstream.name, upstream.up)
+                for gone in self._shown - names:
+                    self._metrics.forget_upstream(gone)
+                self._shown = names
         if serving != self.serving:
-            log.info("upstream %s", "reachable: SERVING" if serving else "unreachable: NOT_SERVING")
+            log.info("%s", "an upstream is reachable: SERVING" if serving
+                     else "no upstream is reachable: NOT_SERVING")
         self.serving = serving
-        if self._metrics is not None:
-            self._metrics.upstream_reachable(serving)
         status = _SERVING if serving else _NOT_SERVING
         for name in self._services:
             await self._servicer.set(name, status)
 
     async def check_once(self) -> bool:
-        try:
-            await self._upstream.probe(timeout=min(self._interval, 5.0))
-            ok = True
-        except UpstreamError:
-            ok = False
+        await self._router.probe_all(min(self._interval, 5.0))
         if not self._stopping:
-            await self._publish(ok)
-        return ok
+            await self._publish()
+        return bool(self.serving)
 
     async def _loop(self) -> None:
-        while True:
-            await self.check_once()
+        while True:  # ``start`` made the first probe
             await asyncio.sleep(self._interval)
+            await self.check_once()
 
     async def prime(self) -> None:
         """Before the ports open: alive, and not ready until the first probe says so

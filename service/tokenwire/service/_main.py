@@ -10,8 +10,9 @@ from collections.abc import Sequence
 
 from ._config import parse_settings
 from ._logging import setup_logging
-from ._server import serve
+from ._server import serve, upstreams_of
 from ._workers import WorkerLink, supervise
+from .backends._upstreams import UpstreamsFileError
 
 __all__ = ["main"]
 
@@ -22,12 +23,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(settings.log_level, settings.log_format,
                   None if worker is None else worker.index)
     if worker is None:  # workers have the supervisor's settings; it printed them
+        try:
+            upstreams, _ = upstreams_of(settings)
+        except UpstreamsFileError as exc:
+            print(f"tokenwire-server: error: {exc}", file=sys.stderr, flush=True)
+            return 2
         if settings.log_format == "json":
             logging.getLogger("tokenwire.service").info(
-                "configuration", extra={"fields": {"settings": settings.public()}})
+                "configuration", extra={"fields": {"settings": settings.public(),
+                                                   "upstreams": upstreams.public()}})
         else:
-            print("tokenwire-server configuration:\n" + settings.describe(), file=sys.stderr,
-                  flush=True)
+            print("tokenwire-server configuration:\n" + settings.describe() + "\n"
+                  + "\n".join("  " + line for line in upstreams.describe()),
+                  file=sys.stderr, flush=True)
     if settings.workers > 1:
         return supervise(settings)
     try:

@@ -9,9 +9,11 @@ What is measured (all names start with ``tokenwire_``):
     stream_tokens_per_second{method}             model calls: the gateway's delivery rate
     tokens_total{kind}                           Ollama's counts: prompt, completion
     model_calls_in_flight                        admitted model calls now running
-    upstream_up                                  1 when the last health probe reached Ollama
+    upstream_up{upstream}                        1 when the last health probe reached that
+                                                 upstream and its circuit is closed
 
-Labels are bounded: method names, status codes and reasons come from fixed tables. The
+Labels are bounded: method names, status codes and reasons come from fixed tables, and
+upstream names from the server's configuration (never from a request). The
 model name is a caller's string and is never a label; prompt and answer text are never
 recorded. Each figure is taken once per call, never per token.
 
@@ -76,8 +78,9 @@ class Metrics:
                                 "Admitted model calls now running", registry=reg,
                                 multiprocess_mode="livesum")
         self._upstream_up = Gauge("tokenwire_upstream_up",
-                                  "1 when the last health probe reached Ollama, else 0",
-                                  registry=reg, multiprocess_mode="livemin")
+                                  "1 when the last health probe reached the upstream (by its "
+                                  "configured name) and its circuit is closed, else 0",
+                                  ("upstream",), registry=reg, multiprocess_mode="livemin")
         self._prompt_tokens = self._tokens.labels("prompt")
         self._completion_tokens = self._tokens.labels("completion")
         # Labelled children by label values: ``labels()`` validates and locks on every use.
@@ -112,8 +115,17 @@ class Metrics:
     def released(self) -> None:
         self._in_flight.dec()
 
-    def upstream_reachable(self, up: bool) -> None:
-        self._upstream_up.set(1 if up else 0)
+    def upstream_reachable(self, upstream: str, up: bool) -> None:
+        """``upstream``: a configured name (bounded by the configuration)."""
+        self._child(self._upstream_up, upstream).set(1 if up else 0)
+
+    def forget_upstream(self, upstream: str) -> None:
+        """An upstream left the configuration: its series goes too."""
+        self._children.pop((self._upstream_up, upstream), None)
+        try:
+            self._upstream_up.remove(upstream)
+        except KeyError:
+            pass
 
 
 def multiprocess_registry(path: str) -> CollectorRegistry:

@@ -12,6 +12,12 @@ caller.
 
 The reader also enforces the first-token wait and the idle limit with one timer
 that is re-armed only when it fires, not once per chunk.
+
+Attempts: an outage before the first chunk is retried (``retries``, with backoff);
+with several upstreams, a ``Failover`` (the router's per-call ``Call``) sends each
+attempt to the next candidate at once, and may give an attempt its own first-token
+limit. All of it happens before the first chunk, so the caller never sees an
+attempt's output twice.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from typing import Protocol
 
 from ._exceptions import FirstTokenTimeout, IdleTimeout, UpstreamError
 from .backends._base import Event
@@ -29,11 +36,26 @@ from .backends._transport import Response
 
 log = logging.getLogger("tokenwire.service")
 
-__all__ = ["Relay", "retry_delay"]
+__all__ = ["Failover", "Opener", "Relay", "retry_delay"]
 
 #: Yields each event with the size of its frame in bytes.
 Opener = Callable[[], AbstractAsyncContextManager[AsyncIterator[tuple[Event, int]]]]
 _RNG = random.Random()
+
+
+class Failover(Protocol):
+    """How a call with several candidate upstreams moves between them."""
+
+    def attempt_limit(self) -> float | None:
+        """Seconds the attempt just opened may wait for its first chunk before the call
+        moves on (None: the whole first-token wait)."""
+
+    def expired(self, limit: float) -> UpstreamError:
+        """The error of an attempt whose own limit ran out."""
+
+    def failed(self, exc: UpstreamError) -> bool:
+        """True when another upstream takes the next attempt now (no backoff); says so
+        in the log."""
 
 
 def retry_delay(attempt: int, backoff: float, rng: random.Random = _RNG) -> float:
@@ -54,8 +76,10 @@ class Relay:
         retries: int = 0,
         retry_backoff: float = 0.2,
         rng: random.Random = _RNG,
+        failover: Failover | None = None,
     ) -> None:
         self._opener = opener
+        self._failover = failover
         self._first_token_timeout = first_token_timeout
         self._idle_timeout = idle_timeout
         #: Most chunks, and most bytes of their lines, held for the caller.
@@ -82,6 +106,8 @@ class Relay:
         self._expired: type[UpstreamError] | None = None
         self._timeout: asyncio.Timeout | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._attempt: asyncio.Timeout | None = None  # an attempt's own first-chunk limit
+        self._closing = False  # the reader is being stopped: no further attempt
         self._started_at = self._loop.time()
         #: Loop times of the first and the latest chunk, and how many arrived.
         self.first_at: float | None = None
@@ -152,10 +178,13 @@ class Relay:
         """Cancels the reader exactly once: a second cancellation (say, the
         first-token timer firing as the caller's deadline passes) would land in
         the response's clean-up and leave its pool connection marked busy."""
+        self._closing = True
         if self._timer is not None:
             self._timer.cancel()
         if self._timeout is not None and not self._timeout.expired():
             self._timeout.reschedule(None)
+        if self._attempt is not None and not self._attempt.expired():
+            self._attempt.reschedule(None)
         if not self._task.cancelling():
             self._task.cancel()
 
@@ -183,18 +212,25 @@ class Relay:
             self._timer = self._loop.call_at(due, self._check_timer)
 
     async def _read_with_retries(self) -> None:
-        """Reads the stream; an outage before the first chunk is retried with
-        exponential backoff (the first-token timer keeps running, so retries
-        never outlast it or the caller's deadline)."""
+        """Reads the stream; before the first chunk, a failure the failover takes moves
+        the call to another upstream at once, and an outage is retried with
+        exponential backoff (the first-token timer keeps running, so neither ever
+        outlasts it or the caller's deadline)."""
+        retried = 0
         while True:
             self.attempts += 1
             try:
                 await self._read()
                 return
             except UpstreamError as exc:
-                if self.count or self.attempts > self._retries or not exc.retryable:
+                if self.count or self._closing:
                     raise
-                delay = retry_delay(self.attempts, self._retry_backoff, self._rng)
+                if self._failover is not None and self._failover.failed(exc):
+                    continue  # the failover logs which upstream failed
+                if retried >= self._retries or not exc.retryable:
+                    raise
+                retried += 1
+                delay = retry_delay(retried, self._retry_backoff, self._rng)
                 if exc.retry_after is not None:  # the engine named its wait: not sooner
                     delay = max(delay, exc.retry_after)
                 if self._loop.time() + delay >= self._started_at + self._first_token_timeout:
@@ -209,6 +245,8 @@ class Relay:
         now = self._loop.time()
         if self.first_at is None:
             self.first_at = now
+            if self._attempt is not None and not self._attempt.expired():
+                self._attempt.reschedule(None)  # it answered: no failover any more
             # From now on the idle limit applies: re-arm once.
             if self._timer is not None:
                 self._timer.cancel()
@@ -230,7 +268,27 @@ class Relay:
         return self._full
 
     async def _read(self) -> None:
-        async with self._opener() as chunks:
+        opened = self._opener()
+        limit = self._failover.attempt_limit() if self._failover is not None else None
+        if limit is None:
+            await self._consume(opened)
+            return
+        assert self._failover is not None
+        try:
+            async with asyncio.timeout(limit) as attempt:
+                self._attempt = attempt
+                try:
+                    await self._consume(opened)
+                finally:
+                    self._attempt = None
+        except TimeoutError:
+            if self.count or not attempt.expired():
+                raise  # not this attempt's limit (see _cancel_reader)
+            raise self._failover.expired(limit) from None
+
+    async def _consume(self, opened: AbstractAsyncContextManager[AsyncIterator[tuple[Event, int]]]
+                       ) -> None:
+        async with opened as chunks:
             if isinstance(chunks, Response):  # push: chunks arrive in the socket callback
                 self._resume = chunks.resume
                 try:

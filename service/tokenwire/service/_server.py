@@ -22,14 +22,15 @@ from ._servicer import GenerationServicer, StreamSettings
 from ._validate import Limits
 from ._workers import WorkerLink
 from .backends._base import Backend
-from .backends._breaker import CircuitBreaker
-from .backends.ollama import OllamaBackend
+from .backends._factory import BackendOptions, build_backend
+from .backends._router import Router
+from .backends._upstreams import UpstreamsConfig, UpstreamsFile, UpstreamsFileError, single_upstream
 from .guard._admission import Admission
 from .guard._auth import CallerRegistry
 from .guard._http2 import core_options, settle_malloc
 from .guard._interceptor import GuardInterceptor
 
-__all__ = ["SERVICE_NAME", "Runtime", "build_server", "serve"]
+__all__ = ["SERVICE_NAME", "Runtime", "build_server", "serve", "upstreams_of"]
 
 log = logging.getLogger("tokenwire.service")
 
@@ -44,7 +45,7 @@ class Runtime:
     server: grpc.aio.Server
     port: int
     health: HealthMonitor
-    upstream: Backend
+    router: Router
     settings: Settings
     servicer: GenerationServicer
     admission: Admission
@@ -53,6 +54,11 @@ class Runtime:
     metrics_endpoint: MetricsEndpoint | None = None
     #: Serving health alone, plaintext and open, when ``--health-listen`` is set.
     health_endpoint: HealthEndpoint | None = None
+
+    @property
+    def upstream(self) -> Backend:
+        """The first upstream's backend (the only one with --ollama-url)."""
+        return self.router.upstreams[0].backend
 
     @property
     def metrics_port(self) -> int | None:
@@ -84,7 +90,7 @@ class Runtime:
             await self._model_calls_done(loop.time() + 1.0)  # their statuses go out
         await self.server.stop(None)
         await stopping
-        await self.upstream.aclose()
+        await self.router.aclose()
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.aclose()
         if self.health_endpoint is not None:
@@ -100,23 +106,42 @@ class Runtime:
         return True
 
 
-async def build_server(settings: Settings, *, upstream: Backend | None = None,
-                       reuse_port: bool = False) -> Runtime:
-    """Builds and starts the server; returns it with its bound port. ``reuse_port`` lets
-    it share the port with the other workers of a ``--workers`` supervisor."""
-    url = settings.resolved_ollama_url()
+def upstreams_of(settings: Settings) -> tuple[UpstreamsConfig, UpstreamsFile | None]:
+    """The upstreams: from ``--upstreams-file`` (watched), else the ``--ollama-url``
+    shortcut. Raises UpstreamsFileError."""
+    if settings.upstreams_file:
+        watch = UpstreamsFile(settings.upstreams_file)
+        return watch.config, watch
+    return single_upstream(settings.resolved_ollama_url()), None
+
+
+def backend_options(settings: Settings) -> BackendOptions:
     trust = ssl.create_default_context(cafile=settings.upstream_ca_file or None)
-    upstream = upstream or OllamaBackend(
-        url,
+    return BackendOptions(
         connect_timeout=settings.connect_timeout,
         max_connections=settings.upstream_connections,
         unary_timeout=settings.unary_timeout,
         ssl_context=trust,
         # An answer's JSON is a few times its message (numbers as text): room for that.
         max_body_bytes=4 * settings.max_message_bytes,
-        breaker=CircuitBreaker(threshold=settings.breaker_threshold,
-                               cooldown=settings.breaker_cooldown, url=redact_url(url)),
+        breaker_threshold=settings.breaker_threshold,
+        breaker_cooldown=settings.breaker_cooldown,
     )
+
+
+async def build_server(settings: Settings, *, upstream: Backend | None = None,
+                       reuse_port: bool = False) -> Runtime:
+    """Builds and starts the server; returns it with its bound port. ``reuse_port`` lets
+    it share the port with the other workers of a ``--workers`` supervisor. ``upstream``
+    replaces the configured upstreams with one given backend. Raises
+    UpstreamsFileError when the upstreams cannot be built."""
+    if upstream is not None:
+        router = Router.of(upstream)
+    else:
+        config, watch = upstreams_of(settings)
+        options = backend_options(settings)
+        router = Router(config, lambda spec: build_backend(spec, options),
+                        failover_timeout=settings.failover_timeout, watch=watch)
     metrics = Metrics()
     registry = CallerRegistry(settings.callers_file or None, CallerRegistry.env_tokens())
     admission = Admission(
@@ -150,7 +175,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         ],
     )
     servicer = GenerationServicer(
-        upstream,
+        router,
         limits=Limits(max_prompt_bytes=settings.max_prompt_bytes,
                       max_images_bytes=settings.max_images_bytes,
                       max_messages=settings.max_messages,
@@ -173,7 +198,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
     port = _bind(server, settings)
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
-    monitor = HealthMonitor(health_servicer, upstream, (SERVICE_NAME,),
+    monitor = HealthMonitor(health_servicer, router, (SERVICE_NAME,),
                             interval=settings.health_interval, metrics=metrics)
     probes = None
     if settings.health_listen:
@@ -185,12 +210,13 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
     if settings.metrics_listen:
         endpoint = MetricsEndpoint(metrics.registry)
         await endpoint.start(settings.metrics_listen)
+    await router.start()  # discover=true upstreams are listed before the first call
     await monitor.prime()
     await server.start()
     if probes is not None:
         await probes.start()
     await monitor.start()
-    return Runtime(server, port, monitor, upstream, settings, servicer, admission, metrics,
+    return Runtime(server, port, monitor, router, settings, servicer, admission, metrics,
                    endpoint, probes)
 
 
@@ -242,15 +268,21 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
     then drains. Returns the exit code."""
     try:
         runtime = await build_server(settings, reuse_port=worker is not None)
-    except OSError as exc:  # a port in use, a certificate file missing
+    except (OSError, UpstreamsFileError) as exc:  # a port in use, a file missing or bad
         log.error("cannot start: %s", exc)
         return 1
     _settle_gc()
     settle_malloc()
-    log.info("tokenwire-server %s %s (upstream %s: %s)",
+    upstreams = runtime.router.upstreams
+    log.info("tokenwire-server %s %s (%s: %s)",
              "listening on" if worker is None else "worker serving on", runtime.target,
-             redact_url(settings.resolved_ollama_url()),
-             "reachable" if runtime.health.serving else "NOT reachable yet")
+             f"upstream {redact_url(upstreams[0].backend.base_url)}" if len(upstreams) == 1
+             else f"{len(upstreams)} upstreams", "reachable" if runtime.health.serving
+             else "NOT reachable yet")
+    for upstream in upstreams:
+        if len(upstreams) > 1 and not upstream.up:
+            log.warning("upstream %s (%s) is NOT reachable yet", upstream.name,
+                        upstream.backend.base_url)
     if runtime.metrics_endpoint is not None:
         log.info("metrics on %s", runtime.metrics_endpoint.url)
     if runtime.health_endpoint is not None and worker is None:

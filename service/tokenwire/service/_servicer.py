@@ -1,7 +1,9 @@
 """GenerationService: validate, read the backend's neutral events, turn them into Tokens.
 
-The servicer holds no HTTP, JSON or retry logic, and knows no engine: the backend and
-the relay are passed in, and what it reads are ``backends.Event``s.
+The servicer holds no HTTP, JSON or retry logic, and knows no engine: the upstreams
+(a ``backends.Router``) and the relay are passed in, and what it reads are
+``backends.Event``s. With one upstream asked for every model (``--ollama-url``) it calls
+that backend directly; otherwise the router gives each call its attempts (``Call``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 from ._delivery import Grouper, split_message
 from ._exceptions import TruncatedStream
 from ._metrics import Metrics
-from ._relay import Relay
+from ._relay import Opener, Relay
 from ._status import ResponseTooLarge, ShuttingDown, map_errors, send_initial_metadata
 from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
 from .backends._base import Backend, Event, Final, StreamRequest
+from .backends._choice import Call
+from .backends._router import Router
 from .guard._auth import may_use_model
 
 __all__ = ["GenerationServicer", "StreamSettings"]
@@ -85,13 +89,13 @@ class StreamSettings:
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(
         self,
-        upstream: Backend,
+        upstream: Backend | Router,
         *,
         limits: Limits | None = None,
         stream: StreamSettings | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self._upstream = upstream
+        self._router = upstream if isinstance(upstream, Router) else Router.of(upstream)
         self._limits = limits or Limits()
         self._stream = stream or StreamSettings()
         self._metrics = metrics
@@ -173,15 +177,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if remaining is not None:
             # The caller's deadline wins: wait for the first token as long as it allows.
             first_token_wait = remaining
-        upstream = self._upstream
+        single = self._router.single
+        call: Call | None = None
+        if single is not None:  # one upstream for every model: no routing
+            opener: Opener = lambda: single.stream(request)  # noqa: E731
+        else:
+            opener = call = self._router.call(request)
         relay = Relay(
-            lambda: upstream.stream(request),
+            opener,
             first_token_timeout=first_token_wait,
             idle_timeout=self._stream.idle_timeout,
             max_pending=self._stream.max_pending_chunks,
             max_pending_bytes=self._stream.max_pending_bytes,
             retries=self._stream.retries,
             retry_backoff=self._stream.retry_backoff,
+            failover=call,
         )
         next_batch: Callable[[], Awaitable[list[Event] | None]]
         if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
@@ -217,7 +227,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                         if has_content:
                             await sink(token)
                         raise final.error
-                    self._finish(token, final, relay, started, first_sent, request.model)
+                    self._finish(token, final, relay, started, first_sent, request.model, call)
                     await sink(token)
                     if self._metrics is not None:
                         usage = token.usage
@@ -232,10 +242,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             self._relays.discard(relay)
             await relay.aclose()
 
-    @staticmethod
-    def _finish(token: pb.Token, final: Final, relay: Relay, started: float,
-                first_sent: float | None, model: str) -> None:
-        """Makes ``token`` the final one, with the engine's and the gateway's figures."""
+    def _finish(self, token: pb.Token, final: Final, relay: Relay, started: float,
+                first_sent: float | None, model: str, call: Call | None) -> None:
+        """Makes ``token`` the final one, with the engine's and the gateway's figures, and
+        which upstream served it in how many attempts."""
         now = time.perf_counter()
         token.done = True
         token.finish_reason = final.finish_reason  # type: ignore[assignment]
@@ -249,15 +259,22 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             if span > 0:
                 usage.tokens_per_second = (relay.count - 1) / span
         usage.gateway_duration.CopyFrom(_duration(now - started))
+        usage.attempts = relay.attempts
+        if call is None:
+            usage.upstream = self._router.single_name
+            token.model = final.model or model
+        else:
+            usage.upstream = call.upstream_name
+            # An alias: the model as the request named it, not the upstream's own name.
+            token.model = model if call.rewritten else (final.model or model)
         token.usage.CopyFrom(usage)
-        token.model = final.model or model
 
     # -- unary RPCs -------------------------------------------------------------
 
     @map_errors
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
-        found = await self._upstream.models(deadline=context.time_remaining())
+        found = await self._router.models(deadline=context.time_remaining())
         # A caller sees only the models its policy lets it use (the guard knows who it is).
         models = [m for m in found if may_use_model(m.name)]
         return _fits(pb.ListModelsResponse(models=models), self._stream.max_message_bytes, "")
@@ -266,7 +283,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         validate_embed(request, self._limits)
-        response = await self._upstream.embed(request, deadline=context.time_remaining())
+        response = await self._router.embed(request, deadline=context.time_remaining())
         return _fits(response, self._stream.max_message_bytes,
                      "embed fewer inputs per call, or ask for fewer dimensions")
 

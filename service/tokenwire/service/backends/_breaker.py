@@ -48,6 +48,13 @@ class CircuitBreaker:
             f"Ollama at {self._url} failed {self._failures} times in a row; failing fast "
             f"for {retry:.1f}s more before trying again", retry_after=retry)
 
+    def allows(self) -> bool:
+        """Whether a call would go through now: ``before_call`` without its side effects
+        (closed, or open and due its trial call). For routing."""
+        if self._opened_at is None or self.threshold <= 0:
+            return True
+        return not self._probing and time.monotonic() - self._opened_at >= self.cooldown
+
     def abandon(self) -> None:
         """The trial call ended without an answer (its caller went away)."""
         self._probing = False

@@ -16,7 +16,7 @@ import httpx
 
 from tokenwire.v1 import generation_pb2 as pb
 
-from ..._exceptions import UpstreamError
+from ..._exceptions import ProtocolError, UpstreamError
 from .._base import Event, StreamRequest
 from .._breaker import CircuitBreaker
 from .._http import Headers, HTTPEngine
@@ -79,6 +79,17 @@ class OllamaBackend(HTTPEngine):
 
     async def probe(self, *, timeout: float) -> None:  # noqa: ASYNC109 - a probe's bound
         await self.version(timeout=timeout)
+
+    async def loaded_models(self, *, timeout: float) -> list[str]:  # noqa: ASYNC109
+        """The models loaded in memory now (/api/ps), for routing, which prefers an
+        upstream that has the model loaded. Asked after each health probe, never per
+        call; like the probe, it goes through an open circuit."""
+        body = await self.request_json("GET", "/api/ps", deadline=timeout, probe=True)
+        running = body.get("models")
+        if not isinstance(running, list):
+            raise ProtocolError("Ollama's /api/ps answer has no models list")
+        return [str(m.get("name") or m.get("model")) for m in running
+                if isinstance(m, dict) and (m.get("name") or m.get("model"))]
 
     async def version(self, *, timeout: float | None = None) -> str:  # noqa: ASYNC109
         """Ollama's version; the health probe (it goes through an open circuit, and
