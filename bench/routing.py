@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import random
 import time
 from collections.abc import AsyncIterator
@@ -87,16 +88,22 @@ async def _measure(calls: int, model: str, single: bool, busy: bool) -> float:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=200_000)
+    parser.add_argument("--json", action="store_true", help="one JSON line (for bench/run.py)")
     args = parser.parse_args()
     await _measure(10_000, "smollm2:135m", False, False)  # warm-up
     base = await _measure(args.calls, "smollm2:135m", True, False)
     cases = [("4 upstreams, idle", "smollm2:135m", False),
              ("4 upstreams, uneven load + loaded model", "smollm2:135m", True),
              ("alias over 2 upstreams (request copied)", "chat-small", True)]
+    added = {label: await _measure(args.calls, model, False, busy) - base
+             for label, model, busy in cases}
+    if args.json:
+        print(json.dumps({"base_us": round(base, 3),
+                          "added_us": {k: round(v, 3) for k, v in added.items()}}))
+        return
     print(f"one-upstream path (opener only): {base:.2f} µs CPU per call")
-    for label, model, busy in cases:
-        routed = await _measure(args.calls, model, False, busy)
-        print(f"{label}: {routed:.2f} µs per call, routing adds {routed - base:.2f} µs")
+    for label, extra in added.items():
+        print(f"{label}: {base + extra:.2f} µs per call, routing adds {extra:.2f} µs")
 
 
 if __name__ == "__main__":

@@ -173,6 +173,7 @@ class Bench:
         self.servers: dict[str, Server] = {}
         self.results: dict[str, Any] = {"phases": {}}
         self.upstream_url = ""
+        self._gateway_argv: list[str] = []
 
     # -- processes ---------------------------------------------------------------------
 
@@ -402,12 +403,101 @@ class Bench:
             self.restart("gateway")
         self.results["phases"]["workers"] = runs
 
+    def _upstreams_file(self, name: str, tables: list[tuple[str, str, str]]) -> Path:
+        """An upstreams file of (name, kind, url) tables that serve every model."""
+        path = self.logs / f"{name}.toml"
+        path.write_text("".join(
+            f'[upstreams.{up}]\nkind = "{kind}"\nurl = "{url}"\nmodels = ["*"]\n'
+            f"slots = 4096\npriority = {i if name == 'failover' else 0}\n\n"
+            for i, (up, kind, url) in enumerate(tables)))
+        return path
+
+    def _gateway_with(self, *extra: str) -> None:
+        """Restarts the gateway with the upstreams (or flags) given instead of --ollama-url."""
+        gateway = self.servers["gateway"]
+        base = list(self._gateway_argv)
+        i = base.index("--ollama-url")
+        del base[i:i + 2]
+        gateway.argv = [*base, *extra]
+        self.restart("gateway")
+        time.sleep(1.0)  # the first health probe of every upstream is done
+
+    def _calls(self, n: int, rounds: int) -> list[float]:
+        """Gateway CPU µs per call over ``n`` sequential one-token calls, per round."""
+        pid = self.servers["gateway"].pid
+        per_call = []
+        for _ in range(rounds):
+            before = cpu_ticks(pid)
+            self.read("C.go", "ttft", tokens=1, requests=n, warmup_requests=0)
+            per_call.append((cpu_ticks(pid) - before) / CLK_TCK / n * 1e6)
+        return per_call
+
+    def phase_backends(self) -> None:
+        """Issue #11's figures, each pair measured back to back on restarted gateways:
+        the OpenAI SSE path against the Ollama NDJSON path (zero delay, 100 streams, CPU
+        per token); routing over 4 upstreams against one (gateway CPU per call); the
+        first-token delay of a call that fails over from a refused upstream."""
+        s = self.sizes
+        self._gateway_argv = list(self.servers["gateway"].argv)
+        up = self.upstream_url
+        runs: dict[str, Any] = {}
+        try:
+            for label, extra in (
+                    ("ollama", ["--ollama-url", up]),
+                    ("openai", ["--upstreams-file", str(self._upstreams_file(
+                        "openai", [("sse", "openai", up + "/v1")]))])):
+                self._gateway_with(*extra)
+                self.log(f"backend {label}: zero delay, 100 streams, C.go")
+                out = self.read("C.go", "throughput", streams=100, tokens=s.agg_tokens,
+                                warmup=s.warmup, window=s.window)
+                runs.setdefault("wire", {})[label] = out
+                self.log(f"  {out['tokens_per_s']:,.0f} tokens/s")
+            calls, rounds = (800, 3) if self.args.quick else (2000, 5)
+            one = self._upstreams_file("one", [("u0", "ollama", up)])
+            four = self._upstreams_file("four", [(f"u{i}", "ollama", up) for i in range(4)])
+            for label, path in (("1 upstream", one), ("4 upstreams", four)) * rounds:
+                self._gateway_with("--upstreams-file", str(path))
+                self.log(f"routing, {label}: {calls} sequential calls, C.go")
+                runs.setdefault("routing", {}).setdefault(label, []).extend(
+                    self._calls(calls, 1))
+            # The routing code alone, in one process (bench/routing.py): what the
+            # end-to-end difference above, a few µs in about a millisecond, cannot resolve.
+            micro = subprocess.run([self.py, str(BENCH / "routing.py"), "--json"],
+                                   capture_output=True, text=True, check=True, cwd=ROOT)
+            runs["routing_alone"] = json.loads(micro.stdout.strip().splitlines()[-1])
+            # Failover: the preferred upstream refuses connections (it answered the last
+            # health probe, then went away; the next probe is far off); the circuit breaker
+            # is off, so every call tries it first and moves on.
+            gone = Server("gone", [str(self.bin / "upstream"), "-listen", "127.0.0.1:{port}"],
+                          dict(os.environ))
+            self.start(gone)
+            failover = self._upstreams_file(
+                "failover", [("gone", "ollama", f"http://127.0.0.1:{gone.port}"),
+                             ("live", "ollama", up)])
+            for label, extra in (("direct", ["--ollama-url", up]),
+                                 ("failover", ["--upstreams-file", str(failover),
+                                               "--breaker-threshold", "0",
+                                               "--health-interval", "600"])):
+                self._gateway_with(*extra)
+                if label == "failover":
+                    self.stop(gone)
+                    del self.servers["gone"]
+                self.log(f"time to first token, {label}, C.go")
+                runs.setdefault("failover", {})[label] = self.read(
+                    "C.go", "ttft", tokens=8, requests=s.ttft_requests,
+                    warmup_requests=s.ttft_warmup)
+        finally:
+            self.servers["gateway"].argv = self._gateway_argv
+            self.restart("gateway")
+        self.results["phases"]["backends"] = runs
+
     def run(self) -> dict[str, Any]:
         self.results["meta"] = meta(self.args)
         self.start_all()
         try:
             phases = self.args.phases.split(",")
-            for name in ("throughput", "ttft", "cancel", "paced", "curve", "workers"):
+            for name in ("throughput", "ttft", "cancel", "paced", "curve", "workers",
+                         "backends"):
                 if "all" in phases or name in phases:
                     getattr(self, f"phase_{name}")()
         finally:
@@ -461,8 +551,8 @@ def main() -> None:
     parser.add_argument("--save", action="store_true",
                         help="also write bench/results/<date>-<machine>.{json,md} to commit")
     parser.add_argument("--phases", default="all",
-                        help="comma list of throughput,ttft,cancel,paced,curve,workers "
-                             "(default all)")
+                        help="comma list of throughput,ttft,cancel,paced,curve,workers,"
+                             "backends (default all)")
     parser.add_argument("--server-cmd", default=str(Path(sys.executable).with_name(
         "tokenwire-server")), help="tokenwire server command (default: the venv's)")
     parser.add_argument("--server-pythonpath", default="",

@@ -117,7 +117,24 @@ class _SSE:
         if self._line:
             data = self._line + data
         start = 0
+        size = len(data)
+        decode, out = self._decode, self._out
         while (end := data.find(b"\n", start)) != -1:
+            if (end + 1 < size and data[end + 1] == 10 and not self._data
+                    and data.startswith(b"data: ", start)):
+                # The common event, one "data: " line then the blank line: whole, at once.
+                value = data[start + 6:end]
+                start = end + 2
+                if len(value) > MAX_LINE_BYTES:
+                    raise ProtocolError(
+                        f"the engine sent an event longer than {MAX_LINE_BYTES} bytes")
+                kind = self._kind
+                if kind:
+                    self._kind = ""
+                event = decode(kind or "message", value)
+                if event is not None:
+                    out(event, len(value))
+                continue
             self._field(data[start:end])
             start = end + 1
         self._line = data[start:]

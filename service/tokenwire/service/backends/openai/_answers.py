@@ -126,8 +126,8 @@ class _Stream:
         self._outputs = 0  # chunks that carried text or thinking
         self._ended = False
 
-    def _common(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
-        """Notes the chunk's model, usage and timings; returns its first choice."""
+    def _note(self, chunk: dict[str, Any]) -> None:
+        """Notes what a chunk says besides its choice: model, usage, timings."""
         model = chunk.get("model")
         if isinstance(model, str) and len(model) <= 1024:
             self._model = model
@@ -137,6 +137,15 @@ class _Stream:
         timings = chunk.get("timings")  # llama.cpp's server
         if isinstance(timings, dict):
             self._timings = timings
+
+    def _finished(self, reason: Any) -> None:
+        if isinstance(reason, str):
+            self._finish = reason
+
+    def _choice(self, chunk: dict[str, Any]) -> dict[str, Any] | None:
+        """Notes the chunk's model, usage, timings and finish reason; returns its first
+        choice (None: none)."""
+        self._note(chunk)
         choices = chunk.get("choices")
         if not choices:
             return None
@@ -144,8 +153,8 @@ class _Stream:
             raise ProtocolError("the engine sent choices that are not a list of objects")
         choice = choices[0]
         reason = choice.get("finish_reason")
-        if isinstance(reason, str) and reason:
-            self._finish = reason
+        if reason:
+            self._finished(reason)
         return choice
 
     def _final(self, calls: list[pb.ToolCall] | None) -> Event:
@@ -201,23 +210,35 @@ class ChatStream(_Stream):
         self._slot: dict[int, int] = {}  # the server's index -> the call it means now
 
     def __call__(self, kind: str, data: bytes) -> Event | None:
-        if data == b"[DONE]":
-            return self._final(self._calls())
-        chunk = _object(data, "an event") if data[:1] == b"{" else None
-        failure = _error(kind, chunk, data)
-        if failure is not None:
-            raise failure
-        if chunk is None:
-            raise ProtocolError("the engine sent an event that is not JSON")
-        choice = self._common(chunk)
-        if choice is None:
+        try:  # one event per token: the common path first, checks as it goes
+            chunk = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            if data == b"[DONE]":
+                return self._final(self._calls())
+            chunk = None
+        if type(chunk) is not dict or kind != "message" or "error" in chunk:
+            failure = _error(kind, chunk if type(chunk) is dict else None, data)
+            if failure is not None:
+                raise failure
+            raise ProtocolError("the engine sent an event that is not a JSON object")
+        if not self._model or "usage" in chunk or "timings" in chunk:
+            self._note(chunk)
+        choices = chunk.get("choices")
+        if not choices:
             return None  # the usage chunk, or a chunk with no choice
+        choice = choices[0] if type(choices) is list else None
+        if type(choice) is not dict:
+            raise ProtocolError("the engine sent choices that are not a list of objects")
+        reason = choice.get("finish_reason")
+        if reason:
+            self._finished(reason)
         delta = choice.get("delta") or {}
-        if not isinstance(delta, dict):
+        if type(delta) is not dict:
             raise ProtocolError("the engine sent a delta that is not an object")
-        text = _text(delta.get("content"), "content")
-        thinking = _text(delta.get("reasoning_content") or delta.get("reasoning"),
-                         "reasoning text")
+        text = delta.get("content") or ""
+        thinking = delta.get("reasoning_content") or delta.get("reasoning") or ""
+        if type(text) is not str or type(thinking) is not str:
+            raise ProtocolError("the engine sent content or reasoning that is not a string")
         calls = delta.get("tool_calls")
         if calls:
             self._tool_deltas(calls)
@@ -284,7 +305,7 @@ class TextStream(_Stream):
             raise failure
         if chunk is None:
             raise ProtocolError("the engine sent an event that is not JSON")
-        choice = self._common(chunk)
+        choice = self._choice(chunk)
         if choice is None:
             return None
         text = _text(choice.get("text"), "text")
