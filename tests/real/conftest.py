@@ -88,8 +88,8 @@ class GinLine:
 
 
 @dataclass(frozen=True)
-class RealOllama:
-    """The running real Ollama: its URL and what shows that it works (log, processes)."""
+class RealServer:
+    """A real engine started for this tier: its URL, pid and log."""
 
     url: str
     port: int
@@ -103,6 +103,17 @@ class RealOllama:
         with self.log.open("rb") as f:
             f.seek(offset)
             return f.read().decode("utf-8", "replace")
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text("utf-8", "replace").splitlines()[-lines:])
+        except OSError as exc:
+            return f"(cannot read {self.log}: {exc})"
+
+
+@dataclass(frozen=True)
+class RealOllama(RealServer):
+    """The running real Ollama and what shows that it works (log, processes)."""
 
     def requests_since(self, offset: int) -> list[GinLine]:
         out = []
@@ -133,12 +144,6 @@ class RealOllama:
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
                 ticks += int(fields[11]) + int(fields[12])
         return ticks / os.sysconf("SC_CLK_TCK")
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text("utf-8", "replace").splitlines()[-lines:])
-        except OSError as exc:
-            return f"(cannot read {self.log}: {exc})"
 
 
 def _run_streaming(cmd: list[str], env: dict[str, str], timeout: float,
@@ -227,27 +232,8 @@ def started_ollama(show: Callable[[str], None], **env: str) -> Iterator[RealOlla
 
 
 @dataclass(frozen=True)
-class RealLlama:
-    """The running llama.cpp server (llama-cpp-python): its URL, pid and log."""
-
-    url: str
-    port: int
-    pid: int
-    log: Path
-
-    def log_size(self) -> int:
-        return self.log.stat().st_size
-
-    def log_since(self, offset: int) -> str:
-        with self.log.open("rb") as f:
-            f.seek(offset)
-            return f.read().decode("utf-8", "replace")
-
-    def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log.read_text("utf-8", "replace").splitlines()[-lines:])
-        except OSError as exc:
-            return f"(cannot read {self.log}: {exc})"
+class RealLlama(RealServer):
+    """The running llama.cpp server (llama-cpp-python)."""
 
 
 @contextlib.contextmanager
