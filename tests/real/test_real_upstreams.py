@@ -53,15 +53,19 @@ def spare(request: pytest.FixtureRequest) -> Iterator[RealOllama]:
 
 
 def _upstreams(path: Path, main: RealOllama, spare: RealOllama, *, spare_first: bool = False,
-               slots: int = 2, failover_timeout: float = 60.0) -> Path:
+               slots: int = 2, failover_timeout: float = 60.0,
+               main_failover_timeout: float = 300.0) -> Path:
     """main discovers its models; spare serves smollm2:135m; "smol-main" is an alias only
     main serves. With ``spare_first``, spare is the preferred tier (main the fallback).
     Each takes two calls (``slots``) while Ollama runs one at a time
     (OLLAMA_NUM_PARALLEL=1): the second waits without a token, so ``failover_timeout``
-    must outlast the first's answer except where a test wants it short."""
+    must outlast the first's answer except where a test wants it short: two runners on
+    two cores slow each other down a lot (a 40-token answer once took 33 s in CI), so main's
+    is long by default too."""
     path.write_text(
         f'[upstreams.main]\nkind = "ollama"\nurl = "{main.url}"\ndiscover = true\n'
-        f"slots = {slots}\npriority = {1 if spare_first else 0}\n\n"
+        f"slots = {slots}\npriority = {1 if spare_first else 0}\n"
+        f"failover_timeout = {main_failover_timeout}\n\n"
         f'[upstreams.spare]\nkind = "ollama"\nurl = "{spare.url}"\nmodels = ["{MODEL}"]\n'
         f"slots = {slots}\npriority = 0\nfailover_timeout = {failover_timeout}\n\n"
         f'[aliases]\n"smol-main" = [{{upstream = "main", model = "{MODEL}"}}]\n')
