@@ -99,24 +99,31 @@ async def _stops_after(pids: list[int], limit: float) -> float:
     raise AssertionError(f"still generating {limit:g} s after the cancel")
 
 
-async def test_cancel_closes_the_stream_and_the_model_stops(
-        engine: tuple[str, str, Any], figures: dict[str, str]) -> None:
+@pytest.mark.parametrize("how", ["cancel", "deadline"])
+async def test_cancel_or_deadline_closes_the_stream_and_the_model_stops(
+        engine: tuple[str, str, Any], figures: dict[str, str], how: str) -> None:
     """400 tokens would take 5-15 s more; the model must stop long before that (seen: both
     stop within 0.1-0.5 s, now and then after 2-3 s, about as Ollama's native API does)."""
     base_url, flavor, real = engine
     async with gateway(base_url, flavor) as stub:
         call = stub.Generate(pb.GenerateRequest(
             model=MODEL, prompt="Write a very long story about a dragon.",
-            options=pb.Options(temperature=0.0, max_tokens=400)), timeout=120)
+            options=pb.Options(temperature=0.0, max_tokens=400)),
+            timeout=120 if how == "cancel" else 2.0)
         seen = 0
-        async for token in call:
-            seen += bool(token.text)
-            if seen >= 3:
-                break
-        call.cancel()
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            async for token in call:
+                seen += bool(token.text)
+                if seen >= 3 and how == "cancel":
+                    break
+        if how == "cancel":
+            call.cancel()
+        else:
+            assert await call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert seen >= 3  # it streamed until the deadline
         pids = real.runner_pids() if isinstance(real, RealOllama) else [real.pid]
         took = await _stops_after(pids, 6.0)
-    figures[f"openai backend, {flavor}: model stopped after a cancel"] = f"{took:.2f} s"
+    figures[f"openai backend, {flavor}: model stopped after a {how}"] = f"{took:.2f} s"
 
 
 async def test_models_and_embeddings(engine: tuple[str, str, Any]) -> None:

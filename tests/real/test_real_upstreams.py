@@ -104,7 +104,11 @@ def _group(real: RealOllama, sig: int) -> None:
 async def test_routing_by_model_and_a_least_loaded_spread(
         tmp_path: Path, real_ollama: RealOllama, spare: RealOllama,
         figures: dict[str, str]) -> None:
-    path = _upstreams(tmp_path / "upstreams.toml", real_ollama, spare)
+    # Two runners on two cores slow each other down so much (a 40-token answer took 33 s and
+    # 60 s in CI) that a call queued behind another could reach even a long failover_timeout
+    # and move: here no call may move, routing alone must spread them.
+    path = _upstreams(tmp_path / "upstreams.toml", real_ollama, spare, failover_timeout=600.0,
+                      main_failover_timeout=600.0)
     async with gateway(path) as (runtime, stub):
         await _warm(real_ollama, spare)
         await runtime.health.check_once()  # both have the model loaded now (/api/ps)
@@ -113,9 +117,9 @@ async def test_routing_by_model_and_a_least_loaded_spread(
             got = await receive(stub.Generate(_request(model="smol-main"), timeout=120))
             assert got.tokens[-1].usage.upstream == "main"
             assert got.tokens[-1].model == "smol-main"
-        # Long enough (40 tokens each) that all four run at once, even while the two
-        # runners take both cores from the gateway's event loop.
-        answers = await asyncio.gather(*(receive(stub.Generate(_request(greedy(40)), timeout=180))
+        # Long enough (12 tokens each) that all four are routed while the first ones still
+        # run: routing happens as each call starts, all four within milliseconds.
+        answers = await asyncio.gather(*(receive(stub.Generate(_request(greedy(12)), timeout=600))
                                          for _ in range(4)))
     spread = Counter(got.tokens[-1].usage.upstream for got in answers)
     assert spread == {"main": 2, "spare": 2}, spread
