@@ -73,7 +73,7 @@ ROLE_ASSISTANT: Role
 ROLE_TOOL: Role
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "system", "options", "format", "keep_alive", "images", "think", "suffix", "raw", "delivery")
+    __slots__ = ("model", "prompt", "system", "options", "format", "keep_alive", "images", "think", "suffix", "raw", "delivery", "resumable")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_FIELD_NUMBER: _ClassVar[int]
@@ -85,6 +85,7 @@ class GenerateRequest(_message.Message):
     SUFFIX_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     system: str
@@ -96,10 +97,11 @@ class GenerateRequest(_message.Message):
     suffix: str
     raw: bool
     delivery: Delivery
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., system: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., format: _Optional[_Union[Format, _Mapping]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., think: _Optional[_Union[Think, str]] = ..., suffix: _Optional[str] = ..., raw: _Optional[bool] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ...) -> None: ...
+    resumable: Resumable
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., system: _Optional[str] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., format: _Optional[_Union[Format, _Mapping]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., images: _Optional[_Iterable[bytes]] = ..., think: _Optional[_Union[Think, str]] = ..., suffix: _Optional[str] = ..., raw: _Optional[bool] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ..., resumable: _Optional[_Union[Resumable, _Mapping]] = ...) -> None: ...
 
 class ChatRequest(_message.Message):
-    __slots__ = ("model", "messages", "tools", "options", "format", "keep_alive", "think", "delivery")
+    __slots__ = ("model", "messages", "tools", "options", "format", "keep_alive", "think", "delivery", "resumable")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MESSAGES_FIELD_NUMBER: _ClassVar[int]
     TOOLS_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +110,7 @@ class ChatRequest(_message.Message):
     KEEP_ALIVE_FIELD_NUMBER: _ClassVar[int]
     THINK_FIELD_NUMBER: _ClassVar[int]
     DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    RESUMABLE_FIELD_NUMBER: _ClassVar[int]
     model: str
     messages: _containers.RepeatedCompositeFieldContainer[Message]
     tools: _containers.RepeatedCompositeFieldContainer[Tool]
@@ -116,7 +119,50 @@ class ChatRequest(_message.Message):
     keep_alive: _duration_pb2.Duration
     think: Think
     delivery: Delivery
-    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., format: _Optional[_Union[Format, _Mapping]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., think: _Optional[_Union[Think, str]] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ...) -> None: ...
+    resumable: Resumable
+    def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., options: _Optional[_Union[Options, _Mapping]] = ..., format: _Optional[_Union[Format, _Mapping]] = ..., keep_alive: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., think: _Optional[_Union[Think, str]] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ..., resumable: _Optional[_Union[Resumable, _Mapping]] = ...) -> None: ...
+
+class Resumable(_message.Message):
+    __slots__ = ("detach_grace",)
+    DETACH_GRACE_FIELD_NUMBER: _ClassVar[int]
+    detach_grace: _duration_pb2.Duration
+    def __init__(self, detach_grace: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class StartRequest(_message.Message):
+    __slots__ = ("generate", "chat")
+    GENERATE_FIELD_NUMBER: _ClassVar[int]
+    CHAT_FIELD_NUMBER: _ClassVar[int]
+    generate: GenerateRequest
+    chat: ChatRequest
+    def __init__(self, generate: _Optional[_Union[GenerateRequest, _Mapping]] = ..., chat: _Optional[_Union[ChatRequest, _Mapping]] = ...) -> None: ...
+
+class StartResponse(_message.Message):
+    __slots__ = ("stream_id",)
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
+
+class ResumeRequest(_message.Message):
+    __slots__ = ("stream_id", "after", "delivery")
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    AFTER_FIELD_NUMBER: _ClassVar[int]
+    DELIVERY_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    after: int
+    delivery: Delivery
+    def __init__(self, stream_id: _Optional[str] = ..., after: _Optional[int] = ..., delivery: _Optional[_Union[Delivery, _Mapping]] = ...) -> None: ...
+
+class CancelRequest(_message.Message):
+    __slots__ = ("stream_id",)
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
+    stream_id: str
+    def __init__(self, stream_id: _Optional[str] = ...) -> None: ...
+
+class CancelResponse(_message.Message):
+    __slots__ = ("stopped",)
+    STOPPED_FIELD_NUMBER: _ClassVar[int]
+    stopped: bool
+    def __init__(self, stopped: _Optional[bool] = ...) -> None: ...
 
 class Delivery(_message.Message):
     __slots__ = ("mode", "max_tokens", "max_delay", "at_sentence_end")
@@ -155,7 +201,7 @@ class CompleteResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., thinking: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Token(_message.Message):
-    __slots__ = ("text", "done", "thinking", "tool_calls", "finish_reason", "usage", "model", "chunk_count")
+    __slots__ = ("text", "done", "thinking", "tool_calls", "finish_reason", "usage", "model", "chunk_count", "position", "stream_id")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     THINKING_FIELD_NUMBER: _ClassVar[int]
@@ -164,6 +210,8 @@ class Token(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    STREAM_ID_FIELD_NUMBER: _ClassVar[int]
     text: str
     done: bool
     thinking: str
@@ -172,7 +220,9 @@ class Token(_message.Message):
     usage: Usage
     model: str
     chunk_count: int
-    def __init__(self, text: _Optional[str] = ..., done: _Optional[bool] = ..., thinking: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+    position: int
+    stream_id: str
+    def __init__(self, text: _Optional[str] = ..., done: _Optional[bool] = ..., thinking: _Optional[str] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., model: _Optional[str] = ..., chunk_count: _Optional[int] = ..., position: _Optional[int] = ..., stream_id: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "total_duration", "load_duration", "prompt_eval_duration", "eval_duration", "eval_tokens_per_second", "time_to_first_token", "tokens_per_second", "gateway_duration", "engine_finish_reason", "upstream", "attempts")

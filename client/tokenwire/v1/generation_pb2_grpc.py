@@ -70,6 +70,21 @@ class GenerationServiceStub:
                 request_serializer=tokenwire_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=tokenwire_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.Start = channel.unary_unary(
+                '/tokenwire.v1.GenerationService/Start',
+                request_serializer=tokenwire_dot_v1_dot_generation__pb2.StartRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_generation__pb2.StartResponse.FromString,
+                _registered_method=True)
+        self.Resume = channel.unary_stream(
+                '/tokenwire.v1.GenerationService/Resume',
+                request_serializer=tokenwire_dot_v1_dot_generation__pb2.ResumeRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_generation__pb2.Token.FromString,
+                _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/tokenwire.v1.GenerationService/Cancel',
+                request_serializer=tokenwire_dot_v1_dot_generation__pb2.CancelRequest.SerializeToString,
+                response_deserializer=tokenwire_dot_v1_dot_generation__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class GenerationServiceServicer:
@@ -128,6 +143,37 @@ class GenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Start(self, request, context):
+        """Start begins a resumable generation (a Generate or Chat request) and
+        returns its stream id at once, without reading it: read it with Resume
+        (after = 0), stop it with Cancel. The generation holds a model slot like
+        a streaming call, and is cancelled when nobody reads it within its detach
+        grace (see Resumable).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Resume(self, request, context):
+        """Resume streams a resumable stream's Tokens after position `after`, then
+        follows it live, ending as the stream ends: the same final Token (finish
+        reason, usage) or the same error status. Only the caller that started
+        the stream may resume it; for anyone else, and for an id that never
+        existed or whose retention passed, the status is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cancel(self, request, context):
+        """Cancel stops a resumable stream at once: the engine stops generating,
+        and its readers (now and later) get CANCELLED. Same NOT_FOUND rule as
+        Resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GenerationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +201,21 @@ def add_GenerationServiceServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=tokenwire_dot_v1_dot_generation__pb2.EmbedRequest.FromString,
                     response_serializer=tokenwire_dot_v1_dot_generation__pb2.EmbedResponse.SerializeToString,
+            ),
+            'Start': grpc.unary_unary_rpc_method_handler(
+                    servicer.Start,
+                    request_deserializer=tokenwire_dot_v1_dot_generation__pb2.StartRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_generation__pb2.StartResponse.SerializeToString,
+            ),
+            'Resume': grpc.unary_stream_rpc_method_handler(
+                    servicer.Resume,
+                    request_deserializer=tokenwire_dot_v1_dot_generation__pb2.ResumeRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_generation__pb2.Token.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=tokenwire_dot_v1_dot_generation__pb2.CancelRequest.FromString,
+                    response_serializer=tokenwire_dot_v1_dot_generation__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +364,87 @@ class GenerationService:
             '/tokenwire.v1.GenerationService/Embed',
             tokenwire_dot_v1_dot_generation__pb2.EmbedRequest.SerializeToString,
             tokenwire_dot_v1_dot_generation__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Start(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.GenerationService/Start',
+            tokenwire_dot_v1_dot_generation__pb2.StartRequest.SerializeToString,
+            tokenwire_dot_v1_dot_generation__pb2.StartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Resume(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tokenwire.v1.GenerationService/Resume',
+            tokenwire_dot_v1_dot_generation__pb2.ResumeRequest.SerializeToString,
+            tokenwire_dot_v1_dot_generation__pb2.Token.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tokenwire.v1.GenerationService/Cancel',
+            tokenwire_dot_v1_dot_generation__pb2.CancelRequest.SerializeToString,
+            tokenwire_dot_v1_dot_generation__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,
