@@ -140,6 +140,21 @@ class Settings:
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
                 "CPU; the admission limits apply per worker"})
+    # -- resumable streams ----------------------------------------------------
+    detach_grace: float = field(default=60.0, metadata={
+        "help": "seconds a resumable stream goes on generating with nobody reading it "
+                "(its caller went away, or it was started with Start); then it is "
+                "cancelled upstream. A request may ask for less (resumable.detach_grace), "
+                "never more"})
+    resume_retention: float = field(default=600.0, metadata={
+        "help": "seconds a finished resumable stream is kept for Resume"})
+    resume_max_stream_bytes: int = field(default=8 << 20, metadata={
+        "help": "bytes one resumable stream may hold (the engine's frames); a longer answer "
+                "ends with RESOURCE_EXHAUSTED"})
+    resume_max_bytes: int = field(default=512 << 20, metadata={
+        "help": "bytes all resumable streams may hold together; finished ones are dropped "
+                "oldest first to make room, and a start with no room is refused with "
+                "RESOURCE_EXHAUSTED"})
     # -- who may call ---------------------------------------------------------
     tls_cert: str = field(default="", metadata={
         "help": "PEM certificate chain of the server; enables TLS"})
@@ -267,7 +282,9 @@ def parse_settings(argv: Sequence[str] | None = None,
                           "unary_timeout", "failover_timeout",
                           "health_interval", "max_message_bytes", "max_prompt_bytes",
                           "upstream_connections", "max_concurrent_streams", "max_pending_calls",
-                          "max_streams", "max_streams_per_caller", "burst", "max_messages")
+                          "max_streams", "max_streams_per_caller", "burst", "max_messages",
+                          "detach_grace", "resume_retention", "resume_max_stream_bytes",
+                          "resume_max_bytes")
         if getattr(settings, name) <= 0
     ] + [
         name for name in ("rate", "rate_per_peer", "max_streams_per_peer", "queue_timeout",
@@ -290,6 +307,9 @@ def parse_settings(argv: Sequence[str] | None = None,
             _port(settings.listen), _port(settings.metrics_listen)} - {"0", ""}:
         parser.error(f"--health-listen {settings.health_listen!r} needs a port of its own, "
                      "not the one of --listen or --metrics-listen")
+    if settings.resume_max_stream_bytes > settings.resume_max_bytes:
+        parser.error("--resume-max-stream-bytes is over --resume-max-bytes: no resumable "
+                     "stream could start")
     if settings.upstreams_file and settings.ollama_url:
         parser.error("--ollama-url and --upstreams-file: set one (the file names every "
                      "upstream, Ollama hosts included)")

@@ -14,14 +14,26 @@ from __future__ import annotations
 
 import asyncio
 import re
+from typing import Protocol
 
 from tokenwire.v1 import generation_pb2 as pb
 
 from ._exceptions import ProtocolError
-from ._relay import Relay
 from .backends._base import Event
 
-__all__ = ["Grouper", "split_message"]
+__all__ = ["Grouper", "Source", "split_message"]
+
+
+class Source(Protocol):
+    """Where a Grouper takes chunks from: a Relay's writer side, or a resumable
+    stream's Cursor."""
+
+    max_pending: int
+    max_pending_bytes: int
+    taken_sizes: list[int]
+
+    async def take(self, max_items: int = 0,
+                   wait: float | None = None) -> list[Event] | None: ...
 
 #: Bytes a part keeps free for its own field tags and lengths.
 _PART_OVERHEAD = 64
@@ -67,7 +79,7 @@ _SENTENCE_END = re.compile(r"[.!?\n]\s*$")
 
 
 class Grouper:
-    def __init__(self, relay: Relay, delivery: pb.Delivery) -> None:
+    def __init__(self, relay: Source, delivery: pb.Delivery) -> None:
         self._relay = relay
         self._mode = delivery.mode
         self._max_tokens = delivery.max_tokens

@@ -24,11 +24,21 @@ from ._exceptions import TruncatedStream
 from ._metrics import Metrics
 from ._relay import Opener, Relay
 from ._status import ResponseTooLarge, ShuttingDown, map_errors, send_initial_metadata
-from ._validate import Limits, ValidationFailed, validate_chat, validate_embed, validate_generate
+from ._validate import (
+    Limits,
+    ValidationFailed,
+    validate_cancel,
+    validate_chat,
+    validate_embed,
+    validate_generate,
+    validate_resume,
+)
 from .backends._base import Backend, Event, Final, StreamRequest
 from .backends._choice import Call
 from .backends._router import Router
-from .guard._auth import may_use_model
+from .guard._auth import may_use_model, principal_var
+from .guard._interceptor import take_admission
+from .resume import Cursor, PositionOutOfRange, ResumableStream, ResumeUnavailable, Streams
 
 __all__ = ["GenerationServicer", "StreamSettings"]
 
@@ -94,8 +104,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         limits: Limits | None = None,
         stream: StreamSettings | None = None,
         metrics: Metrics | None = None,
+        streams: Streams | None = None,
+        no_streams: str = "",
     ) -> None:
         self._router = upstream if isinstance(upstream, Router) else Router.of(upstream)
+        #: Resumable streams (None: this server keeps none, and ``no_streams`` says why).
+        self._streams = streams
+        self._no_streams = no_streams or "this server keeps no resumable streams"
         self._limits = limits or Limits()
         self._stream = stream or StreamSettings()
         self._metrics = metrics
@@ -103,12 +118,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     @property
     def active_streams(self) -> int:
-        return len(self._relays)
+        """Model calls streaming now, resumable ones still generating included."""
+        return len(self._relays) + (self._streams.live if self._streams is not None else 0)
+
+    @property
+    def streams(self) -> Streams | None:
+        return self._streams
 
     def interrupt_all(self) -> None:
         """Ends every running model call with UNAVAILABLE (shutdown after grace)."""
         for relay in list(self._relays):
             relay.interrupt(ShuttingDown())
+        if self._streams is not None:
+            self._streams.stop_all(ShuttingDown())
 
     # -- streaming RPCs ---------------------------------------------------------
 
@@ -126,9 +148,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     @map_errors
     async def Complete(self, request: pb.CompleteRequest,
                        context: grpc.aio.ServicerContext) -> pb.CompleteResponse:
-        kind = request.WhichOneof("request")
-        if kind is None:
-            raise ValidationFailed([("request", "set exactly one of generate or chat")])
+        inner = self._inner(request, "complete")
         texts: list[str] = []
         thoughts: list[str] = []
         response = pb.CompleteResponse()
@@ -151,13 +171,6 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 response.usage.CopyFrom(token.usage)
                 response.model = token.model
 
-        inner: StreamRequest
-        if kind == "generate":
-            inner = request.generate
-            validate_generate(inner, self._limits)
-        else:
-            inner = request.chat
-            validate_chat(inner, self._limits)
         # Nobody reads between messages here: adaptive grouping packs everything that
         # is waiting, which is the cheapest.
         await self._relay(context, "Complete", inner, collect, _ADAPTIVE)
@@ -166,23 +179,34 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return _fits(response, limit, "stream it with Generate or Chat, or ask for fewer "
                                       "tokens (options.max_tokens)")
 
-    async def _relay(self, context: grpc.aio.ServicerContext, method: str,
-                     request: StreamRequest, sink: _Sink, delivery: pb.Delivery) -> None:
-        started = time.perf_counter()  # figures: loop.time() is 1 ms coarse under uvloop
+    def _prepare(self, request: StreamRequest) -> None:
         cap = self._stream.max_output_tokens
         if cap and not request.options.HasField("max_tokens"):
             request.options.max_tokens = cap
+
+    def _opener(self, request: StreamRequest) -> tuple[Opener, Call | None]:
+        single = self._router.single
+        if single is not None:  # one upstream for every model: no routing
+            return (lambda: single.stream(request)), None
+        call = self._router.call(request)
+        return call, call
+
+    async def _relay(self, context: grpc.aio.ServicerContext, method: str,
+                     request: StreamRequest, sink: _Sink, delivery: pb.Delivery) -> None:
+        started = time.perf_counter()  # figures: loop.time() is 1 ms coarse under uvloop
+        self._prepare(request)
+        if request.HasField("resumable"):
+            stream = self._start(request, started)
+            await send_initial_metadata(context)
+            await sink(pb.Token(stream_id=stream.id))
+            await self._read(stream, 0, sink, delivery, method)
+            return
         first_token_wait = self._stream.first_token_timeout
         remaining = context.time_remaining()
         if remaining is not None:
             # The caller's deadline wins: wait for the first token as long as it allows.
             first_token_wait = remaining
-        single = self._router.single
-        call: Call | None = None
-        if single is not None:  # one upstream for every model: no routing
-            opener: Opener = lambda: single.stream(request)  # noqa: E731
-        else:
-            opener = call = self._router.call(request)
+        opener, call = self._opener(request)
         relay = Relay(
             opener,
             first_token_timeout=first_token_wait,
@@ -199,48 +223,129 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         else:
             next_batch = Grouper(relay, delivery).next
         self._relays.add(relay)
+        try:
+            # The reader task sends the upstream request while this goes out.
+            await send_initial_metadata(context)
+            await self._pump(next_batch, sink, method, request.model, relay, call, started)
+        finally:
+            self._relays.discard(relay)
+            await relay.aclose()
+
+    async def _pump(self, next_batch: Callable[[], Awaitable[list[Event] | None]], sink: _Sink,
+                    method: str, model: str, relay: Relay, call: Call | None, started: float,
+                    stream: ResumableStream | None = None, position: int = 0) -> None:
+        """Turns batches of events into Tokens until the final one. For a resumable
+        ``stream``, each Token gets its position (``position`` is the first batch's) and
+        the final figures are the stream's, the same for every reader."""
         first_sent: float | None = None
         carried = 0  # events folded into no message yet (empty pieces)
         budget = self._stream.message_budget
         big_chars = budget // 4  # a UTF-8 character is at most 4 bytes
-        try:
-            # The reader task sends the upstream request while this goes out.
-            await send_initial_metadata(context)
-            while True:
-                batch = await next_batch()
-                if not batch:
-                    raise TruncatedStream("the engine's stream ended without a final message")
-                token, big = _merge(batch, big_chars)
-                final = batch[-1][3]
-                has_content = bool(token.text or token.thinking or token.tool_calls)
-                if final is None and not has_content:
-                    carried += len(batch)
-                    continue
-                token.chunk_count = len(batch) + carried
-                carried = 0
-                if has_content and first_sent is None:
-                    first_sent = time.perf_counter()
-                if big and token.ByteSize() > budget:
-                    token = await _send_parts(token, sink, budget)
-                if final is not None:
-                    if final.error is not None:  # its figures cannot be read: text first
-                        if has_content:
-                            await sink(token)
-                        raise final.error
-                    self._finish(token, final, relay, started, first_sent, request.model, call)
-                    await sink(token)
-                    if self._metrics is not None:
-                        usage = token.usage
-                        ttft = (usage.time_to_first_token.ToNanoseconds() / 1e9
-                                if usage.HasField("time_to_first_token") else None)
-                        self._metrics.stream_finished(
-                            method, ttft, usage.tokens_per_second, usage.prompt_tokens,
-                            usage.completion_tokens)
-                    return
+        while True:
+            batch = await next_batch()
+            if not batch:
+                raise TruncatedStream("the engine's stream ended without a final message")
+            token, big = _merge(batch, big_chars)
+            final = batch[-1][3]
+            has_content = bool(token.text or token.thinking or token.tool_calls)
+            if final is None and not has_content:
+                carried += len(batch)
+                continue
+            count = token.chunk_count = len(batch) + carried
+            carried = 0
+            if stream is not None:
+                token.position = position
+                position += count
+            if has_content and first_sent is None:
+                first_sent = time.perf_counter()
+            if big and token.ByteSize() > budget:
+                token = await _send_parts(token, sink, budget)
+            if final is not None:
+                if final.error is not None:  # its figures cannot be read: text first
+                    if has_content:
+                        await sink(token)
+                    raise final.error
+                if stream is None:
+                    self._finish(token, final, relay, started, first_sent, model, call)
+                    self._record(method, token.usage)
+                else:
+                    token.MergeFrom(self._figures(stream, final, method))
                 await sink(token)
+                return
+            await sink(token)
+
+    def _record(self, method: str, usage: pb.Usage) -> None:
+        if self._metrics is not None:
+            ttft = (usage.time_to_first_token.ToNanoseconds() / 1e9
+                    if usage.HasField("time_to_first_token") else None)
+            self._metrics.stream_finished(method, ttft, usage.tokens_per_second,
+                                          usage.prompt_tokens, usage.completion_tokens)
+
+    # -- resumable streams ------------------------------------------------------
+
+    def _require_streams(self) -> Streams:
+        if self._streams is None:
+            raise ResumeUnavailable(self._no_streams)
+        return self._streams
+
+    def _start(self, request: StreamRequest, started: float) -> ResumableStream:
+        """Starts ``request`` as a resumable stream, owned by the current caller; it
+        takes over the call's admission slot until the engine is done."""
+        streams = self._require_streams()
+        opener, call = self._opener(request)
+        grace = (request.resumable.detach_grace.ToNanoseconds() / 1e9
+                 if request.resumable.HasField("detach_grace") else None)
+        # No caller deadline here: the stream outlives its caller.
+        stream = streams.open(
+            opener, owner=principal_var.get(), model=request.model, grace=grace,
+            started=started, call=call,
+            first_token_timeout=self._stream.first_token_timeout,
+            idle_timeout=self._stream.idle_timeout, retries=self._stream.retries,
+            retry_backoff=self._stream.retry_backoff, failover=call)
+        stream.release = take_admission()
+        return stream
+
+    async def _read(self, stream: ResumableStream, after: int, sink: _Sink,
+                    delivery: pb.Delivery, method: str) -> None:
+        """Streams ``stream`` from chunk ``after`` on to its end, as one of its readers;
+        leaving early (the caller went away) detaches, which does not stop it."""
+        streams = self._require_streams()
+        log = stream.log
+        events = log.events
+        if (after and after == len(events) and log.finished and log.error is None
+                and events[-1][3] is not None):
+            # The caller has every chunk: the final Token again, with nothing in it.
+            token = pb.Token(position=after)
+            token.MergeFrom(self._figures(stream, events[-1][3], method))
+            await sink(token)
+            return
+        cursor = Cursor(log, after, max_items=self._stream.max_pending_chunks,
+                        max_bytes=self._stream.max_pending_bytes)
+        next_batch: Callable[[], Awaitable[list[Event] | None]]
+        if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
+            next_batch = cursor.take
+        else:
+            next_batch = Grouper(cursor, delivery).next
+        streams.attach(stream)
+        try:
+            await self._pump(next_batch, sink, method, stream.model, log, stream.call,
+                             stream.started, stream, after)
         finally:
-            self._relays.discard(relay)
-            await relay.aclose()
+            streams.detach(stream)
+
+    def _figures(self, stream: ResumableStream, final: Final, method: str) -> pb.Token:
+        """The stream's final fields (done, finish reason, usage, model), built once:
+        every reader gets the same. Its time to first token is the first chunk's
+        arrival at the gateway (readers each send it at their own time)."""
+        if stream.figures is None:
+            figures = pb.Token()
+            log = stream.log
+            sent = any(e[0] or e[1] or e[2] for e in log.events)  # stops at the first
+            first = log.first_perf if sent else None
+            self._finish(figures, final, log, stream.started, first, stream.model, stream.call)
+            stream.figures = figures
+            self._record(method, figures.usage)
+        return stream.figures
 
     def _finish(self, token: pb.Token, final: Final, relay: Relay, started: float,
                 first_sent: float | None, model: str, call: Call | None) -> None:
@@ -268,6 +373,58 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             # An alias: the model as the request named it, not the upstream's own name.
             token.model = model if call.rewritten else (final.model or model)
         token.usage.CopyFrom(usage)
+
+    @map_errors
+    async def Start(self, request: pb.StartRequest,
+                    context: grpc.aio.ServicerContext) -> pb.StartResponse:
+        started = time.perf_counter()
+        inner = self._inner(request, "start")
+        self._require_streams()
+        self._prepare(inner)
+        stream = self._start(inner, started)
+        self._require_streams().unread(stream)  # its grace runs until a Resume
+        return pb.StartResponse(stream_id=stream.id)
+
+    @map_errors
+    async def Resume(self, request: pb.ResumeRequest,
+                     context: grpc.aio.ServicerContext) -> None:
+        validate_resume(request)
+        stream = self._require_streams().get(request.stream_id, principal_var.get())
+        produced = len(stream.log.events)
+        if request.after > produced:
+            raise PositionOutOfRange(
+                f"after is {request.after}, but the stream has produced {produced} chunk(s) "
+                "so far; pass the position plus the chunk_count of the last Token received")
+        await self._read(stream, request.after, context.write, request.delivery, "Resume")
+
+    @map_errors
+    async def Cancel(self, request: pb.CancelRequest,
+                     context: grpc.aio.ServicerContext) -> pb.CancelResponse:
+        validate_cancel(request)
+        streams = self._require_streams()
+        stream = streams.get(request.stream_id, principal_var.get())
+        stopped = streams.cancel(stream)
+        if stopped:
+            await stream.log.aclose()  # the engine's connection is closed when this returns
+        return pb.CancelResponse(stopped=stopped)
+
+    def _inner(self, request: pb.CompleteRequest | pb.StartRequest, name: str) -> StreamRequest:
+        """The Generate or Chat request inside a Complete or Start, validated."""
+        kind = request.WhichOneof("request")
+        if kind is None:
+            raise ValidationFailed([("request", "set exactly one of generate or chat")])
+        inner: StreamRequest
+        if kind == "generate":
+            inner = request.generate
+            validate_generate(inner, self._limits)
+        else:
+            inner = request.chat
+            validate_chat(inner, self._limits)
+        if name == "complete" and inner.HasField("resumable"):
+            raise ValidationFailed([(f"{kind}.resumable", "Complete returns one answer and "
+                                     "cannot be resumed: stream it with a resumable Generate "
+                                     "or Chat, or use Start")])
+        return inner
 
     # -- unary RPCs -------------------------------------------------------------
 

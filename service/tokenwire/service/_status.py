@@ -46,6 +46,15 @@ from ._validate import ValidationFailed
 from .guard._admission import Overloaded
 from .guard._auth import NotAllowed, NotAuthenticated
 from .guard._http2 import MetadataTooLarge
+from .resume._errors import (
+    PositionOutOfRange,
+    ResumeError,
+    ResumeUnavailable,
+    RetentionFull,
+    StreamCancelled,
+    StreamNotFound,
+    StreamTooLarge,
+)
 
 __all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ResponseTooLarge", "ShuttingDown",
            "Undecodable", "error_reason_var", "initial_metadata_var", "map_errors",
@@ -130,6 +139,12 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], 
     (MetadataTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "METADATA_TOO_LARGE", None),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE", None),
+    (StreamNotFound, grpc.StatusCode.NOT_FOUND, "STREAM_NOT_FOUND", None),
+    (RetentionFull, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESUME_BUFFERS_FULL", 1.0),
+    (StreamTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESUME_STREAM_TOO_LARGE", None),
+    (StreamCancelled, grpc.StatusCode.CANCELLED, "STREAM_CANCELLED", None),
+    (PositionOutOfRange, grpc.StatusCode.OUT_OF_RANGE, "RESUME_OUT_OF_RANGE", None),
+    (ResumeUnavailable, grpc.StatusCode.FAILED_PRECONDITION, "RESUME_UNAVAILABLE", None),
     (CircuitOpen, grpc.StatusCode.UNAVAILABLE, "CIRCUIT_OPEN", 1.0),
     (ModelNotFound, grpc.StatusCode.NOT_FOUND, "MODEL_NOT_FOUND", None),
     (QuotaExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED, "UPSTREAM_QUOTA_EXHAUSTED", None),
@@ -177,7 +192,7 @@ def status_for(exc: Exception) -> grpc.Status:
         if len(violations) > 5:
             message += f"; ... ({len(exc.violations)} problems in all, see BadRequest)"
     elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown
-                    | ResponseTooLarge | Undecodable | MetadataTooLarge):
+                    | ResponseTooLarge | Undecodable | MetadataTooLarge | ResumeError):
         message = exc.message
         violations = []
     elif isinstance(exc, UpstreamError):
@@ -246,7 +261,8 @@ def map_errors(handler: _Handler) -> _Handler:
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
-        except (ValidationFailed, UpstreamError, ShuttingDown, ResponseTooLarge) as exc:
+        except (ValidationFailed, UpstreamError, ShuttingDown, ResponseTooLarge,
+                ResumeError) as exc:
             status = status_for(exc)
             log.info("request failed rid=%s code=%s reason=%s", request_id_var.get(),
                      status.code.name, error_reason_var.get())

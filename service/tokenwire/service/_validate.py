@@ -7,6 +7,7 @@ and the caller learns every problem at once (google.rpc.BadRequest).
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,11 @@ import orjson
 
 from tokenwire.v1 import generation_pb2 as pb
 
-__all__ = ["Limits", "ValidationFailed", "validate_chat", "validate_embed", "validate_generate"]
+__all__ = ["Limits", "ValidationFailed", "validate_cancel", "validate_chat", "validate_embed",
+           "validate_generate", "validate_resume"]
+
+#: A stream id as the server makes them (URL-safe base64), with room to change the size.
+_STREAM_ID = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 @dataclass(frozen=True)
@@ -241,6 +246,33 @@ def _check_common(request: pb.GenerateRequest | pb.ChatRequest, limits: Limits,
     _check_format(request.format, limits, out)
     _check_enum(request.think, pb.Think, "think", out)
     _check_delivery(request.delivery, out)
+    if request.HasField("resumable"):
+        grace = request.resumable.detach_grace
+        if grace.ToNanoseconds() < 0:
+            out.append(("resumable.detach_grace", "must not be negative (unset or 0: the "
+                                                  "server's --detach-grace)"))
+
+
+def _check_stream_id(stream_id: str, out: _Violations) -> None:
+    if not _STREAM_ID.fullmatch(stream_id):
+        out.append(("stream_id", "required: the id from StartResponse or from the first "
+                                 "Token of a resumable stream (16 to 64 characters of "
+                                 "A-Z a-z 0-9 _ -)"))
+
+
+def validate_resume(request: pb.ResumeRequest) -> None:
+    out: _Violations = []
+    _check_stream_id(request.stream_id, out)
+    _check_delivery(request.delivery, out)
+    if out:
+        raise ValidationFailed(out)
+
+
+def validate_cancel(request: pb.CancelRequest) -> None:
+    out: _Violations = []
+    _check_stream_id(request.stream_id, out)
+    if out:
+        raise ValidationFailed(out)
 
 
 def validate_generate(request: pb.GenerateRequest, limits: Limits) -> None:

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["AuthError", "Caller", "CallerRegistry", "NotAllowed", "NotAuthenticated",
-           "caller_var", "may_use_model"]
+           "caller_var", "may_use_model", "principal_var"]
 
 log = logging.getLogger("tokenwire.service")
 
@@ -69,7 +69,9 @@ class Caller:
     def check(self, method: str, model: str | None) -> None:
         """Raises PERMISSION_DENIED-style AuthError when the policy says no."""
         short = method.rsplit("/", 1)[-1]
-        if not any(fnmatch.fnmatchcase(short, p) for p in self.methods):
+        # Resume and Cancel act on the caller's own streams: whoever may start one may.
+        names = _STREAM_STARTERS if short in ("Resume", "Cancel") else (short,)
+        if not any(fnmatch.fnmatchcase(n, p) for n in (short, *names) for p in self.methods):
             raise NotAllowed(f"caller '{self.name}' may not call {short}; allowed: "
                              f"{', '.join(self.methods)}")
         if model is not None and not self.allows_model(model):
@@ -84,6 +86,10 @@ class Caller:
         return any(fnmatch.fnmatchcase(n, p) for n in _names(model) for p in self.models)
 
 
+#: The methods that start resumable streams.
+_STREAM_STARTERS = ("Generate", "Chat", "Start")
+
+
 def _names(model: str) -> set[str]:
     """Ollama reads a name without a tag as ":latest": both spellings of one model."""
     if ":" not in model.rsplit("/", 1)[-1]:
@@ -94,6 +100,12 @@ def _names(model: str) -> set[str]:
 #: The caller of the current call, set by the guard (None: no authentication).
 caller_var: contextvars.ContextVar[Caller | None] = contextvars.ContextVar(
     "tokenwire_caller", default=None)
+
+
+#: Who the current call's caller is, for owning resumable streams: a caller's name, or
+#: ``peer:<address>`` for an anonymous caller (what per-peer limits count by too).
+principal_var: contextvars.ContextVar[str] = contextvars.ContextVar(
+    "tokenwire_principal", default="-")
 
 
 def may_use_model(model: str) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import fnmatch
 import inspect
 import logging
@@ -41,16 +42,17 @@ from .._status import (
     status_for,
 )
 from ._admission import Admission, Overloaded, Ticket
-from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var
+from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var, principal_var
 from ._http2 import MAX_METADATA_BYTES, GarbageSweep, MetadataTooLarge, metadata_bytes
 
-__all__ = ["GuardInterceptor"]
+__all__ = ["GuardInterceptor", "take_admission"]
 
 log = logging.getLogger("tokenwire.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
 _SERVICE = "/tokenwire.v1.GenerationService/"
 #: Methods that run the model and so take an admission slot.
-MODEL_CALLS = frozenset(_SERVICE + m for m in ("Generate", "Chat", "Complete", "Embed"))
+MODEL_CALLS = frozenset(_SERVICE + m for m in ("Generate", "Chat", "Complete", "Embed",
+                                               "Start"))
 _OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
@@ -177,6 +179,25 @@ class _Plan:
         return guarded
 
 
+def take_admission() -> Callable[[], None] | None:
+    """Takes the current call's admission slot over: the call no longer gives it back
+    when it ends; whoever calls the function returned does (once). For work that
+    outlives its call, such as a resumable stream's generation. None when the call
+    holds no slot."""
+    call = _call_var.get()
+    if call is None or call.ticket is None:
+        return None
+    ticket, call.ticket = call.ticket, None
+    metrics = call.plan.guard._metrics
+
+    def release() -> None:
+        ticket.release()
+        if metrics is not None:
+            metrics.released()
+
+    return release
+
+
 class _Call:
     """One call from the guard's point of view: request id, caller, admission ticket,
     outcome, and the access-log line at its end."""
@@ -195,6 +216,7 @@ class _Call:
         self.outcome = "OK"
         self.who = "-"
         self.ticket: Ticket | None = None
+        _call_var.set(self)
 
     async def begin(self, raw: Any, decode: Callable[[bytes], Any] | None) -> Any:
         """Authenticates, decodes a unary request, applies policy and admission.
@@ -205,6 +227,7 @@ class _Call:
         caller = guard._authenticate(context, plan.metadata) if plan.needs_auth else None
         self.who = caller.name if caller else _peer_host(context.peer())
         caller_var.set(caller)
+        principal_var.set(self.who)
         request = decode(raw) if decode is not None else raw
         if not plan.infrastructure:
             if caller is not None:
@@ -243,6 +266,10 @@ class _Call:
                 metrics.released()
         _log_access(self.plan.method, self.plan.rid, self.who, self.outcome,
                     time.perf_counter() - self.started, metrics)
+
+
+_call_var: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
+    "tokenwire_guarded_call", default=None)
 
 
 def _log_access(method: str, rid: str, who: str, outcome: str, took: float,

@@ -1,0 +1,212 @@
+"""The resumable streams of one server: by id and owner, with their timers and bounds.
+
+A stream's life:
+
+    started ──(readers come and go)──> finished ──(retention)──> gone
+       │ nobody reads for the detach grace, or Cancel              ^
+       └──> cancelled upstream (finished, with STREAM_CANCELLED) ──┘
+
+While it generates it holds its admission slot (given back when the engine is done,
+whoever is reading). Finished streams are kept for ``retention`` seconds, or until
+their bytes are needed for a new stream (oldest finished first). An id that is gone
+leaves a tombstone for a while, so that its owner learns *why* it is not found; to
+anyone else every unknown id looks the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tokenwire.v1 import generation_pb2 as pb
+
+from .._relay import Opener
+from ..backends._choice import Call
+from ._errors import RetentionFull, StreamCancelled, StreamNotFound
+from ._log import Budget, StreamLog
+
+__all__ = ["ResumableStream", "Retention", "Streams"]
+
+log = logging.getLogger("tokenwire.service")
+
+#: URL-safe base64 of 18 random bytes: 144 bits.
+_ID_BYTES = 18
+#: Ids of streams that are gone, remembered to say why (FIFO).
+_TOMBSTONES = 10_000
+
+
+@dataclass(frozen=True)
+class Retention:
+    """The bounds (flags ``--detach-grace``, ``--resume-retention``,
+    ``--resume-max-stream-bytes``, ``--resume-max-bytes``)."""
+
+    detach_grace: float = 60.0
+    retention: float = 600.0
+    max_stream_bytes: int = 8 << 20
+    max_bytes: int = 512 << 20
+
+
+@dataclass(eq=False)
+class ResumableStream:
+    id: str
+    owner: str
+    model: str
+    grace: float
+    #: perf_counter() when the request arrived (the gateway's figures count from it).
+    started: float
+    call: Call | None
+    log: StreamLog = field(init=False)
+    #: Readers streaming it now.
+    readers: int = 0
+    #: The final Token's fields (done, finish reason, usage, model), built once.
+    figures: pb.Token | None = None
+    #: Gives the admission slot back (once the engine is done).
+    release: Callable[[], None] | None = None
+    timer: asyncio.TimerHandle | None = None
+
+    def stop(self, error: BaseException) -> bool:
+        """Ends generation with ``error`` unless it already ended; True if it did."""
+        if self.log.finished:
+            return False
+        self.log.interrupt(error)
+        return True
+
+
+class Streams:
+    def __init__(self, retention: Retention | None = None) -> None:
+        self.retention = retention or Retention()
+        self._streams: dict[str, ResumableStream] = {}
+        self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first
+        self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id: (owner, why)
+        self.budget = Budget(self.retention.max_bytes, self._make_room)
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    @property
+    def live(self) -> int:
+        """Streams still generating."""
+        return len(self._streams) - len(self._finished)
+
+    # -- start ------------------------------------------------------------------
+
+    def open(self, opener: Opener, *, owner: str, model: str, grace: float | None,
+             started: float, call: Call | None, **relay: object) -> ResumableStream:
+        """Starts a resumable stream reading ``opener``. Raises RetentionFull when the
+        buffers cannot take one more stream of the per-stream bound."""
+        bounds = self.retention
+        while (self.budget.held + bounds.max_stream_bytes > bounds.max_bytes
+               and self._drop_oldest_finished()):
+            pass
+        if self.budget.held + bounds.max_stream_bytes > bounds.max_bytes:
+            raise RetentionFull(
+                f"no room for another resumable stream: the {len(self._streams)} kept hold "
+                f"{self.budget.held} of {bounds.max_bytes} bytes (--resume-max-bytes) and a "
+                f"stream may need {bounds.max_stream_bytes} (--resume-max-stream-bytes); "
+                "retry later, or without resumable")
+        wanted = bounds.detach_grace if not grace or grace <= 0 else grace
+        stream = ResumableStream(secrets.token_urlsafe(_ID_BYTES), owner, model,
+                                 min(wanted, bounds.detach_grace), started, call)
+        stream.log = StreamLog(opener, max_bytes=bounds.max_stream_bytes, budget=self.budget,
+                               on_done=lambda _: self._done(stream), **relay)
+        self._streams[stream.id] = stream
+        return stream
+
+    # -- readers ----------------------------------------------------------------
+
+    def get(self, stream_id: str, owner: str) -> ResumableStream:
+        """The caller's stream, or StreamNotFound saying why when the caller may know."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.owner == owner:
+            return stream
+        gone = self._gone.get(stream_id)
+        if gone is not None and gone[0] == owner:
+            raise StreamNotFound(f"the stream has ended and is no longer kept: {gone[1]}; "
+                                 "start the request again")
+        raise StreamNotFound("no resumable stream of yours has this id: it was never "
+                             "started on this server (ids come from Start, or from the "
+                             "first Token of a resumable Generate or Chat)")
+
+    def attach(self, stream: ResumableStream) -> None:
+        stream.readers += 1
+        if stream.timer is not None and not stream.log.finished:
+            stream.timer.cancel()  # the grace timer: somebody reads again
+            stream.timer = None
+
+    def detach(self, stream: ResumableStream) -> None:
+        stream.readers -= 1
+        if stream.readers == 0 and not stream.log.finished and stream.timer is None:
+            loop = asyncio.get_running_loop()
+            stream.timer = loop.call_later(stream.grace, self._abandoned, stream)
+
+    def unread(self, stream: ResumableStream) -> None:
+        """Starts the detach grace of a stream nobody has read yet (Start)."""
+        stream.readers += 1
+        self.detach(stream)
+
+    def cancel(self, stream: ResumableStream) -> bool:
+        return stream.stop(StreamCancelled("the stream was stopped by a Cancel call"))
+
+    def stop_all(self, error: BaseException) -> None:
+        """Ends every stream still generating (shutdown after its grace)."""
+        for stream in list(self._streams.values()):
+            stream.stop(error)
+
+    # -- timers and bounds ------------------------------------------------------
+
+    def _abandoned(self, stream: ResumableStream) -> None:
+        stream.timer = None
+        if stream.readers == 0:
+            stream.stop(StreamCancelled(
+                f"nobody read the stream for its detach grace ({stream.grace:g}s), so it was "
+                "cancelled; resume sooner, or ask for a longer resumable.detach_grace (at "
+                "most the server's --detach-grace)"))
+
+    def _done(self, stream: ResumableStream) -> None:
+        """The engine is done with ``stream`` (finished, failed or stopped)."""
+        if stream.timer is not None:
+            stream.timer.cancel()
+        if stream.release is not None:
+            stream.release()
+            stream.release = None
+        if stream.id not in self._streams:  # dropped already (shutdown)
+            return
+        self._finished[stream.id] = None
+        loop = asyncio.get_running_loop()
+        stream.timer = loop.call_later(self.retention.retention, self._expire, stream,
+                                       f"it ended more than {self.retention.retention:g}s ago "
+                                       "(--resume-retention)")
+
+    def _expire(self, stream: ResumableStream, why: str) -> None:
+        if self._streams.get(stream.id) is not stream:
+            return
+        del self._streams[stream.id]
+        self._finished.pop(stream.id, None)
+        if stream.timer is not None:
+            stream.timer.cancel()
+            stream.timer = None
+        stream.log.release()
+        self._gone[stream.id] = (stream.owner, why)
+        while len(self._gone) > _TOMBSTONES:
+            self._gone.popitem(last=False)
+
+    def _drop_oldest_finished(self) -> bool:
+        if not self._finished:
+            return False
+        oldest = next(iter(self._finished))
+        self._expire(self._streams[oldest], "it was dropped to make room for newer streams "
+                                            "(--resume-max-bytes)")
+        return True
+
+    def _make_room(self) -> bool:
+        """Called when a chunk takes the buffers past their bound: drops finished streams
+        until they fit; False when only generating ones are left."""
+        while self.budget.held > self.budget.limit:
+            if not self._drop_oldest_finished():
+                return False
+        return True
+
