@@ -14,7 +14,8 @@ from typing import Any, Self, TypeVar, Unpack
 
 import grpc
 
-from tokenwire.client._base import OnToken, _BaseClient, _BaseTokenStream, _Unary
+from tokenwire.client._base import OnToken, Resumer, _BaseClient, _BaseTokenStream, _Unary
+from tokenwire.client._requests import build_chat_request, build_generate_request
 from tokenwire.client._types import (
     USE_DEFAULT,
     ChatParams,
@@ -82,22 +83,30 @@ class AsyncTokenStream(_BaseTokenStream):
     async def _read(self) -> generation_pb2.Token | None:
         if self._finished:
             return None
-        try:
-            if not self._have_metadata:
-                self._on_metadata(await self._call.initial_metadata())
-            token = _token(await self._call.read())
-            if token is not None and token.done:
-                await self._call.read()  # the status: the call is over once `final` is set
-                if self.request_id is None:
-                    self._on_trailers(await self._call.trailing_metadata())
-        except grpc.RpcError as err:
-            raise self._failure(err) from None
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if not self._cancel_requested or (task is not None and task.cancelling()):
-                self._close()
-                raise
-            raise self._cancelled() from None
+        while True:
+            try:
+                if not self._have_metadata:
+                    self._on_metadata(await self._call.initial_metadata())
+                token = _token(await self._call.read())
+                if self._is_id(token):
+                    continue
+                if token is not None and token.done:
+                    await self._call.read()  # the status: the call is over once `final` is set
+                    if self.request_id is None:
+                        self._on_trailers(await self._call.trailing_metadata())
+                break
+            except grpc.RpcError as err:
+                delay = self._resume_delay(err)
+                if delay is None:
+                    raise self._failure(err) from None
+                await asyncio.sleep(delay)
+                self._call = self._resumed_call()
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not self._cancel_requested or (task is not None and task.cancelling()):
+                    self._close()
+                    raise
+                raise self._cancelled() from None
         return self._accept(token)
 
 
@@ -113,8 +122,46 @@ class AsyncClient(_BaseClient[AsyncTokenStream]):
             return grpc.aio.insecure_channel(self.target, options=self.options)
         return grpc.aio.secure_channel(self.target, self.credentials, options=self.options)
 
-    def _open_stream(self, method: Any, kwargs: dict[str, Any]) -> AsyncTokenStream:
-        return AsyncTokenStream(method(**kwargs), kwargs["metadata"])
+    def _open_stream(self, method: Any, kwargs: dict[str, Any],
+                     resumer: Resumer | None = None) -> AsyncTokenStream:
+        return AsyncTokenStream(method(**kwargs), kwargs["metadata"], resumer)
+
+    async def start(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        timeout: TimeoutLike = USE_DEFAULT,
+        metadata: MetadataLike | None = None,
+        **params: Unpack[GenerateParams],
+    ) -> str:
+        """Start a resumable Generate without reading it; returns its stream id (read it
+        with ``resume``, stop it with ``cancel``)."""
+        request = build_generate_request(model, prompt, **params)
+        return await self._run(self._prepare_start(request, timeout, metadata))
+
+    async def start_chat(
+        self,
+        model: str,
+        messages: Sequence[MessageLike],
+        *,
+        timeout: TimeoutLike = USE_DEFAULT,
+        metadata: MetadataLike | None = None,
+        **params: Unpack[ChatParams],
+    ) -> str:
+        """Start a resumable Chat without reading it; returns its stream id."""
+        request = build_chat_request(model, messages, **params)
+        return await self._run(self._prepare_start(request, timeout, metadata))
+
+    async def cancel(
+        self,
+        stream_id: str,
+        *,
+        timeout: TimeoutLike = USE_DEFAULT,
+        metadata: MetadataLike | None = None,
+    ) -> bool:
+        """Stop a resumable stream; True if it was still generating."""
+        return await self._run(self._prepare_cancel(stream_id, timeout, metadata))
 
     async def __aenter__(self) -> Self:
         return self

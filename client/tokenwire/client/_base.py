@@ -5,6 +5,8 @@ bookkeeping of a token stream. The twins only add the I/O (a blocking or an awai
 from __future__ import annotations
 
 import os
+import random
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -38,7 +40,7 @@ from tokenwire.client._types import (
 )
 from tokenwire.v1 import generation_pb2, generation_pb2_grpc
 
-__all__ = ["DEFAULT_CHANNEL_OPTIONS", "DEFAULT_TARGET", "TARGET_ENV"]
+__all__ = ["DEFAULT_CHANNEL_OPTIONS", "DEFAULT_TARGET", "TARGET_ENV", "Resumer"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 #: Environment variable read when no target is given.
@@ -118,7 +120,35 @@ class _BaseClient(ABC, Generic[_StreamT]):
     def _make_channel(self) -> Any: ...
 
     @abstractmethod
-    def _open_stream(self, method: Any, kwargs: dict[str, Any]) -> _StreamT: ...
+    def _open_stream(self, method: Any, kwargs: dict[str, Any],
+                     resumer: Resumer | None = None) -> _StreamT: ...
+
+    def _stream(self, method: Any, request: generation_pb2.GenerateRequest
+                | generation_pb2.ChatRequest, timeout: TimeoutLike,
+                metadata: MetadataLike | None) -> _StreamT:
+        kwargs = self._kwargs(request, timeout, metadata)
+        resumer = None
+        if request.HasField("resumable"):
+            resumer = Resumer(self._stub.Resume, self._stub.Cancel, kwargs["metadata"],
+                              kwargs["timeout"])
+        return self._open_stream(method, kwargs, resumer)
+
+    def resume(
+        self,
+        stream_id: str,
+        after: int = 0,
+        *,
+        timeout: TimeoutLike = USE_DEFAULT,
+        metadata: MetadataLike | None = None,
+    ) -> _StreamT:
+        """Continue a resumable stream from chunk ``after`` (``position + chunk_count`` of
+        the last Token received; 0: from the start). It resumes again by itself if the
+        connection drops, like a stream started with ``resumable=True``."""
+        request = generation_pb2.ResumeRequest(stream_id=stream_id, after=after)
+        kwargs = self._kwargs(request, timeout, metadata)
+        resumer = Resumer(self._stub.Resume, self._stub.Cancel, kwargs["metadata"],
+                          kwargs["timeout"])
+        return self._open_stream(self._stub.Resume, kwargs, resumer.known(stream_id, after))
 
     def generate(
         self,
@@ -131,7 +161,7 @@ class _BaseClient(ABC, Generic[_StreamT]):
     ) -> _StreamT:
         """Start a Generate stream; iterate the result for ``Token`` messages."""
         request = build_generate_request(model, prompt, **params)
-        return self._open_stream(self._stub.Generate, self._kwargs(request, timeout, metadata))
+        return self._stream(self._stub.Generate, request, timeout, metadata)
 
     def chat(
         self,
@@ -144,7 +174,7 @@ class _BaseClient(ABC, Generic[_StreamT]):
     ) -> _StreamT:
         """Start a Chat stream for the next assistant turn of ``messages``."""
         request = build_chat_request(model, messages, **params)
-        return self._open_stream(self._stub.Chat, self._kwargs(request, timeout, metadata))
+        return self._stream(self._stub.Chat, request, timeout, metadata)
 
     def _kwargs(
         self, request: ProtoMessage, timeout: TimeoutLike, metadata: MetadataLike | None
@@ -198,6 +228,25 @@ class _BaseClient(ABC, Generic[_StreamT]):
         request = generation_pb2.CompleteRequest(chat=build_chat_request(model, messages, **params))
         return self._prepare_complete(request, timeout, metadata)
 
+    def _prepare_start(
+        self,
+        request: generation_pb2.GenerateRequest | generation_pb2.ChatRequest,
+        timeout: TimeoutLike,
+        metadata: MetadataLike | None,
+    ) -> _Unary[str]:
+        start = (generation_pb2.StartRequest(generate=request)
+                 if isinstance(request, generation_pb2.GenerateRequest)
+                 else generation_pb2.StartRequest(chat=request))
+        return self._unary(self._stub.Start, start, timeout, metadata,
+                           lambda r, _: str(r.stream_id))
+
+    def _prepare_cancel(
+        self, stream_id: str, timeout: TimeoutLike, metadata: MetadataLike | None
+    ) -> _Unary[bool]:
+        request = generation_pb2.CancelRequest(stream_id=stream_id)
+        return self._unary(self._stub.Cancel, request, timeout, metadata,
+                           lambda r, _: bool(r.stopped))
+
     def _prepare_list_models(
         self, timeout: TimeoutLike, metadata: MetadataLike | None
     ) -> _Unary[list[generation_pb2.Model]]:
@@ -228,6 +277,59 @@ class _BaseClient(ABC, Generic[_StreamT]):
         return self._unary(self._health_stub.Check, request, timeout, metadata, _serving_status)
 
 
+class Resumer:
+    """How a resumable stream continues after a dropped connection: Resume with the
+    position it got to, after a backoff (full jitter), at most ``attempts`` times in a
+    row without a new Token, never past the original call's deadline."""
+
+    #: Resume attempts in a row without progress, and the first and the longest wait.
+    attempts = 8
+    backoff = 0.1
+    max_backoff = 3.0
+
+    def __init__(self, resume: Any, cancel: Any, metadata: tuple[tuple[str, str], ...],
+                 timeout: float | None) -> None:
+        self._resume = resume
+        self._cancel = cancel
+        self.metadata = metadata
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.failures = 0
+        self.stream_id: str | None = None
+        self.after = 0
+
+    def known(self, stream_id: str, after: int) -> Resumer:
+        """For a stream read with Resume: its id and first position are known at once."""
+        self.stream_id, self.after = stream_id, after
+        return self
+
+    def next_delay(self) -> float | None:
+        """Seconds to wait before the next attempt; None when no attempt is left."""
+        if self.failures >= self.attempts:
+            return None
+        self.failures += 1
+        delay = random.uniform(0, min(self.max_backoff, self.backoff * 2 ** (self.failures - 1)))
+        if self.deadline is not None and time.monotonic() + delay >= self.deadline:
+            return None
+        return delay
+
+    def open(self, stream_id: str, after: int) -> Any:
+        timeout = None if self.deadline is None else max(self.deadline - time.monotonic(), 0.001)
+        request = generation_pb2.ResumeRequest(stream_id=stream_id, after=after)
+        return self._resume(request, timeout=timeout, metadata=self.metadata)
+
+    def send_cancel(self, stream_id: str) -> Any:
+        """Starts a Cancel call without waiting for it; returns the call (a sync stub's
+        future, or a grpc.aio call, which runs as soon as it is made)."""
+        request = generation_pb2.CancelRequest(stream_id=stream_id)
+        start = getattr(self._cancel, "future", None) or self._cancel
+        return start(request, timeout=10.0, metadata=self.metadata)
+
+
+#: Why a resumable stream may be resumed: the connection failed (no status from
+#: tokenwire), or the server that held it is shutting down (another replica may hold it).
+_RESUMABLE_REASONS = frozenset({"SHUTTING_DOWN"})
+
+
 class _BaseTokenStream:
     """State of one streaming call, fed by the twins' read loops.
 
@@ -235,8 +337,17 @@ class _BaseTokenStream:
     failure; ``final`` is the ``done`` Token once the stream has ended successfully.
     """
 
-    def __init__(self, call: Any, metadata: Sequence[tuple[str, str]]) -> None:
+    def __init__(self, call: Any, metadata: Sequence[tuple[str, str]],
+                 resumer: Resumer | None = None) -> None:
         self._call = call
+        self._resumer = resumer
+        #: A resumable stream's id (from its first message), else None.
+        self.stream_id: str | None = resumer.stream_id if resumer is not None else None
+        #: Resumable streams: how many engine chunks have arrived (pass it to ``resume``).
+        self.position = resumer.after if resumer is not None else 0
+        #: How many times the stream was resumed after a dropped connection.
+        self.resumes = 0
+        self._cancel_call: Any = None
         self._text: list[str] = []
         self._thinking: list[str] = []
         self._tool_calls: list[generation_pb2.ToolCall] = []
@@ -280,8 +391,12 @@ class _BaseTokenStream:
         )
 
     def cancel(self) -> bool:
-        """Cancel the call; reading on raises ``Cancelled``. False if it had already ended."""
+        """Cancel the call; reading on raises ``Cancelled``. False if it had already ended.
+        A resumable stream is also stopped on the server (a Cancel call is sent without
+        waiting for its answer), not just left to its detach grace."""
         self._cancel_requested = True
+        if self._resumer is not None and self.stream_id is not None and not self._finished:
+            self._cancel_call = self._resumer.send_cancel(self.stream_id)
         return bool(self._call.cancel())
 
     def _close(self) -> None:
@@ -298,8 +413,37 @@ class _BaseTokenStream:
         # first; the server repeats the request id in the trailers.
         self.request_id = self.request_id or request_id_from(metadata)
 
+    def _is_id(self, token: generation_pb2.Token | None) -> bool:
+        """True for a resumable stream's first message, which carries only its id (it is
+        recorded, not handed to the caller)."""
+        if token is None or not token.stream_id:
+            return False
+        self.stream_id = token.stream_id
+        return True
+
+    def _resume_delay(self, err: grpc.RpcError) -> float | None:
+        """Seconds to wait before resuming after ``err``; None: do not resume."""
+        resumer = self._resumer
+        if (resumer is None or self.stream_id is None or self._cancel_requested
+                or err.code() != grpc.StatusCode.UNAVAILABLE):
+            return None
+        info = from_rpc_error(err).error_info
+        if info is not None and info.reason not in _RESUMABLE_REASONS:
+            return None  # the stream itself failed: a Resume would say the same
+        return resumer.next_delay()
+
+    def _resumed_call(self) -> Any:
+        assert self._resumer is not None and self.stream_id is not None
+        self.resumes += 1
+        return self._resumer.open(self.stream_id, self.position)
+
     def _accept(self, token: generation_pb2.Token | None) -> generation_pb2.Token | None:
         """Record ``token``; ``None`` (end of stream) is returned only after a final Token."""
+        if token is not None and self.stream_id is not None:
+            if token.chunk_count:
+                self.position = token.position + token.chunk_count
+            if self._resumer is not None:
+                self._resumer.failures = 0  # progress: a fresh set of attempts
         if token is None:
             self._finished = True
             if self.final is None:

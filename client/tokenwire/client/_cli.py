@@ -83,13 +83,33 @@ def main(argv: list[str] | None = None) -> int:
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
-    stream = client.generate(args.model, prompt, system=args.system, **_request_params(args))
+    stream = client.generate(args.model, prompt, system=args.system, **_request_params(args),
+                             resumable=args.resumable)
+    return _print_stream(stream, args)
+
+
+def _resume(client: Client, args: argparse.Namespace) -> int:
+    return _print_stream(client.resume(args.stream_id, args.after), args)
+
+
+def _cancel(client: Client, args: argparse.Namespace) -> int:
+    stopped = client.cancel(args.stream_id)
+    print("stopped" if stopped else "already ended (finished, failed or cancelled before)")
+    return EXIT_OK
+
+
+def _print_stream(stream: TokenStream, args: argparse.Namespace) -> int:
     out = _TokenPrinter(args.json)
     try:
         out.show(stream)
     except KeyboardInterrupt:
         out.end_line()
-        print("tokenwire: interrupted; the call was cancelled", file=sys.stderr)
+        if stream.stream_id is not None:
+            print(f"tokenwire: interrupted; the stream goes on for its detach grace: "
+                  f"`tokenwire resume {stream.stream_id} --after {stream.position}` continues "
+                  f"it, `tokenwire cancel {stream.stream_id}` stops it", file=sys.stderr)
+        else:
+            print("tokenwire: interrupted; the call was cancelled", file=sys.stderr)
         return EXIT_INTERRUPTED
     if not args.quiet:
         print(_stats(stream.completion), file=sys.stderr)
@@ -158,9 +178,14 @@ class _TokenPrinter:
         self.open_line = False
 
     def show(self, stream: TokenStream) -> None:
+        told = False
         try:
             with stream:
                 for token in stream:
+                    if not told and stream.stream_id is not None:
+                        told = True  # before the text, so that a kill cannot lose it
+                        print(f"tokenwire: stream id {stream.stream_id}", file=sys.stderr,
+                              flush=True)
                     self._token(token)
         finally:
             self.end_line()
@@ -343,7 +368,26 @@ def _parser() -> argparse.ArgumentParser:
     cmd.add_argument("model")
     cmd.add_argument("prompt", nargs="?", help="prompt text; '-' or omitted: read stdin")
     cmd.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
+    cmd.add_argument(
+        "--resumable", action="store_true",
+        help="make the stream resumable: its id goes to stderr; it survives this command "
+             "being killed for the server's detach grace, and resumes by itself when the "
+             "connection drops")
     cmd.set_defaults(handler=_generate)
+
+    cmd = commands.add_parser("resume", help="continue a resumable stream")
+    cmd.add_argument("stream_id", metavar="ID")
+    cmd.add_argument(
+        "--after", type=int, default=0, metavar="N",
+        help="chunks already received (position + chunk_count of the last Token; default "
+             "0: replay from the start)")
+    cmd.add_argument("--json", action="store_true", help="print each Token as a JSON line")
+    cmd.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
+    cmd.set_defaults(handler=_resume)
+
+    cmd = commands.add_parser("cancel", help="stop a resumable stream")
+    cmd.add_argument("stream_id", metavar="ID")
+    cmd.set_defaults(handler=_cancel)
 
     cmd = commands.add_parser(
         "chat", parents=[generation], help="interactive chat", description=_CHAT_HELP

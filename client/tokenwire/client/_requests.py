@@ -66,9 +66,12 @@ def build_generate_request(
     think: ThinkLike | None = None,
     suffix: str = "",
     raw: bool = False,
+    resumable: bool = False,
+    detach_grace: KeepAliveLike | None = None,
 ) -> generation_pb2.GenerateRequest:
     """Build a ``GenerateRequest``; unset arguments keep the model's defaults."""
     return generation_pb2.GenerateRequest(
+        resumable=_resumable(resumable, detach_grace),
         model=model,
         prompt=prompt,
         system=system or "",
@@ -91,9 +94,12 @@ def build_chat_request(
     format: FormatLike | None = None,
     keep_alive: KeepAliveLike | None = None,
     think: ThinkLike | None = None,
+    resumable: bool = False,
+    detach_grace: KeepAliveLike | None = None,
 ) -> generation_pb2.ChatRequest:
     """Build a ``ChatRequest`` from messages given as ``Message`` or ``{"role", "content"}``."""
     return generation_pb2.ChatRequest(
+        resumable=_resumable(resumable, detach_grace),
         model=model,
         messages=[build_message(m) for m in messages],
         tools=[build_tool(t) for t in tools],
@@ -239,3 +245,11 @@ def _duration(value: KeepAliveLike | None) -> duration_pb2.Duration | None:
     else:
         duration.FromNanoseconds(round(value * 1_000_000_000))
     return duration
+
+
+def _resumable(resumable: bool, detach_grace: KeepAliveLike | None
+               ) -> generation_pb2.Resumable | None:
+    """The ``resumable`` field: set when asked for (a grace implies it)."""
+    if not resumable and detach_grace is None:
+        return None
+    return generation_pb2.Resumable(detach_grace=_duration(detach_grace))

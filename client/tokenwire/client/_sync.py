@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
 import grpc
 
-from tokenwire.client._base import OnToken, _BaseClient, _BaseTokenStream, _Unary
+from tokenwire.client._base import OnToken, Resumer, _BaseClient, _BaseTokenStream, _Unary
+from tokenwire.client._requests import build_chat_request, build_generate_request
 from tokenwire.client._types import (
     USE_DEFAULT,
     ChatParams,
@@ -73,19 +75,27 @@ class TokenStream(_BaseTokenStream):
     def _read(self) -> generation_pb2.Token | None:
         if self._finished:
             return None
-        try:
-            if not self._have_metadata:
-                self._on_metadata(self._call.initial_metadata())
-            token = next(self._call, None)
-            if token is not None and token.done:
-                next(self._call, None)  # the status: the call is over once `final` is set
-                if self.request_id is None:
-                    self._on_trailers(self._call.trailing_metadata())
-        except grpc.RpcError as err:
-            raise self._failure(err) from None
-        except BaseException:  # Ctrl-C while blocked: leave no call running
-            self._close()
-            raise
+        while True:
+            try:
+                if not self._have_metadata:
+                    self._on_metadata(self._call.initial_metadata())
+                token = next(self._call, None)
+                if self._is_id(token):
+                    continue
+                if token is not None and token.done:
+                    next(self._call, None)  # the status: the call is over once `final` is set
+                    if self.request_id is None:
+                        self._on_trailers(self._call.trailing_metadata())
+                break
+            except grpc.RpcError as err:
+                delay = self._resume_delay(err)
+                if delay is None:
+                    raise self._failure(err) from None
+                time.sleep(delay)
+                self._call = self._resumed_call()
+            except BaseException:  # Ctrl-C while blocked: leave no call running
+                self._close()
+                raise
         return self._accept(token)
 
 
@@ -112,8 +122,46 @@ class Client(_BaseClient[TokenStream]):
             return grpc.insecure_channel(self.target, options=self.options)
         return grpc.secure_channel(self.target, self.credentials, options=self.options)
 
-    def _open_stream(self, method: Any, kwargs: dict[str, Any]) -> TokenStream:
-        return TokenStream(method(**kwargs), kwargs["metadata"])
+    def _open_stream(self, method: Any, kwargs: dict[str, Any],
+                     resumer: Resumer | None = None) -> TokenStream:
+        return TokenStream(method(**kwargs), kwargs["metadata"], resumer)
+
+    def start(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        timeout: TimeoutLike = USE_DEFAULT,
+        metadata: MetadataLike | None = None,
+        **params: Unpack[GenerateParams],
+    ) -> str:
+        """Start a resumable Generate without reading it; returns its stream id (read it
+        with ``resume``, stop it with ``cancel``)."""
+        request = build_generate_request(model, prompt, **params)
+        return self._run(self._prepare_start(request, timeout, metadata))
+
+    def start_chat(
+        self,
+        model: str,
+        messages: Sequence[MessageLike],
+        *,
+        timeout: TimeoutLike = USE_DEFAULT,
+        metadata: MetadataLike | None = None,
+        **params: Unpack[ChatParams],
+    ) -> str:
+        """Start a resumable Chat without reading it; returns its stream id."""
+        request = build_chat_request(model, messages, **params)
+        return self._run(self._prepare_start(request, timeout, metadata))
+
+    def cancel(
+        self,
+        stream_id: str,
+        *,
+        timeout: TimeoutLike = USE_DEFAULT,
+        metadata: MetadataLike | None = None,
+    ) -> bool:
+        """Stop a resumable stream; True if it was still generating."""
+        return self._run(self._prepare_cancel(stream_id, timeout, metadata))
 
     def __enter__(self) -> Self:
         return self

@@ -69,6 +69,8 @@ class GenerateParams(TypedDict, total=False):
     think: ThinkLike | None
     suffix: str
     raw: bool
+    resumable: bool
+    detach_grace: KeepAliveLike | None
 
 
 class ChatParams(TypedDict, total=False):
@@ -79,6 +81,8 @@ class ChatParams(TypedDict, total=False):
     format: FormatLike | None
     keep_alive: KeepAliveLike | None
     think: ThinkLike | None
+    resumable: bool
+    detach_grace: KeepAliveLike | None
 
 
 @dataclass(frozen=True, slots=True)
