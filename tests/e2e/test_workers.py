@@ -162,3 +162,29 @@ async def test_workers_share_the_health_port(fake: FakeOllama) -> None:
         assert workers == {0, 1}
         server.proc.send_signal(signal.SIGTERM)
         assert await server.exited() == 0, server.output
+
+
+async def test_workers_refuse_resumable_streams_saying_why(fake: FakeOllama) -> None:
+    """A Resume could reach a worker that does not hold the stream: refused, not lost."""
+    async with server_process(fake.url, *WORKERS) as server:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = GenerationServiceStub(channel)
+            calls = [
+                stub.Generate(pb.GenerateRequest(model="tiny", prompt="p",
+                                                 resumable=pb.Resumable())),
+                stub.Resume(pb.ResumeRequest(stream_id="A" * 24)),
+            ]
+            for call in calls:
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    async for _ in call:
+                        pass
+                assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert "--workers 1" in (caught.value.details() or "")
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Start(pb.StartRequest(generate=pb.GenerateRequest(
+                    model="tiny", prompt="p")))
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            # Plain streams are served as before.
+            tokens = [t async for t in stub.Generate(pb.GenerateRequest(model="tiny",
+                                                                        prompt="p"))]
+            assert tokens[-1].done

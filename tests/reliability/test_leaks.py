@@ -234,3 +234,109 @@ async def test_cancel_at_the_last_token_releases_everything(make_runtime: MakeRu
           f"{len(pool._requests)} open pool requests")
     assert runtime.servicer.active_streams == 0
     assert busy == 0
+
+
+RESUME_MODES = ("resume_mid_stream", "abandon", "cancel", "complete", "replay_after_end")
+
+
+async def _resumable_one(stub: GenerationServiceStub, rng: random.Random, mode: str,
+                         full: str) -> str:
+    """One resumable stream, left and taken up again (or not) as ``mode`` says; checks
+    that what the caller gets adds up to the whole answer, each chunk once."""
+    request = pb.GenerateRequest(model="tiny", prompt="storm", resumable=pb.Resumable())
+    call = stub.Generate(request, timeout=10)
+    try:
+        head = await call.read()
+        assert head is not grpc.aio.EOF and head.stream_id
+        stream_id, text, after = head.stream_id, "", 0
+        for _ in range(rng.randint(1, 4) if mode != "complete" else 10_000):
+            token = await call.read()
+            if token is grpc.aio.EOF:
+                break
+            text, after = text + token.text, token.position + token.chunk_count
+        call.cancel()  # the caller goes away; the stream does not
+        if mode == "abandon":
+            return "ABANDONED"
+        if mode == "cancel":
+            await stub.Cancel(pb.CancelRequest(stream_id=stream_id), timeout=5)
+            return "CANCELLED_BY_ID"
+        if mode == "replay_after_end":
+            await asyncio.sleep(0.1)
+            text, after = "", 0
+        async for token in stub.Resume(pb.ResumeRequest(stream_id=stream_id, after=after),
+                                       timeout=10):
+            assert token.position == after
+            text, after = text + token.text, token.position + token.chunk_count
+        assert text == full, (mode, text)  # each chunk once, whatever was left where
+        return "RESUMED_WHOLE"
+    except grpc.aio.AioRpcError as err:
+        return str(err.code().name)
+
+
+async def test_resumable_storm_keeps_its_bounds_and_leaks_nothing(
+        make_runtime: MakeRuntime, fake: FakeOllama, admission_made: list[RecordingAdmission],
+        figures: dict[str, Any]) -> None:
+    """1,000 resumable streams dropped at random points, resumed, abandoned past their
+    grace, cancelled by id and replayed after their end, with bounds small enough to
+    drop finished streams: nothing is left generating, held or running afterwards."""
+    streams_n = STORM // 2
+    runtime = await make_runtime(max_streams=CONCURRENCY * 4,
+                                 max_streams_per_caller=CONCURRENCY * 4, detach_grace=0.2,
+                                 resume_retention=0.6, resume_max_stream_bytes=64 << 10,
+                                 resume_max_bytes=4 << 20)
+    (admission,) = admission_made
+    kept = runtime.servicer.streams
+    assert kept is not None
+    full = "".join(fake.tokens)
+    rng = random.Random(20261202)
+    async with grpc.aio.insecure_channel(runtime.target) as channel:
+        stub = GenerationServiceStub(channel)
+        fake.token_delay = 0.002
+        await asyncio.gather(*(_one(stub, rng, "complete", full) for _ in range(CONCURRENCY)))
+        await asyncio.sleep(0.2)
+        before = _counts(runtime, fake, admission)
+        gate = asyncio.Semaphore(CONCURRENCY)
+        outcomes: collections.Counter[tuple[str, str]] = collections.Counter()
+        peak = 0
+
+        async def bounded(mode: str) -> None:
+            nonlocal peak
+            async with gate:
+                outcomes[(mode, await _resumable_one(stub, rng, mode, full))] += 1
+                peak = max(peak, kept.budget.held)
+
+        modes = [RESUME_MODES[i % len(RESUME_MODES)] for i in range(streams_n)]
+        rng.shuffle(modes)
+        started = time.perf_counter()
+        await asyncio.gather(*(bounded(m) for m in modes))
+        duration = time.perf_counter() - started
+        # Past every grace and every retention: nothing may be left.
+        after = _counts(runtime, fake, admission)
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            after = _counts(runtime, fake, admission)
+            if (len(kept) == 0 and after.fake_streaming == after.relays == after.admitted
+                    == after.pool_busy == 0 and after.tasks_net <= before.tasks_net
+                    and after.fds_net <= before.fds_net):
+                break
+    by_mode: dict[str, dict[str, int]] = {}
+    for (mode, code), n in sorted(outcomes.items()):
+        by_mode.setdefault(mode, {})[code] = n
+    leaks = {"streams_kept": len(kept), "bytes_held": kept.budget.held,
+             "upstream_streams_open": after.fake_streaming, "relays": after.relays,
+             "admission_slots": after.admitted, "pool_connections_busy": after.pool_busy,
+             "tasks": after.tasks_net - before.tasks_net, "fds": after.fds_net - before.fds_net}
+    print(f"\nresumable storm: {streams_n} streams, {CONCURRENCY} at a time, in "
+          f"{duration:.2f} s; peak held {peak} bytes of {kept.retention.max_bytes}")
+    for mode, codes in by_mode.items():
+        print(f"  {mode:<18} {codes}")
+    print(f"  leaks: {leaks}")
+    figures["resumable storm"] = {"streams": streams_n, "duration_s": round(duration, 2),
+                                  "peak_bytes": peak, "outcomes": by_mode, "leaks": leaks}
+    assert sum(outcomes.values()) == streams_n
+    assert peak <= kept.retention.max_bytes
+    assert all(v == 0 for v in leaks.values()), leaks
+    assert by_mode["resume_mid_stream"] == {"RESUMED_WHOLE": modes.count("resume_mid_stream")}
+    assert by_mode["replay_after_end"] == {"RESUMED_WHOLE": modes.count("replay_after_end")}
+    assert set(by_mode["abandon"]) == {"ABANDONED"}
+    assert not fake.errors

@@ -56,7 +56,7 @@ def split_message(token: pb.Token, budget: int) -> list[pb.Token]:
     """Cuts a Token whose encoding is over ``budget`` bytes into Tokens that each fit:
     its text, then its thinking text, then its tool calls. Concatenating the parts'
     texts gives the token's text (and so for thinking); only the last part carries
-    ``chunk_count``. A single tool call too large for a message is a ProtocolError."""
+    ``chunk_count``, and every part the token's ``position``. A single tool call too large for a message is a ProtocolError."""
     room = budget - _PART_OVERHEAD
     parts = [pb.Token(text=piece) for piece in _cut(token.text, room)]
     parts += [pb.Token(thinking=piece) for piece in _cut(token.thinking, room)]
@@ -73,6 +73,9 @@ def split_message(token: pb.Token, budget: int) -> list[pb.Token]:
     if current.tool_calls or not parts:
         parts.append(current)
     parts[-1].chunk_count = token.chunk_count
+    if token.position:  # a resumable stream's: every part is of the same chunks
+        for part in parts:
+            part.position = token.position
     return parts
 
 _SENTENCE_END = re.compile(r"[.!?\n]\s*$")

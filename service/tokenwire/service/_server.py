@@ -189,13 +189,14 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
                               max_pending_bytes=min(4 << 20, settings.max_message_bytes),
                               max_message_bytes=settings.max_message_bytes),
         metrics=metrics,
-        streams=None if settings.workers > 1 else Streams(Retention(
+        # A --workers process (reuse_port): a Resume could reach another worker.
+        streams=None if reuse_port or settings.workers > 1 else Streams(Retention(
             detach_grace=settings.detach_grace, retention=settings.resume_retention,
             max_stream_bytes=settings.resume_max_stream_bytes,
             max_bytes=settings.resume_max_bytes)),
-        no_streams=f"resumable streams need one server process: with --workers "
-                   f"{settings.workers} a Resume could reach a worker that does not hold the "
-                   "stream; run with --workers 1",
+        no_streams="resumable streams need one server process: with --workers, a Resume "
+                   "could reach a worker that does not hold the stream; run the server with "
+                   "--workers 1 for resumable streams",
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         servicer, server)
