@@ -91,20 +91,25 @@ class HttpPath(Path):
 
 
 class GrpcPath(Path):
-    def __init__(self, target: str, model: str) -> None:
+    def __init__(self, target: str, model: str, resumable: bool = False) -> None:
         from tokenwire.client import AsyncClient
 
         self.client = AsyncClient(target)
         self.model = model
+        self.resumable = resumable
+        #: The stream id of the last resumable stream read.
+        self.last_id: str | None = None
 
     async def run(self, prompt: str, on_text: OnText) -> bool:
         done = False
-        async with self.client.generate(self.model, prompt) as stream:
+        async with self.client.generate(self.model, prompt,
+                                        resumable=self.resumable) as stream:
             async for token in stream:
                 arrival = time.time_ns()
                 if not on_text(token.text, arrival):
                     raise Stopped  # leaving the block cancels the call
                 done = done or token.done
+            self.last_id = stream.stream_id
         return done
 
     async def aclose(self) -> None:
@@ -234,6 +239,31 @@ async def ttft(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     return {"mode": "ttft", "proto": args.proto, "errors": errors, "ttft_ns": quantiles(samples)}
 
 
+async def resume(args: argparse.Namespace, path: Path) -> dict[str, Any]:
+    """Reads a resumable stream to its end, then times a Resume from chunk 0 to its first
+    replayed text (the replay path: no upstream involved)."""
+    assert isinstance(path, GrpcPath) and path.resumable
+    samples: list[int] = []
+    errors = 0
+    for i in range(args.warmup_requests + args.requests):
+        try:
+            done = await path.run(prompt(args.tokens, args.interval_us), lambda *_: True)
+            assert done and path.last_id
+            t0 = time.time_ns()
+            first = 0
+            async with path.client.resume(path.last_id) as stream:
+                async for token in stream:
+                    if token.text and not first:
+                        first = time.time_ns()
+        except Exception:
+            errors += 1
+            continue
+        if i >= args.warmup_requests and first:
+            samples.append(first - t0)
+    return {"mode": "resume", "proto": args.proto, "errors": errors,
+            "first_replayed_ns": quantiles(samples)}
+
+
 async def cancel(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     cancel_at: dict[str, int] = {}
     errors = 0
@@ -285,10 +315,11 @@ async def cancel(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     path: Path
     if args.proto == "grpc":
-        path = GrpcPath(args.target, args.model)
+        path = GrpcPath(args.target, args.model, args.resumable)
     else:
         path = HttpPath(args.target, args.proto == "sse", args.model)
-    mode = {"throughput": throughput, "ttft": ttft, "cancel": cancel}[args.mode]
+    mode = {"throughput": throughput, "ttft": ttft, "cancel": cancel,
+            "resume": resume}[args.mode]
     out = await mode(args, path)
     if args.mode != "throughput":
         await path.aclose()
@@ -298,7 +329,10 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("throughput", "ttft", "cancel"), default="throughput")
+    parser.add_argument("--mode", choices=("throughput", "ttft", "cancel", "resume"),
+                        default="throughput")
+    parser.add_argument("--resumable", type=lambda v: v.lower() in ("1", "true", "yes"),
+                        default=False, help="grpc: ask for resumable streams")
     parser.add_argument("--proto", choices=("grpc", "ndjson", "sse"), default="grpc")
     parser.add_argument("--target", required=True, help="host:port (loopback)")
     parser.add_argument("--model", default="bench")

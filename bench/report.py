@@ -213,6 +213,28 @@ def render(results: dict[str, Any]) -> str:
                 run = failover.get(label)
                 out(f"| {label} | {_ms(_get(run, 'ttft_ns', 'p50'))} "
                     f"| {_ms(_get(run, 'ttft_ns', 'p99'))} |")
+    resumed = ph.get("resume", {})
+    if resumed:
+        out("")
+        out("## Resumable streams (issue #12), Python reader, back to back")
+        out("")
+        out("| stream, zero delay, 100 streams | tokens/s | CPU µs/token |")
+        out("|---|---|---|")
+        for label in ("plain", "resumable"):
+            run = resumed.get("cpu", {}).get(label)
+            out(f"| {label} | {_num(_get(run, 'tokens_per_s'))} "
+                f"| {_num(cpu_us_per_token(run, clk), '{:.2f}')} |")
+        out("")
+        out("| time to first token | p50, ms | p99, ms |")
+        out("|---|---|---|")
+        for label in ("plain", "resumable"):
+            run = resumed.get("ttft", {}).get(label)
+            out(f"| {label} start | {_ms(_get(run, 'ttft_ns', 'p50'))} "
+                f"| {_ms(_get(run, 'ttft_ns', 'p99'))} |")
+        replay = resumed.get("replay")
+        out(f"| Resume of a finished stream: first replayed token "
+            f"| {_ms(_get(replay, 'first_replayed_ns', 'p50'))} "
+            f"| {_ms(_get(replay, 'first_replayed_ns', 'p99'))} |")
     out("")
     out("## Targets (ratios within this run)")
     out("")
@@ -321,6 +343,22 @@ def targets(results: dict[str, Any], clk: int) -> list[tuple[str, str, bool | No
         d = (moved - direct) / 1e6
         rows.append(("failover after a refused connection: first token ≤ 50 ms later (p99)",
                      f"{d:+.2f} ms", d <= 50))
+    resumed = ph.get("resume", {})
+    cpu = resumed.get("cpu", {})
+    r = _ratio(cpu_us_per_token(cpu.get("resumable"), clk), cpu_us_per_token(cpu.get("plain"), clk))
+    if r is not None:
+        rows.append(("resumable streams (memory) CPU/token ≤ 1.3× plain, zero delay, 100 streams",
+                     f"{r:.2f}×", r <= 1.3))
+    ttft = resumed.get("ttft", {})
+    plain, kept = (_get(ttft, k, "ttft_ns", "p50") for k in ("plain", "resumable"))
+    if plain is not None and kept is not None:
+        d = (kept - plain) / 1e6
+        rows.append(("resumable start: TTFT overhead over plain p50 ≤ 1 ms", f"{d:+.2f} ms",
+                     d <= 1))
+    first = _get(resumed.get("replay"), "first_replayed_ns", "p50")
+    if first is not None:
+        rows.append(("Resume: first replayed token p50 ≤ 5 ms", f"{first / 1e6:.2f} ms",
+                     first / 1e6 <= 5))
     return rows
 
 

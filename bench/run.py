@@ -498,13 +498,40 @@ class Bench:
             self.restart("gateway")
         self.results["phases"]["backends"] = runs
 
+    def phase_resume(self) -> None:
+        """Issue #12's figures, Python reader, one gateway, back to back: CPU per token of
+        resumable streams (in-memory buffer) against plain ones (zero delay, 100 streams;
+        alternating rounds, the median of each stands); time to first token of both; a
+        Resume's first replayed token."""
+        s = self.sizes
+        runs: dict[str, Any] = {}
+        for label, resumable in (("plain", "false"), ("resumable", "true")) * (
+                2 if self.args.quick else 3):
+            self.log(f"{label}: zero delay, 100 streams, C.py")
+            out = self.read("C.py", "throughput", streams=100, tokens=s.agg_tokens,
+                            warmup=s.warmup, window=s.window, resumable=resumable)
+            runs.setdefault("cpu_rounds", {}).setdefault(label, []).append(out)
+            self.log(f"  {out['tokens_per_s']:,.0f} tokens/s")
+        runs["cpu"] = {label: sorted(rounds, key=lambda r: r["server_cpu_ticks"]
+                                     / max(r["tokens"], 1))[len(rounds) // 2]
+                       for label, rounds in runs["cpu_rounds"].items()}
+        for label, resumable in (("plain", "false"), ("resumable", "true")):
+            self.log(f"time to first token, {label}, C.py")
+            runs.setdefault("ttft", {})[label] = self.read(
+                "C.py", "ttft", tokens=8, requests=s.ttft_requests,
+                warmup_requests=s.ttft_warmup, resumable=resumable)
+        self.log("Resume: first replayed token, C.py")
+        runs["replay"] = self.read("C.py", "resume", tokens=64, requests=s.ttft_requests,
+                                   warmup_requests=s.ttft_warmup, resumable="true")
+        self.results["phases"]["resume"] = runs
+
     def run(self) -> dict[str, Any]:
         self.results["meta"] = meta(self.args)
         self.start_all()
         try:
             phases = self.args.phases.split(",")
             for name in ("throughput", "ttft", "cancel", "paced", "curve", "workers",
-                         "backends"):
+                         "backends", "resume"):
                 if "all" in phases or name in phases:
                     getattr(self, f"phase_{name}")()
         finally:
@@ -559,7 +586,7 @@ def main() -> None:
                         help="also write bench/results/<date>-<machine>.{json,md} to commit")
     parser.add_argument("--phases", default="all",
                         help="comma list of throughput,ttft,cancel,paced,curve,workers,"
-                             "backends (default all)")
+                             "backends,resume (default all)")
     parser.add_argument("--server-cmd", default=str(Path(sys.executable).with_name(
         "tokenwire-server")), help="tokenwire server command (default: the venv's)")
     parser.add_argument("--server-pythonpath", default="",
