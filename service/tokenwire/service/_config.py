@@ -151,6 +151,10 @@ class Settings:
     resume_max_stream_bytes: int = field(default=8 << 20, metadata={
         "help": "bytes one resumable stream may hold (the engine's frames); a longer answer "
                 "ends with RESOURCE_EXHAUSTED"})
+    redis_url: str = field(default="", metadata={
+        "help": "Redis URL (redis://host:port/db, rediss://, unix://) where resumable streams "
+                "are mirrored, so that any replica (and any --workers process) serves Resume "
+                "and Cancel; empty = this process's memory only"})
     resume_max_bytes: int = field(default=512 << 20, metadata={
         "help": "bytes all resumable streams may hold together; finished ones are dropped "
                 "oldest first to make room, and a start with no room is refused with "
@@ -213,6 +217,7 @@ class Settings:
         live in the callers file or TOKENWIRE_AUTH_TOKENS, which are not settings)."""
         values = dataclasses.asdict(self)
         values["ollama_url"] = redact_url(self.resolved_ollama_url())
+        values["redis_url"] = redact_url(self.redis_url)
         return values
 
     def describe(self) -> str:
@@ -310,6 +315,10 @@ def parse_settings(argv: Sequence[str] | None = None,
     if settings.resume_max_stream_bytes > settings.resume_max_bytes:
         parser.error("--resume-max-stream-bytes is over --resume-max-bytes: no resumable "
                      "stream could start")
+    if settings.redis_url and not settings.redis_url.startswith(("redis://", "rediss://",
+                                                                  "unix://")):
+        parser.error(f"--redis-url {redact_url(settings.redis_url)!r} is not a Redis URL "
+                     "(redis://host:6379/0, rediss:// for TLS, or unix:///path/to/socket)")
     if settings.upstreams_file and settings.ollama_url:
         parser.error("--ollama-url and --upstreams-file: set one (the file names every "
                      "upstream, Ollama hosts included)")

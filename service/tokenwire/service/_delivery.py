@@ -56,7 +56,8 @@ def split_message(token: pb.Token, budget: int) -> list[pb.Token]:
     """Cuts a Token whose encoding is over ``budget`` bytes into Tokens that each fit:
     its text, then its thinking text, then its tool calls. Concatenating the parts'
     texts gives the token's text (and so for thinking); only the last part carries
-    ``chunk_count``, and every part the token's ``position``. A single tool call too large for a message is a ProtocolError."""
+    ``chunk_count``, and every part the token's ``position``. A single tool call too
+    large for a message is a ProtocolError."""
     room = budget - _PART_OVERHEAD
     parts = [pb.Token(text=piece) for piece in _cut(token.text, room)]
     parts += [pb.Token(thinking=piece) for piece in _cut(token.thinking, room)]

@@ -10,6 +10,8 @@ Health service names, all answered by the one HealthServicer (on the main port a
                                     and its circuit is closed
     "liveness"                      SERVING while the process serves; NOT_SERVING once
                                     shutdown begins; never follows Ollama
+    "resumable"                     with --redis-url: SERVING while Redis answers (resumable
+                                    starts are refused meanwhile; plain calls are not)
 
 They are apart because a liveness probe that follows Ollama makes Kubernetes restart
 every healthy gateway during an Ollama outage, which fixes nothing and drops the calls
@@ -28,12 +30,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ._metrics import Metrics
 from .backends._router import Router
 
-__all__ = ["LIVENESS", "READINESS", "HealthEndpoint", "HealthMonitor"]
+__all__ = ["LIVENESS", "READINESS", "RESUMABLE", "HealthEndpoint", "HealthMonitor"]
 
 log = logging.getLogger("tokenwire.service")
 
 LIVENESS = "liveness"
 READINESS = "readiness"
+RESUMABLE = "resumable"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -88,6 +91,16 @@ class HealthMonitor:
         for name in self._services:
             await self._servicer.set(name, status)
 
+    def resumable(self, up: bool) -> None:
+        """Redis (the store of resumable streams) is reachable or not: the "resumable"
+        health name and ``tokenwire_redis_up`` follow it."""
+        if self._metrics is not None:
+            self._metrics.redis_reachable(up)
+        status = _SERVING if up and not self._stopping else _NOT_SERVING
+        task = asyncio.get_running_loop().create_task(self._servicer.set(RESUMABLE, status))
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
     async def check_once(self) -> bool:
         await self._router.probe_all(min(self._interval, 5.0))
         if not self._stopping:
@@ -118,6 +131,7 @@ class HealthMonitor:
             await asyncio.wait([self._task])
         await self._publish(False)
         await self._servicer.set(LIVENESS, _NOT_SERVING)
+        await self._servicer.set(RESUMABLE, _NOT_SERVING)
 
 
 class HealthEndpoint:

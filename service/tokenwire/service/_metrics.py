@@ -81,6 +81,9 @@ class Metrics:
                                   "1 when the last health probe reached the upstream (by its "
                                   "configured name) and its circuit is closed, else 0",
                                   ("upstream",), registry=reg, multiprocess_mode="livemin")
+        self._redis_up = Gauge("tokenwire_redis_up",
+                               "With --redis-url: 1 while Redis (the store of resumable streams) "
+                               "answers, else 0", registry=reg, multiprocess_mode="livemin")
         self._prompt_tokens = self._tokens.labels("prompt")
         self._completion_tokens = self._tokens.labels("completion")
         # Labelled children by label values: ``labels()`` validates and locks on every use.
@@ -118,6 +121,9 @@ class Metrics:
     def upstream_reachable(self, upstream: str, up: bool) -> None:
         """``upstream``: a configured name (bounded by the configuration)."""
         self._child(self._upstream_up, upstream).set(1 if up else 0)
+
+    def redis_reachable(self, up: bool) -> None:
+        self._redis_up.set(1 if up else 0)
 
     def forget_upstream(self, upstream: str) -> None:
         """An upstream left the configuration: its series goes too."""

@@ -30,6 +30,7 @@ from .guard._auth import CallerRegistry
 from .guard._http2 import core_options, settle_malloc
 from .guard._interceptor import GuardInterceptor
 from .resume import Retention, Streams
+from .resume._redis import RedisStreams
 
 __all__ = ["SERVICE_NAME", "Runtime", "build_server", "serve", "upstreams_of"]
 
@@ -92,6 +93,9 @@ class Runtime:
         await self.server.stop(None)
         await stopping
         await self.router.aclose()
+        streams = self.servicer.streams
+        if streams is not None and streams.redis is not None:
+            await streams.redis.aclose()
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.aclose()
         if self.health_endpoint is not None:
@@ -175,6 +179,11 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
             *core_options(settings.max_pending_calls),
         ],
     )
+    redis = None
+    if settings.redis_url:
+        redis = RedisStreams(settings.redis_url, retention=settings.resume_retention,
+                             max_entries=max(settings.resume_max_stream_bytes // 16, 1024),
+                             connect_timeout=settings.connect_timeout)
     servicer = GenerationServicer(
         router,
         limits=Limits(max_prompt_bytes=settings.max_prompt_bytes,
@@ -189,14 +198,15 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
                               max_pending_bytes=min(4 << 20, settings.max_message_bytes),
                               max_message_bytes=settings.max_message_bytes),
         metrics=metrics,
-        # A --workers process (reuse_port): a Resume could reach another worker.
-        streams=None if reuse_port or settings.workers > 1 else Streams(Retention(
-            detach_grace=settings.detach_grace, retention=settings.resume_retention,
-            max_stream_bytes=settings.resume_max_stream_bytes,
-            max_bytes=settings.resume_max_bytes)),
-        no_streams="resumable streams need one server process: with --workers, a Resume "
-                   "could reach a worker that does not hold the stream; run the server with "
-                   "--workers 1 for resumable streams",
+        # A --workers process (reuse_port) without Redis: a Resume could reach another
+        # worker, which would not have the stream.
+        streams=None if (reuse_port or settings.workers > 1) and redis is None else Streams(
+            Retention(detach_grace=settings.detach_grace, retention=settings.resume_retention,
+                      max_stream_bytes=settings.resume_max_stream_bytes,
+                      max_bytes=settings.resume_max_bytes), redis),
+        no_streams="resumable streams need one server process or a shared store: with "
+                   "--workers, a Resume could reach a worker that does not hold the stream; "
+                   "run the server with --workers 1, or give it --redis-url",
     )
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         servicer, server)
@@ -219,6 +229,10 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
     if settings.metrics_listen:
         endpoint = MetricsEndpoint(metrics.registry)
         await endpoint.start(settings.metrics_listen)
+    if redis is not None:
+        redis.on_state = lambda up: monitor.resumable(up)
+        await redis.start()
+        monitor.resumable(redis.up)
     await router.start()  # discover=true upstreams are listed before the first call
     await monitor.prime()
     await server.start()

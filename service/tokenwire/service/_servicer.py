@@ -23,7 +23,13 @@ from ._delivery import Grouper, split_message
 from ._exceptions import TruncatedStream
 from ._metrics import Metrics
 from ._relay import Opener, Relay
-from ._status import ResponseTooLarge, ShuttingDown, map_errors, send_initial_metadata
+from ._status import (
+    ResponseTooLarge,
+    ShuttingDown,
+    map_errors,
+    send_initial_metadata,
+    status_for,
+)
 from ._validate import (
     Limits,
     ValidationFailed,
@@ -39,6 +45,7 @@ from .backends._router import Router
 from .guard._auth import may_use_model, principal_var
 from .guard._interceptor import take_admission
 from .resume import Cursor, PositionOutOfRange, ResumableStream, ResumeUnavailable, Streams
+from .resume._redis import RemoteStream
 
 __all__ = ["GenerationServicer", "StreamSettings"]
 
@@ -196,7 +203,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         started = time.perf_counter()  # figures: loop.time() is 1 ms coarse under uvloop
         self._prepare(request)
         if request.HasField("resumable"):
-            stream = self._start(request, started)
+            stream = self._start(request, started, method)
             await send_initial_metadata(context)
             await sink(pb.Token(stream_id=stream.id))
             await self._read(stream, 0, sink, delivery, method)
@@ -232,11 +239,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             await relay.aclose()
 
     async def _pump(self, next_batch: Callable[[], Awaitable[list[Event] | None]], sink: _Sink,
-                    method: str, model: str, relay: Relay, call: Call | None, started: float,
-                    stream: ResumableStream | None = None, position: int = 0) -> None:
+                    method: str, model: str, relay: Relay | None, call: Call | None,
+                    started: float, *, figures: Callable[[Final], pb.Token] | None = None,
+                    position: int | None = None) -> None:
         """Turns batches of events into Tokens until the final one. For a resumable
-        ``stream``, each Token gets its position (``position`` is the first batch's) and
-        the final figures are the stream's, the same for every reader."""
+        stream, each Token gets its position (``position`` is the first batch's) and
+        the final Token's fields are the stream's (``figures``), the same for every
+        reader; otherwise the relay's figures make them."""
         first_sent: float | None = None
         carried = 0  # events folded into no message yet (empty pieces)
         budget = self._stream.message_budget
@@ -253,7 +262,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 continue
             count = token.chunk_count = len(batch) + carried
             carried = 0
-            if stream is not None:
+            if position is not None:
                 token.position = position
                 position += count
             if has_content and first_sent is None:
@@ -265,11 +274,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     if has_content:
                         await sink(token)
                     raise final.error
-                if stream is None:
+                if figures is None:
+                    assert relay is not None
                     self._finish(token, final, relay, started, first_sent, model, call)
                     self._record(method, token.usage)
                 else:
-                    token.MergeFrom(self._figures(stream, final, method))
+                    token.MergeFrom(figures(final))
                 await sink(token)
                 return
             await sink(token)
@@ -288,10 +298,13 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise ResumeUnavailable(self._no_streams)
         return self._streams
 
-    def _start(self, request: StreamRequest, started: float) -> ResumableStream:
+    def _start(self, request: StreamRequest, started: float, method: str) -> ResumableStream:
         """Starts ``request`` as a resumable stream, owned by the current caller; it
-        takes over the call's admission slot until the engine is done."""
+        takes over the call's admission slot until the engine is done. With Redis, it is
+        mirrored there for the other replicas."""
         streams = self._require_streams()
+        if streams.redis is not None:
+            streams.redis.require()
         opener, call = self._opener(request)
         grace = (request.resumable.detach_grace.ToNanoseconds() / 1e9
                  if request.resumable.HasField("detach_grace") else None)
@@ -303,6 +316,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             idle_timeout=self._stream.idle_timeout, retries=self._stream.retries,
             retry_backoff=self._stream.retry_backoff, failover=call)
         stream.release = take_admission()
+        stream.figures_of = lambda final: self._figures(stream, final, method)
+        if streams.redis is not None:
+            streams.redis.mirror(stream.id, stream.owner, stream.model, stream.log,
+                                 stream.figures_of, status_for)
         return stream
 
     async def _read(self, stream: ResumableStream, after: int, sink: _Sink,
@@ -316,7 +333,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 and events[-1][3] is not None):
             # The caller has every chunk: the final Token again, with nothing in it.
             token = pb.Token(position=after)
-            token.MergeFrom(self._figures(stream, events[-1][3], method))
+            token.MergeFrom(stream.figures_of(events[-1][3]))
             await sink(token)
             return
         cursor = Cursor(log, after, max_items=self._stream.max_pending_chunks,
@@ -329,9 +346,33 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         streams.attach(stream)
         try:
             await self._pump(next_batch, sink, method, stream.model, log, stream.call,
-                             stream.started, stream, after)
+                             stream.started, figures=stream.figures_of, position=after)
         finally:
             streams.detach(stream)
+
+    async def _read_remote(self, remote: RemoteStream, after: int, sink: _Sink,
+                           delivery: pb.Delivery, method: str) -> None:
+        """Streams a stream another replica generates (or generated), from Redis."""
+        redis = self._require_streams().redis
+        assert redis is not None
+        cursor = redis.cursor(remote, after, max_items=self._stream.max_pending_chunks,
+                              max_bytes=self._stream.max_pending_bytes)
+        everything = await cursor.prelude()
+        if everything is not None:  # the caller has every chunk: the final Token again
+            await sink(everything)
+            return
+
+        def figures(final: Final) -> pb.Token:
+            assert cursor.figures is not None
+            return cursor.figures
+
+        next_batch: Callable[[], Awaitable[list[Event] | None]]
+        if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
+            next_batch = cursor.take
+        else:
+            next_batch = Grouper(cursor, delivery).next
+        await self._pump(next_batch, sink, method, remote.model, None, None, 0.0,
+                         figures=figures, position=after)
 
     def _figures(self, stream: ResumableStream, final: Final, method: str) -> pb.Token:
         """The stream's final fields (done, finish reason, usage, model), built once:
@@ -381,7 +422,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         inner = self._inner(request, "start")
         self._require_streams()
         self._prepare(inner)
-        stream = self._start(inner, started)
+        stream = self._start(inner, started, "Start")
         self._require_streams().unread(stream)  # its grace runs until a Resume
         return pb.StartResponse(stream_id=stream.id)
 
@@ -389,7 +430,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Resume(self, request: pb.ResumeRequest,
                      context: grpc.aio.ServicerContext) -> None:
         validate_resume(request)
-        stream = self._require_streams().get(request.stream_id, principal_var.get())
+        streams = self._require_streams()
+        owner = principal_var.get()
+        stream = streams.local(request.stream_id, owner)
+        if stream is None and streams.redis is not None:  # generated by another replica?
+            remote = await streams.redis.find(request.stream_id, owner)
+            await send_initial_metadata(context)
+            await self._read_remote(remote, request.after, context.write, request.delivery,
+                                    "Resume")
+            return
+        stream = stream or streams.get(request.stream_id, owner)
         produced = len(stream.log.events)
         if request.after > produced:
             raise PositionOutOfRange(
@@ -402,7 +452,12 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                      context: grpc.aio.ServicerContext) -> pb.CancelResponse:
         validate_cancel(request)
         streams = self._require_streams()
-        stream = streams.get(request.stream_id, principal_var.get())
+        owner = principal_var.get()
+        stream = streams.local(request.stream_id, owner)
+        if stream is None and streams.redis is not None:  # generated by another replica?
+            remote = await streams.redis.find(request.stream_id, owner)
+            return pb.CancelResponse(stopped=await streams.redis.cancel(remote))
+        stream = stream or streams.get(request.stream_id, owner)
         stopped = streams.cancel(stream)
         if stopped:
             await stream.log.aclose()  # the engine's connection is closed when this returns

@@ -48,9 +48,11 @@ from .guard._auth import NotAllowed, NotAuthenticated
 from .guard._http2 import MetadataTooLarge
 from .resume._errors import (
     PositionOutOfRange,
+    ReplayedStatus,
     ResumeError,
     ResumeUnavailable,
     RetentionFull,
+    StoreUnavailable,
     StreamCancelled,
     StreamNotFound,
     StreamTooLarge,
@@ -140,6 +142,7 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], 
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE", None),
     (StreamNotFound, grpc.StatusCode.NOT_FOUND, "STREAM_NOT_FOUND", None),
+    (StoreUnavailable, grpc.StatusCode.UNAVAILABLE, "RESUME_STORE_UNAVAILABLE", 1.0),
     (RetentionFull, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESUME_BUFFERS_FULL", 1.0),
     (StreamTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESUME_STREAM_TOO_LARGE", None),
     (StreamCancelled, grpc.StatusCode.CANCELLED, "STREAM_CANCELLED", None),
@@ -175,6 +178,10 @@ def _pack(message: Any) -> any_pb2.Any:
 
 def status_for(exc: Exception) -> grpc.Status:
     """Builds the rich status for one of our exceptions (or any other, as INTERNAL)."""
+    if isinstance(exc, ReplayedStatus):  # a status made elsewhere (another replica's)
+        error_reason_var.set(None)
+        return _Status(exc.code, excerpt(exc.message, MAX_STATUS_MESSAGE),
+                       exc.trailing + request_id_trailer())
     code, reason, retry_after = next(
         ((c, r, after) for cls, c, r, after in STATUS_TABLE if isinstance(exc, cls)),
         (grpc.StatusCode.INTERNAL, "INTERNAL", None),

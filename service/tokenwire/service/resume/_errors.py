@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["PositionOutOfRange", "ResumeError", "ResumeUnavailable", "RetentionFull",
-           "StreamCancelled", "StreamNotFound", "StreamTooLarge"]
+__all__ = ["PositionOutOfRange", "ReplayedStatus", "ResumeError", "ResumeUnavailable",
+           "RetentionFull", "StoreUnavailable", "StreamCancelled", "StreamNotFound",
+           "StreamTooLarge"]
 
 
 class ResumeError(Exception):
@@ -35,3 +36,18 @@ class PositionOutOfRange(ResumeError):
 
 class ResumeUnavailable(ResumeError):
     """This server cannot keep resumable streams in its present configuration."""
+
+
+class StoreUnavailable(ResumeError):
+    """The shared store of resumable streams (Redis) cannot be reached now."""
+
+
+class ReplayedStatus(ResumeError):
+    """A status to end a call with as it is: a stream's own error status read back from
+    Redis (as the replica that generated it sent it), or one built here."""
+
+    def __init__(self, code: object, message: str,
+                 trailing: tuple[tuple[str, str | bytes], ...]) -> None:
+        super().__init__(message)
+        self.code = code
+        self.trailing = trailing

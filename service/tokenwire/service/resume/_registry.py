@@ -25,9 +25,11 @@ from dataclasses import dataclass, field
 from tokenwire.v1 import generation_pb2 as pb
 
 from .._relay import Opener
+from ..backends._base import Final
 from ..backends._choice import Call
 from ._errors import RetentionFull, StreamCancelled, StreamNotFound
 from ._log import Budget, StreamLog
+from ._redis import RedisStreams
 
 __all__ = ["ResumableStream", "Retention", "Streams"]
 
@@ -67,6 +69,9 @@ class ResumableStream:
     #: Gives the admission slot back (once the engine is done).
     release: Callable[[], None] | None = None
     timer: asyncio.TimerHandle | None = None
+    #: The final Token's fields for the stream's final event (built once; the servicer
+    #: sets it).
+    figures_of: Callable[[Final], pb.Token] = field(default=lambda final: pb.Token())
 
     def stop(self, error: BaseException) -> bool:
         """Ends generation with ``error`` unless it already ended; True if it did."""
@@ -77,8 +82,14 @@ class ResumableStream:
 
 
 class Streams:
-    def __init__(self, retention: Retention | None = None) -> None:
+    def __init__(self, retention: Retention | None = None,
+                 redis: RedisStreams | None = None) -> None:
         self.retention = retention or Retention()
+        #: The shared store other replicas read (``--redis-url``), if any.
+        self.redis = redis
+        if redis is not None:
+            redis.on_cancel = self._cancel_by_id
+        self._checks: set[asyncio.Task[None]] = set()
         self._streams: dict[str, ResumableStream] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id: (owner, why)
@@ -117,6 +128,11 @@ class Streams:
         return stream
 
     # -- readers ----------------------------------------------------------------
+
+    def local(self, stream_id: str, owner: str) -> ResumableStream | None:
+        """The caller's stream when this process holds it."""
+        stream = self._streams.get(stream_id)
+        return stream if stream is not None and stream.owner == owner else None
 
     def get(self, stream_id: str, owner: str) -> ResumableStream:
         """The caller's stream, or StreamNotFound saying why when the caller may know."""
@@ -158,8 +174,32 @@ class Streams:
 
     # -- timers and bounds ------------------------------------------------------
 
+    def _cancel_by_id(self, stream_id: str) -> None:
+        """Cancel from another replica (through Redis)."""
+        stream = self._streams.get(stream_id)
+        if stream is not None:
+            self.cancel(stream)
+
     def _abandoned(self, stream: ResumableStream) -> None:
         stream.timer = None
+        if stream.readers == 0 and self.redis is not None:
+            # Another replica may be serving a Resume of it: ask Redis first.
+            task = asyncio.get_running_loop().create_task(self._check_remote(stream))
+            self._checks.add(task)
+            task.add_done_callback(self._checks.discard)
+            return
+        self._give_up(stream)
+
+    async def _check_remote(self, stream: ResumableStream) -> None:
+        assert self.redis is not None
+        if await self.redis.is_read(stream.id) and not stream.log.finished:
+            if stream.readers == 0 and stream.timer is None:
+                stream.timer = asyncio.get_running_loop().call_later(
+                    1.0, self._abandoned, stream)  # look again while it is being read
+            return
+        self._give_up(stream)
+
+    def _give_up(self, stream: ResumableStream) -> None:
         if stream.readers == 0:
             stream.stop(StreamCancelled(
                 f"nobody read the stream for its detach grace ({stream.grace:g}s), so it was "
