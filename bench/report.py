@@ -218,12 +218,17 @@ def render(results: dict[str, Any]) -> str:
         out("")
         out("## Resumable streams (issue #12), Python reader, back to back")
         out("")
-        out("| stream, zero delay, 100 streams | tokens/s | CPU µs/token |")
-        out("|---|---|---|")
-        for label in ("plain", "resumable"):
+        out("| stream, zero delay, 100 streams | tokens/s | gateway CPU µs/token "
+            "| redis-server CPU µs/token (whole run, an upper bound) |")
+        out("|---|---|---|---|")
+        for label, name in (("plain", "plain"), ("resumable", "resumable, in memory"),
+                            ("redis", "resumable, mirrored to Redis")):
             run = resumed.get("cpu", {}).get(label)
-            out(f"| {label} | {_num(_get(run, 'tokens_per_s'))} "
-                f"| {_num(cpu_us_per_token(run, clk), '{:.2f}')} |")
+            redis_us = (None if run is None or label != "redis" else
+                        run["redis_cpu_ticks"] / clk / max(run["tokens"], 1) * 1e6)
+            out(f"| {name} | {_num(_get(run, 'tokens_per_s'))} "
+                f"| {_num(cpu_us_per_token(run, clk), '{:.2f}')} "
+                f"| {_num(redis_us, '{:.2f}')} |")
         out("")
         out("| time to first token | p50, ms | p99, ms |")
         out("|---|---|---|")
@@ -349,6 +354,10 @@ def targets(results: dict[str, Any], clk: int) -> list[tuple[str, str, bool | No
     if r is not None:
         rows.append(("resumable streams (memory) CPU/token ≤ 1.3× plain, zero delay, 100 streams",
                      f"{r:.2f}×", r <= 1.3))
+    r = _ratio(cpu_us_per_token(cpu.get("redis"), clk), cpu_us_per_token(cpu.get("plain"), clk))
+    if r is not None:
+        rows.append(("resumable streams (Redis) gateway CPU/token ≤ 2× plain, zero delay, "
+                     "100 streams", f"{r:.2f}×", r <= 2.0))
     ttft = resumed.get("ttft", {})
     plain, kept = (_get(ttft, k, "ttft_ns", "p50") for k in ("plain", "resumable"))
     if plain is not None and kept is not None:

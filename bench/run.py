@@ -499,30 +499,56 @@ class Bench:
         self.results["phases"]["backends"] = runs
 
     def phase_resume(self) -> None:
-        """Issue #12's figures, Python reader, one gateway, back to back: CPU per token of
-        resumable streams (in-memory buffer) against plain ones (zero delay, 100 streams;
-        alternating rounds, the median of each stands); time to first token of both; a
-        Resume's first replayed token."""
+        """Issue #12's figures, Python reader, back to back: CPU per token of resumable
+        streams in memory and mirrored to Redis against plain ones (zero delay, 100
+        streams; alternating rounds, the median of each stands; with Redis, the gateway's
+        CPU and redis-server's beside it); time to first token of plain and resumable
+        starts; a Resume's first replayed token (memory)."""
         s = self.sizes
+        self._gateway_argv = list(self.servers["gateway"].argv)
+        redis_bin = subprocess.run([str(ROOT / "scripts" / "redis-dev"), "ensure"], check=True,
+                                   capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        redis = Server("redis", [redis_bin, "--port", "{port}", "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"], dict(os.environ))
+        self.start(redis)
+        redis_url = f"redis://127.0.0.1:{redis.port}/0"
         runs: dict[str, Any] = {}
-        for label, resumable in (("plain", "false"), ("resumable", "true")) * (
-                2 if self.args.quick else 3):
-            self.log(f"{label}: zero delay, 100 streams, C.py")
-            out = self.read("C.py", "throughput", streams=100, tokens=s.agg_tokens,
-                            warmup=s.warmup, window=s.window, resumable=resumable)
-            runs.setdefault("cpu_rounds", {}).setdefault(label, []).append(out)
-            self.log(f"  {out['tokens_per_s']:,.0f} tokens/s")
-        runs["cpu"] = {label: sorted(rounds, key=lambda r: r["server_cpu_ticks"]
-                                     / max(r["tokens"], 1))[len(rounds) // 2]
-                       for label, rounds in runs["cpu_rounds"].items()}
-        for label, resumable in (("plain", "false"), ("resumable", "true")):
-            self.log(f"time to first token, {label}, C.py")
-            runs.setdefault("ttft", {})[label] = self.read(
-                "C.py", "ttft", tokens=8, requests=s.ttft_requests,
-                warmup_requests=s.ttft_warmup, resumable=resumable)
-        self.log("Resume: first replayed token, C.py")
-        runs["replay"] = self.read("C.py", "resume", tokens=64, requests=s.ttft_requests,
-                                   warmup_requests=s.ttft_warmup, resumable="true")
+        try:
+            for label, resumable, extra in (("plain", "false", ()),
+                                            ("resumable", "true", ()),
+                                            ("redis", "true", ("--redis-url", redis_url))) * (
+                                                2 if self.args.quick else 3):
+                gateway = self.servers["gateway"]
+                gateway.argv = [*self._gateway_argv, *extra]
+                self.restart("gateway")
+                self.log(f"{label}: zero delay, 100 streams, C.py")
+                self.settle()
+                redis_before = cpu_ticks(redis.pid)
+                out = self.read("C.py", "throughput", streams=100, tokens=s.agg_tokens,
+                                warmup=s.warmup, window=s.window, resumable=resumable,
+                                settled=True)
+                # redis-server's CPU over the whole run (warm-up included): an upper bound.
+                out["redis_cpu_ticks"] = cpu_ticks(redis.pid) - redis_before
+                runs.setdefault("cpu_rounds", {}).setdefault(label, []).append(out)
+                self.log(f"  {out['tokens_per_s']:,.0f} tokens/s")
+            runs["cpu"] = {label: sorted(rounds, key=lambda r: r["server_cpu_ticks"]
+                                         / max(r["tokens"], 1))[len(rounds) // 2]
+                           for label, rounds in runs["cpu_rounds"].items()}
+            self.servers["gateway"].argv = self._gateway_argv
+            self.restart("gateway")
+            for label, resumable in (("plain", "false"), ("resumable", "true")):
+                self.log(f"time to first token, {label}, C.py")
+                runs.setdefault("ttft", {})[label] = self.read(
+                    "C.py", "ttft", tokens=8, requests=s.ttft_requests,
+                    warmup_requests=s.ttft_warmup, resumable=resumable)
+            self.log("Resume: first replayed token, C.py")
+            runs["replay"] = self.read("C.py", "resume", tokens=64, requests=s.ttft_requests,
+                                       warmup_requests=s.ttft_warmup, resumable="true")
+        finally:
+            self.servers["gateway"].argv = self._gateway_argv
+            self.restart("gateway")
+            self.stop(redis)
+            del self.servers["redis"]
         self.results["phases"]["resume"] = runs
 
     def run(self) -> dict[str, Any]:

@@ -26,6 +26,12 @@ class TcpProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    def retarget(self, target: str) -> None:
+        """New connections go to ``target`` (host:port) from now on: as a load balancer
+        sends a reconnecting client to another replica."""
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+
     def cut(self) -> None:
         """Drops every open connection at once (both sides see a reset)."""
         for writer in list(self._writers):

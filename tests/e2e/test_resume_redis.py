@@ -249,3 +249,28 @@ async def test_workers_share_streams_through_redis(fake: FakeOllama,
                 got = await _read(GenerationServiceStub(ch).Resume(
                     pb.ResumeRequest(stream_id=stream_id)), Got())
             assert got.text == WHOLE
+
+
+async def test_client_resumes_on_another_replica_by_itself(fake: FakeOllama,
+                                                           redis: RedisServer) -> None:
+    """The connection to the replica that generates drops; the client reconnects, the
+    balancer (a TCP proxy here) sends it to the other replica, which serves the rest from
+    Redis while the first one goes on generating."""
+    from tests.tcpproxy import tcp_proxy
+    from tokenwire.client import AsyncClient
+    fake.tokens = WORDS
+    fake.token_delay = 0.03
+    async with _pair(fake, redis) as (a, b), tcp_proxy(a.target) as proxy:
+        async with AsyncClient(proxy.target) as client:
+            stream = client.generate("tiny", "p", resumable=True)
+            texts = []
+            async for token in stream:
+                texts.append(token.text)
+                if len(texts) == 5:
+                    proxy.retarget(b.target)
+                    proxy.cut()
+            assert "".join(texts) == stream.text == WHOLE
+            assert stream.resumes == 1
+            assert stream.completion.usage is not None
+            assert stream.completion.usage.completion_tokens == len(WORDS)
+    assert len(fake.streams) == 1  # one generation, on the first replica

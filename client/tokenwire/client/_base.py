@@ -326,8 +326,10 @@ class Resumer:
 
 
 #: Why a resumable stream may be resumed: the connection failed (no status from
-#: tokenwire), or the server that held it is shutting down (another replica may hold it).
-_RESUMABLE_REASONS = frozenset({"SHUTTING_DOWN"})
+#: tokenwire: a dropped connection, a replica that went away), or the replica reading it
+#: lost Redis for a moment. A status of the stream itself (even UNAVAILABLE) is final: a
+#: Resume would only say it again.
+_RESUMABLE_REASONS = frozenset({"RESUME_STORE_UNAVAILABLE"})
 
 
 class _BaseTokenStream:
