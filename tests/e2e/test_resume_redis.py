@@ -66,6 +66,13 @@ async def test_start_on_one_replica_resume_on_the_other(fake: FakeOllama,
                     stream_id=started.stream_id, after=30)), Got(next=30))
                 assert tail.text == "".join(WORDS[30:])
                 assert tail.final is not None and tail.final.usage == live.final.usage
+            # Delivery modes on the other replica too.
+            counts = []
+            async for token in stub_b.Resume(pb.ResumeRequest(
+                    stream_id=started.stream_id, after=10,
+                    delivery=pb.Delivery(mode=pb.DELIVERY_MODE_BATCH, max_tokens=6))):
+                counts.append(token.chunk_count)
+            assert counts[:4] == [6, 6, 6, 6] and sum(counts) == live.next - 10
             done = await _read(stub_b.Resume(pb.ResumeRequest(
                 stream_id=started.stream_id, after=live.next)), Got(next=live.next))
             assert done.final is not None and done.text == ""
