@@ -376,3 +376,18 @@ async def test_detached_stream_holds_its_admission_slot(make_runtime: MakeRuntim
                 break
             await asyncio.sleep(0.01)
         assert runtime.admission.in_use == 0
+
+
+async def test_the_callers_deadline_detaches_and_does_not_cancel(
+        stub: GenerationServiceStub, fake: FakeOllama) -> None:
+    fake.tokens = WORDS
+    fake.token_delay = 0.02
+    got = Got()
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _read(stub.Generate(_gen(), timeout=0.3), got)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert 0 < got.next < len(WORDS)
+    rest = await _read(stub.Resume(pb.ResumeRequest(stream_id=got.stream_id, after=got.next)),
+                       Got(next=got.next))
+    assert got.text + rest.text == "".join(WORDS)
+    assert fake.streams[-1].completed and fake.streams[-1].disconnected_at is None

@@ -92,6 +92,8 @@ async def test_dropped_on_one_resumed_on_the_other_each_chunk_once(
                                                               after=first.next)),
                                Got(next=first.next))
         assert first.text + rest.text == WHOLE
+        # Stream ids are never logged at INFO, on either replica.
+        assert first.stream_id not in a.output + b.output
 
 
 async def test_cancel_on_the_other_replica_stops_the_engine(fake: FakeOllama,
