@@ -391,3 +391,28 @@ async def test_the_callers_deadline_detaches_and_does_not_cancel(
                        Got(next=got.next))
     assert got.text + rest.text == "".join(WORDS)
     assert fake.streams[-1].completed and fake.streams[-1].disconnected_at is None
+
+
+async def test_metrics_count_resumable_streams(make_runtime: MakeRuntime,
+                                               fake: FakeOllama) -> None:
+    from tests.helpers import samples, scrape, value
+    runtime = await make_runtime(metrics_listen="127.0.0.1:0", resume_retention=0.5)
+    assert runtime.metrics_port is not None
+    fake.tokens = WORDS
+    fake.token_delay = 0.02
+    async with grpc.aio.insecure_channel(runtime.target) as ch:
+        stub = GenerationServiceStub(ch)
+        live = await stub.Start(pb.StartRequest(generate=pb.GenerateRequest(
+            model="tiny", prompt="p")))
+        found = samples((await scrape(runtime.metrics_port)).text)
+        assert value(found, "tokenwire_resumable_streams", state="live") == 1
+        await _read(stub.Resume(pb.ResumeRequest(stream_id=live.stream_id)), Got())
+        await asyncio.sleep(0.05)
+        found = samples((await scrape(runtime.metrics_port)).text)
+        assert value(found, "tokenwire_resumable_streams", state="live") == 0
+        assert value(found, "tokenwire_resumable_streams", state="kept") == 1
+        assert value(found, "tokenwire_resumable_bytes") > 0
+        await asyncio.sleep(0.6)  # past the retention
+        found = samples((await scrape(runtime.metrics_port)).text)
+        assert value(found, "tokenwire_resumable_streams", state="kept") == 0
+        assert value(found, "tokenwire_resumable_bytes") == 0

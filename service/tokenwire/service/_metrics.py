@@ -84,6 +84,14 @@ class Metrics:
         self._redis_up = Gauge("tokenwire_redis_up",
                                "With --redis-url: 1 while Redis (the store of resumable streams) "
                                "answers, else 0", registry=reg, multiprocess_mode="livemin")
+        self._resumable = Gauge("tokenwire_resumable_streams",
+                                "Resumable streams this process holds, by state: live "
+                                "(generating) or kept (ended, kept for Resume)", ("state",),
+                                registry=reg, multiprocess_mode="livesum")
+        self._resumable_bytes = Gauge("tokenwire_resumable_bytes",
+                                      "Bytes the resumable streams of this process hold "
+                                      "(updated as streams start and end)", registry=reg,
+                                      multiprocess_mode="livesum")
         self._prompt_tokens = self._tokens.labels("prompt")
         self._completion_tokens = self._tokens.labels("completion")
         # Labelled children by label values: ``labels()`` validates and locks on every use.
@@ -121,6 +129,11 @@ class Metrics:
     def upstream_reachable(self, upstream: str, up: bool) -> None:
         """``upstream``: a configured name (bounded by the configuration)."""
         self._child(self._upstream_up, upstream).set(1 if up else 0)
+
+    def resumable(self, live: int, kept: int, held: int) -> None:
+        self._child(self._resumable, "live").set(live)
+        self._child(self._resumable, "kept").set(kept)
+        self._resumable_bytes.set(held)
 
     def redis_reachable(self, up: bool) -> None:
         self._redis_up.set(1 if up else 0)

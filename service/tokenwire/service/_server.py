@@ -208,6 +208,8 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
                    "--workers, a Resume could reach a worker that does not hold the stream; "
                    "run the server with --workers 1, or give it --redis-url",
     )
+    if servicer.streams is not None:
+        servicer.streams.on_change = metrics.resumable
     generation_pb2_grpc.add_GenerationServiceServicer_to_server(  # type: ignore[no-untyped-call]
         servicer, server)
     health_servicer = health.aio.HealthServicer()

@@ -90,6 +90,8 @@ class Streams:
         if redis is not None:
             redis.on_cancel = self._cancel_by_id
         self._checks: set[asyncio.Task[None]] = set()
+        #: Told (live, kept, bytes held) whenever a stream starts, ends or goes.
+        self.on_change: Callable[[int, int, int], None] = lambda live, kept, held: None
         self._streams: dict[str, ResumableStream] = {}
         self._finished: OrderedDict[str, None] = OrderedDict()  # oldest first
         self._gone: OrderedDict[str, tuple[str, str]] = OrderedDict()  # id: (owner, why)
@@ -125,7 +127,11 @@ class Streams:
         stream.log = StreamLog(opener, max_bytes=bounds.max_stream_bytes, budget=self.budget,
                                on_done=lambda _: self._done(stream), **relay)
         self._streams[stream.id] = stream
+        self._changed()
         return stream
+
+    def _changed(self) -> None:
+        self.on_change(self.live, len(self._finished), self.budget.held)
 
     # -- readers ----------------------------------------------------------------
 
@@ -216,6 +222,7 @@ class Streams:
         if stream.id not in self._streams:  # dropped already (shutdown)
             return
         self._finished[stream.id] = None
+        self._changed()
         loop = asyncio.get_running_loop()
         stream.timer = loop.call_later(self.retention.retention, self._expire, stream,
                                        f"it ended more than {self.retention.retention:g}s ago "
@@ -233,6 +240,7 @@ class Streams:
         self._gone[stream.id] = (stream.owner, why)
         while len(self._gone) > _TOMBSTONES:
             self._gone.popitem(last=False)
+        self._changed()
 
     def _drop_oldest_finished(self) -> bool:
         if not self._finished:
