@@ -19,7 +19,7 @@ from google.protobuf.duration_pb2 import Duration
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1 import generation_pb2_grpc as pb_grpc
 
-from ._delivery import Grouper, split_message
+from ._delivery import Grouper, Source, split_message
 from ._exceptions import TruncatedStream
 from ._metrics import Metrics
 from ._relay import Opener, Relay
@@ -224,11 +224,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             retry_backoff=self._stream.retry_backoff,
             failover=call,
         )
-        next_batch: Callable[[], Awaitable[list[Event] | None]]
-        if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
-            next_batch = relay.take  # everything pending: no grouping layer per message
-        else:
-            next_batch = Grouper(relay, delivery).next
+        next_batch = _batches(relay, delivery)
         self._relays.add(relay)
         try:
             # The reader task sends the upstream request while this goes out.
@@ -338,11 +334,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             return
         cursor = Cursor(log, after, max_items=self._stream.max_pending_chunks,
                         max_bytes=self._stream.max_pending_bytes)
-        next_batch: Callable[[], Awaitable[list[Event] | None]]
-        if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
-            next_batch = cursor.take
-        else:
-            next_batch = Grouper(cursor, delivery).next
+        next_batch = _batches(cursor, delivery)
         streams.attach(stream)
         try:
             await self._pump(next_batch, sink, method, stream.model, log, stream.call,
@@ -366,11 +358,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             assert cursor.figures is not None
             return cursor.figures
 
-        next_batch: Callable[[], Awaitable[list[Event] | None]]
-        if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
-            next_batch = cursor.take
-        else:
-            next_batch = Grouper(cursor, delivery).next
+        next_batch = _batches(cursor, delivery)
         await self._pump(next_batch, sink, method, remote.model, None, None, 0.0,
                          figures=figures, position=after)
 
@@ -501,6 +489,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
 
 _Response = TypeVar("_Response", pb.CompleteResponse, pb.ListModelsResponse, pb.EmbedResponse)
+
+
+def _batches(source: Source, delivery: pb.Delivery
+             ) -> Callable[[], Awaitable[list[Event] | None]]:
+    """How the writer takes chunks from ``source`` in ``delivery``'s mode."""
+    if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
+        return source.take  # everything pending: no grouping layer per message
+    return Grouper(source, delivery).next
 
 
 def _fits(response: _Response, limit: int, advice: str) -> _Response:
