@@ -347,6 +347,34 @@ async def test_resume_after_drop(program: Program, runtime: Runtime, fake: FakeO
     assert [b["prompt"] for b in _generate_bodies(fake)] == [sent]
 
 
+async def test_start_and_cancel(program: Program, runtime: Runtime, fake: FakeOllama) -> None:
+    fake.token_delay = 0.5  # a slow model: the answer would take seconds
+    loop = asyncio.get_running_loop()
+    running = await Running.start(program, runtime.target, "start_and_cancel", hold=True)
+    try:
+        report = await running.report()
+        reported = loop.time()
+        _check_common(report, program, "start_and_cancel")
+        assert STREAM_ID.fullmatch(report["stream_id"]), report
+        assert report["stopped"] is True
+        assert report["resume_code"] == "CANCELLED"
+        assert report["stopped_again"] is False
+        assert report["unknown_code"] == "NOT_FOUND"
+        # The Cancel closed the upstream request before it returned: before the client went
+        # on to print its report. Nothing else could have (the detach grace is 60 s), and the
+        # program still holds its channel.
+        seen = await fake.wait_for_disconnect(timeout=3)
+        assert seen <= reported
+        assert running.alive
+    finally:
+        await running.finish()
+    assert len(fake.streams) == 1
+    assert not fake.streams[-1].completed
+    assert fake.streams[-1].chunks_sent <= 2
+    sent = SCENARIOS["start_and_cancel"]["request"]["generate"]["prompt"]
+    assert [b["prompt"] for b in _generate_bodies(fake)] == [sent]
+
+
 # --------------------------------------------------------------------------------------------
 # Golden request: one GenerateRequest, identical bytes from every builder and from grpcurl
 

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -49,6 +50,7 @@ var scenarios = map[string]scenario{
 	"health":            {codes.OK, health},
 	"list_models":       {codes.OK, listModels},
 	"resume_after_drop": {codes.OK, resumeAfterDrop},
+	"start_and_cancel":  {codes.OK, startAndCancel},
 }
 
 func main() {
@@ -382,6 +384,48 @@ func resumeAfterDrop(ctx context.Context, conn *grpc.ClientConn, r report) error
 	after, err := f.read(resumed, r, 0)
 	r["text_after"] = after
 	return err
+}
+
+// resumeToEnd reads Resume(streamID) from the start to its end: nil when the
+// stream finished, else the status it ended with.
+func resumeToEnd(ctx context.Context, c tokenwirev1.GenerationServiceClient, streamID string) error {
+	stream, err := c.Resume(ctx, &tokenwirev1.ResumeRequest{StreamId: streamID})
+	for err == nil {
+		_, err = stream.Recv()
+	}
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+// startAndCancel starts a generation detached, cancels it, and reads what a
+// Resume, a second Cancel and a Resume of an id never issued answer.
+func startAndCancel(ctx context.Context, conn *grpc.ClientConn, r report) error {
+	c := client(conn)
+	started, err := c.Start(ctx, &tokenwirev1.StartRequest{
+		Request: &tokenwirev1.StartRequest_Generate{Generate: &tokenwirev1.GenerateRequest{
+			Model: "tiny", Prompt: "Tell me a long story.",
+		}},
+	})
+	if err != nil {
+		return err
+	}
+	id := started.GetStreamId()
+	r["stream_id"] = id
+	cancelled, err := c.Cancel(ctx, &tokenwirev1.CancelRequest{StreamId: id})
+	if err != nil {
+		return err
+	}
+	r["stopped"] = cancelled.GetStopped()
+	r["resume_code"] = codeName(status.Code(resumeToEnd(ctx, c, id)))
+	again, err := c.Cancel(ctx, &tokenwirev1.CancelRequest{StreamId: id})
+	if err != nil {
+		return err
+	}
+	r["stopped_again"] = again.GetStopped()
+	r["unknown_code"] = codeName(status.Code(resumeToEnd(ctx, c, strings.Repeat("A", 24))))
+	return nil
 }
 
 // goldenRequest is ../golden_request.json built with the Go API.

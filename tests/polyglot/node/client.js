@@ -146,6 +146,17 @@ class Follower {
   }
 }
 
+/** Reads Resume(streamId) from the start to its end: the status name it ended with. */
+async function resumeToEnd(client, streamId) {
+  try {
+    for await (const _ of client.Resume({ streamId })); // eslint-disable-line no-unused-vars
+    return 'OK';
+  } catch (err) {
+    if (typeof err.code !== 'number') throw err;
+    return grpc.status[err.code];
+  }
+}
+
 const scenarios = {
   generate_stream: ['OK', async (client, report) => {
     const started = performance.now();
@@ -226,6 +237,15 @@ const scenarios = {
     } finally {
       Object.assign(report, { positions_contiguous: follower.contiguous, chunks: Number(follower.next) });
     }
+  }],
+  start_and_cancel: ['OK', async (client, report) => {
+    const generate = { model: 'tiny', prompt: 'Tell me a long story.' };
+    const streamId = (await unary(client, 'Start', { generate })).streamId;
+    report.stream_id = streamId;
+    report.stopped = Boolean((await unary(client, 'Cancel', { streamId })).stopped);
+    report.resume_code = await resumeToEnd(client, streamId);
+    report.stopped_again = Boolean((await unary(client, 'Cancel', { streamId })).stopped);
+    report.unknown_code = await resumeToEnd(client, 'A'.repeat(24));
   }],
 };
 

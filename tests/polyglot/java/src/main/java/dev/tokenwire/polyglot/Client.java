@@ -14,6 +14,7 @@ import com.google.protobuf.Value;
 import com.google.rpc.BadRequest;
 import com.google.rpc.ErrorInfo;
 import com.google.rpc.ResourceInfo;
+import dev.tokenwire.v1.CancelRequest;
 import dev.tokenwire.v1.ChatRequest;
 import dev.tokenwire.v1.GenerateRequest;
 import dev.tokenwire.v1.GenerationServiceGrpc;
@@ -25,6 +26,7 @@ import dev.tokenwire.v1.Options;
 import dev.tokenwire.v1.ResumeRequest;
 import dev.tokenwire.v1.Resumable;
 import dev.tokenwire.v1.Role;
+import dev.tokenwire.v1.StartRequest;
 import dev.tokenwire.v1.Think;
 import dev.tokenwire.v1.Token;
 import io.grpc.ConnectivityState;
@@ -90,7 +92,8 @@ public final class Client {
       "invalid_argument", new Scenario(Status.Code.INVALID_ARGUMENT, Client::invalidArgument),
       "health", new Scenario(Status.Code.OK, Client::health),
       "list_models", new Scenario(Status.Code.OK, Client::listModels),
-      "resume_after_drop", new Scenario(Status.Code.OK, Client::resumeAfterDrop));
+      "resume_after_drop", new Scenario(Status.Code.OK, Client::resumeAfterDrop),
+      "start_and_cancel", new Scenario(Status.Code.OK, Client::startAndCancel));
 
   private Client() {}
 
@@ -395,6 +398,29 @@ public final class Client {
       report.put("positions_contiguous", follower.contiguous);
       report.put("chunks", follower.next);
     }
+  }
+
+  /** Reads Resume(streamId) from the start to its end: the status it ended with. */
+  private static Status.Code resumeToEnd(GenerationServiceBlockingStub stub, String streamId) {
+    try {
+      stub.resume(ResumeRequest.newBuilder().setStreamId(streamId).build())
+          .forEachRemaining(token -> { });
+      return Status.Code.OK;
+    } catch (StatusRuntimeException e) {
+      return e.getStatus().getCode();
+    }
+  }
+
+  private static void startAndCancel(ManagedChannel channel, Map<String, Object> report) {
+    GenerationServiceBlockingStub stub = stub(channel);
+    String streamId = stub.start(StartRequest.newBuilder().setGenerate(GenerateRequest.newBuilder()
+        .setModel("tiny").setPrompt("Tell me a long story.")).build()).getStreamId();
+    CancelRequest cancel = CancelRequest.newBuilder().setStreamId(streamId).build();
+    report.put("stream_id", streamId);
+    report.put("stopped", stub.cancel(cancel).getStopped());
+    report.put("resume_code", resumeToEnd(stub, streamId).name());
+    report.put("stopped_again", stub.cancel(cancel).getStopped());
+    report.put("unknown_code", resumeToEnd(stub, "A".repeat(24)).name());
   }
 
   /** The encoding with map entries sorted by key, as the golden test compares it. */
