@@ -17,6 +17,9 @@ class TcpProxy:
         self.port = 0
         #: Connections accepted so far.
         self.accepted = 0
+        #: When each connection's client side ended (it closed or reset), as ``loop.time()``
+        #: values in the order they ended.
+        self.closed: list[float] = []
 
     @property
     def target(self) -> str:
@@ -60,6 +63,11 @@ class TcpProxy:
             task = asyncio.create_task(self._pipe(src, dst))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            if src is reader:
+                task.add_done_callback(self._client_gone)
+
+    def _client_gone(self, _task: asyncio.Task[None]) -> None:
+        self.closed.append(asyncio.get_running_loop().time())
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         try:

@@ -33,6 +33,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
 
 from tests.fakeollama import FakeOllama
+from tests.tcpproxy import tcp_proxy
 from tokenwire.service import Runtime
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
@@ -194,9 +195,11 @@ class Running:
         return self.proc.returncode, err
 
 
-async def _scenario(program: Program, runtime: Runtime, name: str) -> dict[str, Any]:
-    """Runs one scenario to the end; checks the common fields of its report."""
-    running = await Running.start(program, runtime.target, name)
+async def _scenario(program: Program, runtime: Runtime, name: str,
+                    target: str | None = None) -> dict[str, Any]:
+    """Runs one scenario to the end (against ``target``, by default the server's own);
+    checks the common fields of its report."""
+    running = await Running.start(program, target or runtime.target, name)
     report = await running.report()
     _, err = await running.finish()
     _check_common(report, program, name, err)
@@ -311,6 +314,65 @@ async def test_list_models(program: Program, runtime: Runtime,
     assert report["models"] == [m.name for m in python.models]  # same list, same order
     assert set(report["models"]) == {"tiny:latest", "think-model:latest", "embedder:latest"}
     assert report["formats"] == ["gguf"] * 3
+
+
+STREAM_ID = re.compile(r"[A-Za-z0-9_-]{22,}")  # 144 random bits, URL-safe base64
+
+
+async def test_resume_after_drop(program: Program, runtime: Runtime, fake: FakeOllama) -> None:
+    fake.tokens = [f"w{i} " for i in range(24)]
+    fake.token_delay = 0.05  # still generating when the client drops its call
+    # Between client and server: sees each connection the client opens and when it closes.
+    async with tcp_proxy(runtime.target) as proxy:
+        report = await _scenario(program, runtime, "resume_after_drop", proxy.target)
+    assert STREAM_ID.fullmatch(report["stream_id"]), report
+    after = report["after"]
+    assert 3 <= after < len(fake.tokens), report  # 3 messages of one chunk or more each
+    assert report["text_before"] == "".join(fake.tokens[:after])
+    assert report["text_before"] + report["text_after"] == "".join(fake.tokens)  # each once
+    assert report["positions_contiguous"] is True, report
+    assert report["chunks"] == len(fake.tokens) + 1  # the final chunk counts too
+    assert report["finish_reason"] == "FINISH_REASON_STOP"
+    assert report["completion_tokens"] == len(fake.tokens)
+    # One generation, never cut: the server took the drop for a detach, not a cancel ...
+    assert len(fake.streams) == 1
+    record = fake.streams[-1]
+    assert record.completed and record.disconnected_at is None
+    assert record.ended_at is not None
+    # ... and the client did drop its connection while the model ran, then came back on a
+    # new one.
+    assert proxy.accepted == 2, proxy.accepted
+    assert proxy.closed and proxy.closed[0] < record.ended_at
+    sent = SCENARIOS["resume_after_drop"]["request"]["prompt"]
+    assert [b["prompt"] for b in _generate_bodies(fake)] == [sent]
+
+
+async def test_start_and_cancel(program: Program, runtime: Runtime, fake: FakeOllama) -> None:
+    fake.token_delay = 0.5  # a slow model: the answer would take seconds
+    loop = asyncio.get_running_loop()
+    running = await Running.start(program, runtime.target, "start_and_cancel", hold=True)
+    try:
+        report = await running.report()
+        reported = loop.time()
+        _check_common(report, program, "start_and_cancel")
+        assert STREAM_ID.fullmatch(report["stream_id"]), report
+        assert report["stopped"] is True
+        assert report["resume_code"] == "CANCELLED"
+        assert report["stopped_again"] is False
+        assert report["unknown_code"] == "NOT_FOUND"
+        # The Cancel closed the upstream request before it returned: before the client went
+        # on to print its report. Nothing else could have (the detach grace is 60 s), and the
+        # program still holds its channel.
+        seen = await fake.wait_for_disconnect(timeout=3)
+        assert seen <= reported
+        assert running.alive
+    finally:
+        await running.finish()
+    assert len(fake.streams) == 1
+    assert not fake.streams[-1].completed
+    assert fake.streams[-1].chunks_sent <= 2
+    sent = SCENARIOS["start_and_cancel"]["request"]["generate"]["prompt"]
+    assert [b["prompt"] for b in _generate_bodies(fake)] == [sent]
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strings"
 	"time"
 
 	"google.golang.org/genproto/googleapis/rpc/errdetails"
@@ -40,14 +41,16 @@ type scenario struct {
 }
 
 var scenarios = map[string]scenario{
-	"generate_stream":  {codes.OK, generateStream},
-	"chat_history":     {codes.OK, chatHistory},
-	"cancel_after_2":   {codes.Canceled, cancelAfter2},
-	"deadline":         {codes.DeadlineExceeded, deadline},
-	"not_found":        {codes.NotFound, notFound},
-	"invalid_argument": {codes.InvalidArgument, invalidArgument},
-	"health":           {codes.OK, health},
-	"list_models":      {codes.OK, listModels},
+	"generate_stream":   {codes.OK, generateStream},
+	"chat_history":      {codes.OK, chatHistory},
+	"cancel_after_2":    {codes.Canceled, cancelAfter2},
+	"deadline":          {codes.DeadlineExceeded, deadline},
+	"not_found":         {codes.NotFound, notFound},
+	"invalid_argument":  {codes.InvalidArgument, invalidArgument},
+	"health":            {codes.OK, health},
+	"list_models":       {codes.OK, listModels},
+	"resume_after_drop": {codes.OK, resumeAfterDrop},
+	"start_and_cancel":  {codes.OK, startAndCancel},
 }
 
 func main() {
@@ -123,14 +126,19 @@ func consume(stream grpc.ServerStreamingClient[tokenwirev1.Token], started time.
 		r["last_ms"] = ms
 		count++
 		text += token.GetText()
-		if token.GetDone() {
-			r["finish_reason"] = token.GetFinishReason().String()
-			r["completion_tokens"] = token.GetUsage().GetCompletionTokens()
-			r["model"] = token.GetModel()
-		}
+		final(token, r)
 		if maxTokens > 0 && count == maxTokens {
 			stop()
 		}
+	}
+}
+
+// final copies the fields of the final Token (done) into the report.
+func final(token *tokenwirev1.Token, r report) {
+	if token.GetDone() {
+		r["finish_reason"] = token.GetFinishReason().String()
+		r["completion_tokens"] = token.GetUsage().GetCompletionTokens()
+		r["model"] = token.GetModel()
 	}
 }
 
@@ -291,6 +299,132 @@ func listModels(ctx context.Context, conn *grpc.ClientConn, r report) error {
 		formats = append(formats, m.GetFormat())
 	}
 	r["models"], r["formats"] = names, formats
+	return nil
+}
+
+// follower reads a resumable stream across calls: its id (the first message
+// carries only that), how many chunks it has received (position + chunk_count
+// of the last Token: what Resume's after takes), and whether every Token
+// began where the one before it ended.
+type follower struct {
+	streamID   string
+	next       uint64
+	contiguous bool
+	started    time.Time
+}
+
+// read reads up to limit content messages of stream (0: to its end), printing
+// each one's position and chunk count (never its text), and returns their
+// text; the final Token's fields go into the report.
+func (f *follower) read(stream grpc.ServerStreamingClient[tokenwirev1.Token], r report,
+	limit int) (string, error) {
+	text := ""
+	for count := 0; limit == 0 || count < limit; {
+		token, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return text, nil
+		}
+		if err != nil {
+			return text, err
+		}
+		ms := float64(time.Since(f.started).Microseconds()) / 1000
+		fmt.Fprintf(os.Stderr, "[%8.1f ms] position %d, %d chunk(s)\n",
+			ms, token.GetPosition(), token.GetChunkCount())
+		f.contiguous = f.contiguous && token.GetPosition() == f.next
+		f.next = token.GetPosition() + uint64(token.GetChunkCount())
+		if token.GetStreamId() != "" {
+			f.streamID = token.GetStreamId()
+			continue
+		}
+		count++
+		text += token.GetText()
+		final(token, r)
+	}
+	return text, nil
+}
+
+// resumeAfterDrop reads a resumable Generate's id and 3 messages, drops the
+// call (cancels it and closes its channel: the server detaches, the model goes
+// on), then reads the rest with Resume on a new channel.
+func resumeAfterDrop(ctx context.Context, conn *grpc.ClientConn, r report) error {
+	f := &follower{contiguous: true, started: time.Now()}
+	defer func() { r["positions_contiguous"], r["chunks"] = f.contiguous, f.next }()
+	callCtx, drop := context.WithCancel(ctx)
+	defer drop()
+	stream, err := client(conn).Generate(callCtx, &tokenwirev1.GenerateRequest{
+		Model: "tiny", Prompt: "Tell me a long story.", Resumable: &tokenwirev1.Resumable{},
+	})
+	if err != nil {
+		return err
+	}
+	before, err := f.read(stream, r, 3)
+	r["text_before"], r["stream_id"], r["after"] = before, f.streamID, f.next
+	if err != nil {
+		return err
+	}
+	if f.streamID == "" {
+		return errors.New("the first message of a resumable stream carried no stream_id")
+	}
+	drop()
+	if err := conn.Close(); err != nil {
+		return err
+	}
+
+	again, err := grpc.NewClient(conn.Target(), grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer again.Close()
+	resumed, err := client(again).Resume(ctx, &tokenwirev1.ResumeRequest{
+		StreamId: f.streamID, After: f.next,
+	})
+	if err != nil {
+		return err
+	}
+	after, err := f.read(resumed, r, 0)
+	r["text_after"] = after
+	return err
+}
+
+// resumeToEnd reads Resume(streamID) from the start to its end: nil when the
+// stream finished, else the status it ended with.
+func resumeToEnd(ctx context.Context, c tokenwirev1.GenerationServiceClient, streamID string) error {
+	stream, err := c.Resume(ctx, &tokenwirev1.ResumeRequest{StreamId: streamID})
+	for err == nil {
+		_, err = stream.Recv()
+	}
+	if errors.Is(err, io.EOF) {
+		return nil
+	}
+	return err
+}
+
+// startAndCancel starts a generation detached, cancels it, and reads what a
+// Resume, a second Cancel and a Resume of an id never issued answer.
+func startAndCancel(ctx context.Context, conn *grpc.ClientConn, r report) error {
+	c := client(conn)
+	started, err := c.Start(ctx, &tokenwirev1.StartRequest{
+		Request: &tokenwirev1.StartRequest_Generate{Generate: &tokenwirev1.GenerateRequest{
+			Model: "tiny", Prompt: "Tell me a long story.",
+		}},
+	})
+	if err != nil {
+		return err
+	}
+	id := started.GetStreamId()
+	r["stream_id"] = id
+	cancelled, err := c.Cancel(ctx, &tokenwirev1.CancelRequest{StreamId: id})
+	if err != nil {
+		return err
+	}
+	r["stopped"] = cancelled.GetStopped()
+	r["resume_code"] = codeName(status.Code(resumeToEnd(ctx, c, id)))
+	again, err := c.Cancel(ctx, &tokenwirev1.CancelRequest{StreamId: id})
+	if err != nil {
+		return err
+	}
+	r["stopped_again"] = again.GetStopped()
+	r["unknown_code"] = codeName(status.Code(resumeToEnd(ctx, c, strings.Repeat("A", 24))))
 	return nil
 }
 

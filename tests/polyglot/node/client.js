@@ -65,6 +65,15 @@ function richError(err, report) {
   }
 }
 
+/** Copies the fields of the final Token (done) into the report. */
+function final(token, report) {
+  if (token.done) {
+    report.finish_reason = token.finishReason;
+    report.completion_tokens = (token.usage && token.usage.completionTokens) || 0;
+    report.model = token.model;
+  }
+}
+
 /** Reads a token stream with for-await, printing tokens as they arrive. */
 async function consume(call, started, report, { stopAfter = 0 } = {}) {
   report.tokens = 0;
@@ -76,11 +85,7 @@ async function consume(call, started, report, { stopAfter = 0 } = {}) {
     report.last_ms = ms;
     report.tokens += 1;
     report.text += token.text || '';
-    if (token.done) {
-      report.finish_reason = token.finishReason;
-      report.completion_tokens = (token.usage && token.usage.completionTokens) || 0;
-      report.model = token.model;
-    }
+    final(token, report);
     if (stopAfter && report.tokens === stopAfter) call.cancel();
   }
 }
@@ -100,6 +105,55 @@ async function drain(client, request, report, metadata = new grpc.Metadata()) {
     report.request_id_trailer = requestId(err.metadata);
     richError(err, report);
     throw err;
+  }
+}
+
+/** Reads a resumable stream across calls: its id (the first message carries only that),
+ * how many chunks it has received (position + chunk_count of the last Token: what Resume's
+ * after takes), and whether every Token began where the one before it ended. uint64
+ * positions arrive as strings (longs: String), and as nothing when zero (defaults: false). */
+class Follower {
+  constructor() {
+    this.streamId = '';
+    this.next = 0n;
+    this.contiguous = true;
+    this.started = performance.now();
+  }
+
+  /** Reads up to `limit` content messages of `call` (0: to its end), printing each one's
+   * position and chunk count (never its text); returns their text. Stopping early leaves
+   * the call running: the caller drops it. */
+  async read(call, report, limit = 0) {
+    let text = '';
+    let count = 0;
+    for await (const token of call) {
+      const position = BigInt(token.position || 0);
+      const chunks = token.chunkCount || 0;
+      const ms = performance.now() - this.started;
+      process.stderr.write(`[${ms.toFixed(1).padStart(8)} ms] position ${position}, ${chunks} chunk(s)\n`);
+      this.contiguous = this.contiguous && position === this.next;
+      this.next = position + BigInt(chunks);
+      if (token.streamId) {
+        this.streamId = token.streamId;
+        continue;
+      }
+      text += token.text || '';
+      final(token, report);
+      count += 1;
+      if (limit && count === limit) break;
+    }
+    return text;
+  }
+}
+
+/** Reads Resume(streamId) from the start to its end: the status name it ended with. */
+async function resumeToEnd(client, streamId) {
+  try {
+    for await (const _ of client.Resume({ streamId })); // eslint-disable-line no-unused-vars
+    return 'OK';
+  } catch (err) {
+    if (typeof err.code !== 'number') throw err;
+    return grpc.status[err.code];
   }
 }
 
@@ -162,6 +216,36 @@ const scenarios = {
     const response = await unary(client, 'ListModels', {});
     report.models = response.models.map((m) => m.name);
     report.formats = response.models.map((m) => m.format);
+  }],
+  resume_after_drop: ['OK', async (client, report, target) => {
+    const follower = new Follower();
+    try {
+      const call = client.Generate({ model: 'tiny', prompt: 'Tell me a long story.', resumable: {} });
+      report.text_before = await follower.read(call, report, 3);
+      Object.assign(report, { stream_id: follower.streamId, after: Number(follower.next) });
+      if (!follower.streamId) throw new Error('the first message of a resumable stream carried no stream_id');
+      // Drop the call: cancel it and close its channel. The server detaches; the model goes on.
+      call.cancel();
+      client.close();
+      const again = new tokenwire.GenerationService(target, grpc.credentials.createInsecure());
+      try {
+        report.text_after = await follower.read(
+          again.Resume({ streamId: follower.streamId, after: String(follower.next) }), report);
+      } finally {
+        again.close();
+      }
+    } finally {
+      Object.assign(report, { positions_contiguous: follower.contiguous, chunks: Number(follower.next) });
+    }
+  }],
+  start_and_cancel: ['OK', async (client, report) => {
+    const generate = { model: 'tiny', prompt: 'Tell me a long story.' };
+    const streamId = (await unary(client, 'Start', { generate })).streamId;
+    report.stream_id = streamId;
+    report.stopped = Boolean((await unary(client, 'Cancel', { streamId })).stopped);
+    report.resume_code = await resumeToEnd(client, streamId);
+    report.stopped_again = Boolean((await unary(client, 'Cancel', { streamId })).stopped);
+    report.unknown_code = await resumeToEnd(client, 'A'.repeat(24));
   }],
 };
 

@@ -14,6 +14,7 @@ import com.google.protobuf.Value;
 import com.google.rpc.BadRequest;
 import com.google.rpc.ErrorInfo;
 import com.google.rpc.ResourceInfo;
+import dev.tokenwire.v1.CancelRequest;
 import dev.tokenwire.v1.ChatRequest;
 import dev.tokenwire.v1.GenerateRequest;
 import dev.tokenwire.v1.GenerationServiceGrpc;
@@ -22,7 +23,10 @@ import dev.tokenwire.v1.ListModelsRequest;
 import dev.tokenwire.v1.Message;
 import dev.tokenwire.v1.Model;
 import dev.tokenwire.v1.Options;
+import dev.tokenwire.v1.ResumeRequest;
+import dev.tokenwire.v1.Resumable;
 import dev.tokenwire.v1.Role;
+import dev.tokenwire.v1.StartRequest;
 import dev.tokenwire.v1.Think;
 import dev.tokenwire.v1.Token;
 import io.grpc.ConnectivityState;
@@ -87,7 +91,9 @@ public final class Client {
       "not_found", new Scenario(Status.Code.NOT_FOUND, Client::notFound),
       "invalid_argument", new Scenario(Status.Code.INVALID_ARGUMENT, Client::invalidArgument),
       "health", new Scenario(Status.Code.OK, Client::health),
-      "list_models", new Scenario(Status.Code.OK, Client::listModels));
+      "list_models", new Scenario(Status.Code.OK, Client::listModels),
+      "resume_after_drop", new Scenario(Status.Code.OK, Client::resumeAfterDrop),
+      "start_and_cancel", new Scenario(Status.Code.OK, Client::startAndCancel));
 
   private Client() {}
 
@@ -148,11 +154,7 @@ public final class Client {
         report.put("last_ms", ms);
         count++;
         text.append(token.getText());
-        if (token.getDone()) {
-          report.put("finish_reason", token.getFinishReason().name());
-          report.put("completion_tokens", token.getUsage().getCompletionTokens());
-          report.put("model", token.getModel());
-        }
+        putFinal(token, report);
         if (stopAfter > 0 && count == stopAfter) {
           stop.run();
         }
@@ -160,6 +162,15 @@ public final class Client {
     } finally {
       report.put("tokens", count);
       report.put("text", text.toString());
+    }
+  }
+
+  /** Copies the fields of the final Token (done) into the report. */
+  private static void putFinal(Token token, Map<String, Object> report) {
+    if (token.getDone()) {
+      report.put("finish_reason", token.getFinishReason().name());
+      report.put("completion_tokens", token.getUsage().getCompletionTokens());
+      report.put("model", token.getModel());
     }
   }
 
@@ -318,6 +329,98 @@ public final class Client {
     }
     report.put("models", names);
     report.put("formats", formats);
+  }
+
+  /**
+   * Reads a resumable stream across calls: its id (the first message carries only that), how
+   * many chunks it has received (position + chunk_count of the last Token: what Resume's after
+   * takes), and whether every Token began where the one before it ended.
+   */
+  private static final class Follower {
+    private final long started = System.nanoTime();
+    String streamId = "";
+    long next;
+    boolean contiguous = true;
+
+    /**
+     * Reads up to limit content messages (0: to the end), printing each one's position and chunk
+     * count (never its text); returns their text. Stopping early leaves the call running.
+     */
+    String read(Iterator<Token> stream, Map<String, Object> report, int limit) {
+      StringBuilder text = new StringBuilder();
+      int count = 0;
+      while ((limit == 0 || count < limit) && stream.hasNext()) {
+        Token token = stream.next();
+        ERR.printf("[%8.1f ms] position %d, %d chunk(s)%n", (System.nanoTime() - started) / 1e6,
+            token.getPosition(), token.getChunkCount());
+        contiguous = contiguous && token.getPosition() == next;
+        next = token.getPosition() + Integer.toUnsignedLong(token.getChunkCount());
+        if (!token.getStreamId().isEmpty()) {
+          streamId = token.getStreamId();
+          continue;
+        }
+        count++;
+        text.append(token.getText());
+        putFinal(token, report);
+      }
+      return text.toString();
+    }
+  }
+
+  private static void resumeAfterDrop(ManagedChannel channel, Map<String, Object> report) {
+    Follower follower = new Follower();
+    try {
+      // A blocking stream is cancelled through its Context.
+      try (Context.CancellableContext call = Context.current().withCancellation()) {
+        call.run(() -> report.put("text_before", follower.read(stub(channel).generate(
+            GenerateRequest.newBuilder().setModel("tiny").setPrompt("Tell me a long story.")
+                .setResumable(Resumable.getDefaultInstance()).build()), report, 3)));
+        report.put("stream_id", follower.streamId);
+        report.put("after", follower.next);
+        if (follower.streamId.isEmpty()) {
+          throw new IllegalStateException(
+              "the first message of a resumable stream carried no stream_id");
+        }
+        // Drop the call: cancel it and close its channel. The server detaches; the model goes on.
+        call.cancel(null);
+      }
+      channel.shutdownNow();
+      // The channel's authority is the host:port it was made for.
+      ManagedChannel again =
+          Grpc.newChannelBuilder(channel.authority(), InsecureChannelCredentials.create()).build();
+      try {
+        report.put("text_after", follower.read(stub(again).resume(ResumeRequest.newBuilder()
+            .setStreamId(follower.streamId).setAfter(follower.next).build()), report, 0));
+      } finally {
+        again.shutdownNow();
+      }
+    } finally {
+      report.put("positions_contiguous", follower.contiguous);
+      report.put("chunks", follower.next);
+    }
+  }
+
+  /** Reads Resume(streamId) from the start to its end: the status it ended with. */
+  private static Status.Code resumeToEnd(GenerationServiceBlockingStub stub, String streamId) {
+    try {
+      stub.resume(ResumeRequest.newBuilder().setStreamId(streamId).build())
+          .forEachRemaining(token -> { });
+      return Status.Code.OK;
+    } catch (StatusRuntimeException e) {
+      return e.getStatus().getCode();
+    }
+  }
+
+  private static void startAndCancel(ManagedChannel channel, Map<String, Object> report) {
+    GenerationServiceBlockingStub stub = stub(channel);
+    String streamId = stub.start(StartRequest.newBuilder().setGenerate(GenerateRequest.newBuilder()
+        .setModel("tiny").setPrompt("Tell me a long story.")).build()).getStreamId();
+    CancelRequest cancel = CancelRequest.newBuilder().setStreamId(streamId).build();
+    report.put("stream_id", streamId);
+    report.put("stopped", stub.cancel(cancel).getStopped());
+    report.put("resume_code", resumeToEnd(stub, streamId).name());
+    report.put("stopped_again", stub.cancel(cancel).getStopped());
+    report.put("unknown_code", resumeToEnd(stub, "A".repeat(24)).name());
   }
 
   /** The encoding with map entries sorted by key, as the golden test compares it. */
