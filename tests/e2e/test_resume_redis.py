@@ -76,6 +76,10 @@ async def test_start_on_one_replica_resume_on_the_other(fake: FakeOllama,
             done = await _read(stub_b.Resume(pb.ResumeRequest(
                 stream_id=started.stream_id, after=live.next)), Got(next=live.next))
             assert done.final is not None and done.text == ""
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await _read(stub_b.Resume(pb.ResumeRequest(
+                    stream_id=started.stream_id, after=live.next + 1)), Got(next=live.next + 1))
+            assert caught.value.code() == grpc.StatusCode.OUT_OF_RANGE
 
 
 async def test_dropped_on_one_resumed_on_the_other_each_chunk_once(

@@ -47,7 +47,7 @@ from tokenwire.v1 import generation_pb2 as pb
 
 from .._exceptions import TruncatedStream
 from ..backends._base import Event, Final
-from ._errors import ReplayedStatus, StoreUnavailable, StreamNotFound
+from ._errors import PositionOutOfRange, ReplayedStatus, StoreUnavailable, StreamNotFound
 from ._log import StreamLog
 
 __all__ = ["RedisStreams", "RemoteCursor", "RemoteStream"]
@@ -340,8 +340,9 @@ class RemoteCursor:
         self.taken_sizes: list[int] = []
         self._where = where
         self._last_id = "0-0"
-        #: Index of the next chunk this reader has not had.
+        #: Index of the next chunk this reader has not had; chunks the stream has produced.
         self._next = position
+        self._produced = 0
         self._pending: list[Event] = []
         self._sizes: list[int] = []
         self._end: BaseException | None = None
@@ -433,10 +434,16 @@ class RemoteCursor:
             self._pending.append((text, thinking, calls,
                                   final if i == len(chunks) - 1 else None))
             self._sizes.append(len(text) + len(thinking) + 64)
+        self._produced = max(self._produced, first + len(chunks))
         if b"x" in fields:
             self._fail(_status_of(fields[b"x"]))
         elif final is not None:
             self._ended = True
+            if self._produced < self._next:
+                self._fail(PositionOutOfRange(
+                    f"after is {self._next}, but the stream produced {self._produced} "
+                    "chunk(s); pass the position plus the chunk_count of the last Token "
+                    "received"))
 
     def _fail(self, error: BaseException) -> None:
         self._ended = True
