@@ -506,8 +506,9 @@ class Bench:
         starts; a Resume's first replayed token (memory)."""
         s = self.sizes
         self._gateway_argv = list(self.servers["gateway"].argv)
-        redis_bin = subprocess.run([str(ROOT / "scripts" / "redis-dev"), "ensure"], check=True,
-                                   capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        redis_bin = subprocess.run(
+            [str(ROOT / "scripts" / "debian-tools"), "redis-server"], check=True,
+            capture_output=True, text=True).stdout.strip().splitlines()[-1]
         redis = Server("redis", [redis_bin, "--port", "{port}", "--bind", "127.0.0.1",
                                  "--save", "", "--appendonly", "no"], dict(os.environ))
         self.start(redis)

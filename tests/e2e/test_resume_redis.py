@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.e2e.test_resume import Got, _read, _reason
 from tests.fakeollama import FakeOllama
 from tests.helpers import ServerProcess, samples, scrape, server_process, value
-from tests.redisserver import RedisServer, redis_server
+from tests.parts import RedisServer, haproxy, redis_server
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
@@ -287,3 +287,38 @@ async def test_client_resumes_on_another_replica_by_itself(fake: FakeOllama,
             assert stream.completion.usage is not None
             assert stream.completion.usage.completion_tokens == len(WORDS)
     assert len(fake.streams) == 1  # one generation, on the first replica
+
+
+async def test_through_haproxy_streams_resume_on_whichever_replica(
+        fake: FakeOllama, redis: RedisServer, tmp_path: Path) -> None:
+    """A real balancer (HAProxy, each call to the next replica): Resumes land on both
+    replicas and read streams the other one generates; the balancer killed and restarted
+    mid-stream, the Python client resumes through it by itself."""
+    from tokenwire.client import AsyncClient
+    fake.tokens = WORDS
+    fake.token_delay = 0.03
+    async with _pair(fake, redis) as (a, b), haproxy(tmp_path, [a.target, b.target]) as lb:
+        ch, stub = _stub(lb.target)
+        async with ch:
+            ids = [(await stub.Start(pb.StartRequest(generate=pb.GenerateRequest(
+                model="tiny", prompt="p")), timeout=10)).stream_id for _ in range(4)]
+            for stream_id in ids:
+                got = await _read(stub.Resume(pb.ResumeRequest(stream_id=stream_id),
+                                              timeout=20), Got())
+                assert got.text == WHOLE
+        # Both replicas served Starts and Resumes (round robin, call by call).
+        for replica in (a, b):
+            assert "method=/tokenwire.v1.GenerationService/Start" in replica.output
+            assert "method=/tokenwire.v1.GenerationService/Resume" in replica.output
+        before = len(fake.streams)
+        async with AsyncClient(lb.target) as client:
+            stream = client.generate("tiny", "p", resumable=True)
+            texts = []
+            async for token in stream:
+                texts.append(token.text)
+                if len(texts) == 5:
+                    await lb.kill()
+                    await lb.start()
+            assert "".join(texts) == stream.text == WHOLE
+            assert stream.resumes >= 1
+        assert len(fake.streams) == before + 1  # one generation, whichever replica read it
