@@ -517,8 +517,7 @@ class Bench:
         try:
             for label, resumable, extra in (("plain", "false", ()),
                                             ("resumable", "true", ()),
-                                            ("redis", "true", ("--redis-url", redis_url))) * (
-                                                2 if self.args.quick else 3):
+                                            ("redis", "true", ("--redis-url", redis_url))) * 3:
                 gateway = self.servers["gateway"]
                 gateway.argv = [*self._gateway_argv, *extra]
                 self.restart("gateway")

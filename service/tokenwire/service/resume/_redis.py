@@ -15,12 +15,14 @@ served from there) and mirrors it to Redis, so that any replica can serve Resume
     tw:{id}:g   "gone": a marker that outlives the rest, so an expired id says so
     tw:cancel   pub/sub channel: Cancel on any replica reaches the generating one
 
-Writes are one pipelined round trip per batch: what piles up while a write is in
-flight goes in the next, so a fast model costs one write per many chunks, never one per
-chunk. Every key has a TTL: the retention for what the stream wrote (refreshed while it
-grows), a few heartbeats for "alive" and "read". A reader tells chunks apart by their
-positions, so an entry written twice (after Redis came back without its data, the mirror
-writes the stream again from its start) is never delivered twice.
+Writes are one pipelined round trip per batch, at most one per 50 ms per stream: what
+arrives meanwhile goes in the next, so a fast model costs one write per many chunks, never
+one per chunk (a reader on another replica sees a chunk up to 50 ms later than a local
+one). The TTLs and the "alive" key are refreshed with the heartbeat, not with every batch.
+Every key has a TTL: the retention for what the stream wrote (refreshed while it grows), a
+few heartbeats for "alive" and "read". A reader tells chunks apart by their positions, so
+an entry written twice (after Redis came back without its data, the mirror writes the
+stream again from its start) is never delivered twice.
 
 Redis unreachable: resumable starts are refused (UNAVAILABLE, naming Redis), streams in
 flight go on for the readers they have and are written to Redis again once it is back;
@@ -57,6 +59,8 @@ log = logging.getLogger("tokenwire.service")
 #: Seconds between heartbeats (alive, read); keys of live streams outlive 4 of them.
 HEARTBEAT = 1.0
 _LIVE_TTL_MS = int(HEARTBEAT * 4000)
+#: Seconds between two writes of one stream at most (their chunks are batched meanwhile).
+_FLUSH = 0.05
 _CANCEL = "tw:cancel"
 
 
@@ -228,11 +232,22 @@ class RedisStreams:
         written = 0  # chunks in Redis
         lost = True  # the meta hash is to be written: the first time, or after a failure
         failures = 0
+        loop = asyncio.get_running_loop()
+        beat = -HEARTBEAT  # when the keys' TTLs and "alive" were last refreshed
+        last = -_FLUSH  # when the last write began
         while True:
             if not log_.finished and written >= _ready(log_) and not lost:
                 # Nothing new: wait for chunks, or write the heartbeat alone.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(log_.wait(), HEARTBEAT)
+                    await asyncio.wait_for(log_.wait(),
+                                           max(beat + HEARTBEAT - loop.time(), 0.001))
+            if not log_.finished and not lost:
+                # Let a batch build up: one write per _FLUSH at most while it generates
+                # (readers on other replicas see chunks up to that much later).
+                pause = last + _FLUSH - loop.time()
+                if pause > 0:
+                    await asyncio.sleep(pause)
+            last = loop.time()
             ended = log_.finished  # first: once it is set, the events are complete
             try:
                 if lost and written and not await self._redis.exists(meta):
@@ -252,14 +267,17 @@ class RedisStreams:
                 # What a live stream wrote outlives its replica (the retention), so that
                 # a reader learns the replica went away, and can keep what it produced.
                 ttl = self._retention_ms
+                now = loop.time()
                 if ended:
                     pipe.hset(meta, "state", "ended")
                     pipe.set(gone, "1", px=self._retention_ms * 6)
                     pipe.delete(alive)
-                else:
+                elif lost or now >= beat + HEARTBEAT:  # the heartbeat: not every batch
                     pipe.set(alive, self.replica, px=_LIVE_TTL_MS)
-                pipe.pexpire(meta, ttl)
-                pipe.pexpire(entries, ttl)
+                if ended or lost or now >= beat + HEARTBEAT:
+                    pipe.pexpire(meta, ttl)
+                    pipe.pexpire(entries, ttl)
+                    beat = now
                 await pipe.execute()
             except (RedisError, OSError):
                 self._set_up(False)
