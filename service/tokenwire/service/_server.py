@@ -30,7 +30,6 @@ from .guard._auth import CallerRegistry
 from .guard._http2 import core_options, settle_malloc
 from .guard._interceptor import GuardInterceptor
 from .resume import Retention, Streams
-from .resume._redis import RedisStreams
 
 __all__ = ["SERVICE_NAME", "Runtime", "build_server", "serve", "upstreams_of"]
 
@@ -181,6 +180,8 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
     )
     redis = None
     if settings.redis_url:
+        from .resume._redis import RedisStreams  # redis-py: only when it is used
+
         redis = RedisStreams(settings.redis_url, retention=settings.resume_retention,
                              max_entries=max(settings.resume_max_stream_bytes // 16, 1024),
                              connect_timeout=settings.connect_timeout)

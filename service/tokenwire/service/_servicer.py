@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import grpc
 from google.protobuf.duration_pb2 import Duration
@@ -45,7 +45,9 @@ from .backends._router import Router
 from .guard._auth import may_use_model, principal_var
 from .guard._interceptor import take_admission
 from .resume import Cursor, PositionOutOfRange, ResumableStream, ResumeUnavailable, Streams
-from .resume._redis import RemoteStream
+
+if TYPE_CHECKING:  # redis-py is imported only when --redis-url is set
+    from .resume._redis import RemoteStream
 
 __all__ = ["GenerationServicer", "StreamSettings"]
 

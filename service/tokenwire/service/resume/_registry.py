@@ -21,6 +21,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tokenwire.v1 import generation_pb2 as pb
 
@@ -29,7 +30,9 @@ from ..backends._base import Final
 from ..backends._choice import Call
 from ._errors import RetentionFull, StreamCancelled, StreamNotFound
 from ._log import Budget, StreamLog
-from ._redis import RedisStreams
+
+if TYPE_CHECKING:  # redis-py is imported only when --redis-url is set
+    from ._redis import RedisStreams
 
 __all__ = ["ResumableStream", "Retention", "Streams"]
 
