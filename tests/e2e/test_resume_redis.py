@@ -322,3 +322,32 @@ async def test_through_haproxy_streams_resume_on_whichever_replica(
             assert "".join(texts) == stream.text == WHOLE
             assert stream.resumes >= 1
         assert len(fake.streams) == before + 1  # one generation, whichever replica read it
+
+
+async def test_expired_id_says_so_to_its_owner_only(fake: FakeOllama, redis: RedisServer,
+                                                    tmp_path: Path) -> None:
+    callers = tmp_path / "callers.toml"
+    callers.write_text('[callers.alice]\ntoken = "alice-token"\n'
+                       '[callers.bob]\ntoken = "bob-token"\n')
+    fake.tokens = ["a", "b"]
+    alice = (("authorization", "Bearer alice-token"),)
+    bob = (("authorization", "Bearer bob-token"),)
+    async with _pair(fake, redis, "--callers-file", str(callers), "--resume-retention",
+                     "0.5") as (a, b):
+        ch_a, stub_a = _stub(a.target)
+        ch_b, stub_b = _stub(b.target)
+        async with ch_a, ch_b:
+            whole = await _read(stub_a.Generate(GEN, metadata=alice), Got())
+            await asyncio.sleep(1.0)  # past the retention
+            messages = {}
+            for who, metadata in (("alice", alice), ("bob", bob)):
+                with pytest.raises(grpc.aio.AioRpcError) as caught:
+                    await _read(stub_b.Resume(pb.ResumeRequest(stream_id=whole.stream_id),
+                                              metadata=metadata), Got())
+                assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+                messages[who] = caught.value.details() or ""
+            with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                await _read(stub_b.Resume(pb.ResumeRequest(stream_id="Z" * 24),
+                                          metadata=bob), Got())
+        assert "--resume-retention" in messages["alice"]
+        assert messages["bob"] == unknown.value.details()  # the id's past is not revealed

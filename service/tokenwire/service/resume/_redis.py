@@ -12,7 +12,8 @@ served from there) and mirrors it to Redis, so that any replica can serve Resume
     tw:{id}:a   "alive": set by the generating replica every second while it generates
     tw:{id}:r   "read": set by a replica that serves a Resume of it, every second, so
                 that the generating replica does not cut it off after its detach grace
-    tw:{id}:g   "gone": a marker that outlives the rest, so an expired id says so
+    tw:{id}:g   "gone": its owner, outliving the rest, so an expired id says so (to its
+                owner only)
     tw:cancel   pub/sub channel: Cancel on any replica reaches the generating one
 
 Writes are one pipelined round trip per batch, at most one per 50 ms per stream: what
@@ -270,7 +271,7 @@ class RedisStreams:
                 now = loop.time()
                 if ended:
                     pipe.hset(meta, "state", "ended")
-                    pipe.set(gone, "1", px=self._retention_ms * 6)
+                    pipe.set(gone, owner, px=self._retention_ms * 6)
                     pipe.delete(alive)
                 elif lost or now >= beat + HEARTBEAT:  # the heartbeat: not every batch
                     pipe.set(alive, self.replica, px=_LIVE_TTL_MS)
@@ -283,6 +284,8 @@ class RedisStreams:
                 self._set_up(False)
                 failures += 1
                 lost = True
+                if ended and failures * 5.0 > self._retention_ms / 1000:
+                    return  # ended long ago and never written: nobody could resume it now
                 await asyncio.sleep(min(HEARTBEAT * failures, 5.0))
                 continue
             written += len(batch)
@@ -306,7 +309,8 @@ class RedisStreams:
         meta, _, _, _, gone = _keys(stream_id)
         try:
             found = await self._redis.hgetall(meta)
-            expired = not found and await self._redis.exists(gone)
+            # Only the owner learns that the id existed.
+            expired = not found and await self._redis.get(gone) == owner.encode()
         except (RedisError, OSError) as exc:
             self._set_up(False)
             raise StoreUnavailable(f"Redis at {self.where} is not reachable, so the stream "
