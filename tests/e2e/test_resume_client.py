@@ -200,3 +200,21 @@ async def test_cli_resumable_resume_and_cancel(runtime: Runtime, fake: FakeOllam
     _, err4 = await missing.communicate()
     assert missing.returncode != 0
     assert "NOT_FOUND" in err4.decode() or "no resumable stream" in err4.decode()
+
+
+async def test_sync_cancel_stops_the_server_side(runtime: Runtime, fake: FakeOllama) -> None:
+    fake.tokens = WORDS
+    fake.token_delay = 0.05
+
+    def read_one_then_cancel() -> bool:
+        with Client(runtime.target) as client:
+            stream = client.generate("tiny", "p", resumable=True)
+            next(stream)
+            stopped = stream.cancel()
+            assert stream._cancel_call is not None
+            stream._cancel_call.result(timeout=5)  # the Cancel call went out and was answered
+            return stopped
+
+    assert await asyncio.to_thread(read_one_then_cancel)
+    await fake.wait_for_disconnect(timeout=2)
+    assert not fake.streams[-1].completed
