@@ -137,6 +137,15 @@ class Settings:
                 "as kubelet's gRPC probe needs; no reflection, no model calls. It carries no "
                 "prompts or answers, so a non-loopback address needs no --insecure; "
                 "empty = off"})
+    max_connection_age: float = field(default=1800.0, metadata={
+        "help": "seconds a client connection may live (gRPC's MAX_CONNECTION_AGE, with its "
+                "own +/-10%% jitter); then the server asks the client to reconnect, so "
+                "long-lived connections spread over new replicas; 0 = for ever"})
+    max_connection_age_grace: float = field(default=600.0, metadata={
+        "help": "seconds the calls still running on an aged connection get to finish "
+                "(MAX_CONNECTION_AGE_GRACE): long enough for a generation; a stream still "
+                "running then ends UNAVAILABLE (resumable ones resume on a new connection); "
+                "0 = as long as they run"})
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
                 "CPU; the admission limits apply per worker"})
@@ -293,6 +302,7 @@ def parse_settings(argv: Sequence[str] | None = None,
         if getattr(settings, name) <= 0
     ] + [
         name for name in ("rate", "rate_per_peer", "max_streams_per_peer", "queue_timeout",
+                          "max_connection_age", "max_connection_age_grace",
                           "max_output_tokens", "upstream_retries",
                           "retry_backoff", "breaker_threshold", "breaker_cooldown", "workers")
         if getattr(settings, name) < 0

@@ -174,6 +174,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            *_connection_age(settings),
             ("grpc.so_reuseport", int(reuse_port)),
             *core_options(settings.max_pending_calls),
         ],
@@ -260,6 +261,19 @@ def _warn_unused_caller_limits(settings: Settings, *, identifies: bool) -> None:
                     "TOKENWIRE_AUTH_TOKENS or --tls-client-ca every caller is anonymous; "
                     "anonymous callers are limited per peer address by --rate-per-peer and "
                     "--max-streams-per-peer", " and ".join(unused))
+
+
+def _connection_age(settings: Settings) -> list[tuple[str, int]]:
+    """gRPC's MAX_CONNECTION_AGE and its grace: an aged connection gets GOAWAY, the client
+    reconnects (through the balancer, perhaps to another replica) for its next calls, and
+    the calls still running keep the old connection for the grace."""
+    if settings.max_connection_age <= 0:
+        return []
+    options = [("grpc.max_connection_age_ms", int(settings.max_connection_age * 1000))]
+    if settings.max_connection_age_grace > 0:
+        options.append(("grpc.max_connection_age_grace_ms",
+                        int(settings.max_connection_age_grace * 1000)))
+    return options
 
 
 def _bind(server: grpc.aio.Server, settings: Settings) -> int:
