@@ -23,6 +23,7 @@ from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 WORDS = [f"w{i} " for i in range(40)]
 WHOLE = "".join(WORDS)
 GEN = pb.GenerateRequest(model="tiny", prompt="p", resumable=pb.Resumable())
+START = pb.StartRequest(generate=pb.GenerateRequest(model="tiny", prompt="p"))
 
 
 @pytest.fixture
@@ -52,8 +53,7 @@ async def test_start_on_one_replica_resume_on_the_other(fake: FakeOllama,
         ch_a, stub_a = _stub(a.target)
         ch_b, stub_b = _stub(b.target)
         async with ch_a, ch_b:
-            started = await stub_a.Start(pb.StartRequest(generate=pb.GenerateRequest(
-                model="tiny", prompt="p")))
+            started = await stub_a.Start(START)
             # Live, on the other replica, from the start, for longer than the grace.
             live = await _read(stub_b.Resume(pb.ResumeRequest(stream_id=started.stream_id)),
                                Got())
@@ -108,8 +108,7 @@ async def test_cancel_on_the_other_replica_stops_the_engine(fake: FakeOllama,
         ch_a, stub_a = _stub(a.target)
         ch_b, stub_b = _stub(b.target)
         async with ch_a, ch_b:
-            started = await stub_a.Start(pb.StartRequest(generate=pb.GenerateRequest(
-                model="tiny", prompt="p")))
+            started = await stub_a.Start(START)
             await asyncio.sleep(0.5)
             loop = asyncio.get_running_loop()
             asked = loop.time()
@@ -132,8 +131,7 @@ async def test_generating_replica_killed_mid_stream(fake: FakeOllama,
         ch_a, stub_a = _stub(a.target)
         ch_b, stub_b = _stub(b.target)
         async with ch_a, ch_b:
-            started = await stub_a.Start(pb.StartRequest(generate=pb.GenerateRequest(
-                model="tiny", prompt="p")))
+            started = await stub_a.Start(START)
             got = Got()
             reading = asyncio.create_task(_read(stub_b.Resume(
                 pb.ResumeRequest(stream_id=started.stream_id)), got))
@@ -162,8 +160,7 @@ async def test_another_callers_id_is_not_found_on_every_replica(
         ch_a, stub_a = _stub(a.target)
         ch_b, stub_b = _stub(b.target)
         async with ch_a, ch_b:
-            started = await stub_a.Start(pb.StartRequest(generate=pb.GenerateRequest(
-                model="tiny", prompt="p")), metadata=alice)
+            started = await stub_a.Start(START, metadata=alice)
             for stub in (stub_a, stub_b):
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
                     await _read(stub.Resume(pb.ResumeRequest(stream_id=started.stream_id),
@@ -214,8 +211,7 @@ async def test_redis_stopped_and_restarted_during_streams(fake: FakeOllama,
             found = samples((await scrape(metrics_port)).text)
             assert value(found, "tokenwire_redis_up") == 0
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub_a.Start(pb.StartRequest(generate=pb.GenerateRequest(
-                    model="tiny", prompt="p")))
+                await stub_a.Start(START)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "Redis" in (refused.value.details() or "")
             plain = [t async for t in stub_a.Generate(pb.GenerateRequest(model="tiny",
@@ -242,8 +238,7 @@ async def test_redis_stopped_and_restarted_during_streams(fake: FakeOllama,
                     await asyncio.sleep(0.2)
             assert replay.text == WHOLE
             assert replay.final is not None and replay.final.usage == got.final.usage
-            again = await stub_a.Start(pb.StartRequest(generate=pb.GenerateRequest(
-                model="tiny", prompt="p")))
+            again = await stub_a.Start(START)
             assert again.stream_id
 
 
@@ -300,8 +295,7 @@ async def test_through_haproxy_streams_resume_on_whichever_replica(
     async with _pair(fake, redis) as (a, b), haproxy(tmp_path, [a.target, b.target]) as lb:
         ch, stub = _stub(lb.target)
         async with ch:
-            ids = [(await stub.Start(pb.StartRequest(generate=pb.GenerateRequest(
-                model="tiny", prompt="p")), timeout=10)).stream_id for _ in range(4)]
+            ids = [(await stub.Start(START, timeout=10)).stream_id for _ in range(4)]
             for stream_id in ids:
                 got = await _read(stub.Resume(pb.ResumeRequest(stream_id=stream_id),
                                               timeout=20), Got())
