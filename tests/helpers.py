@@ -96,6 +96,11 @@ class ServerProcess:
                 return line
         raise AssertionError(f"the server exited without logging {text!r}:\n{self.output}")
 
+    async def metrics_port(self) -> int:
+        """The port of its ``--metrics-listen`` endpoint, as it logged it."""
+        line = await self.wait_for("metrics on")
+        return int(line.rsplit(":", 1)[1].split("/")[0])
+
     async def stop(self, sig: int = signal.SIGTERM) -> int:
         """Sends ``sig``; returns the exit code once the process and its output ended."""
         self.proc.send_signal(sig)

@@ -189,7 +189,7 @@ async def test_redis_stopped_and_restarted_during_streams(fake: FakeOllama,
     async with server_process(fake.url, "--redis-url", redis.url, "--metrics-listen",
                               "127.0.0.1:0") as a, \
             server_process(fake.url, "--redis-url", redis.url) as b:
-        metrics_port = int((await a.wait_for("metrics on")).rsplit(":", 1)[1].split("/")[0])
+        metrics_port = await a.metrics_port()
         ch_a, stub_a = _stub(a.target)
         ch_b, stub_b = _stub(b.target)
         async with ch_a, ch_b:

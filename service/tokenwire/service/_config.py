@@ -148,7 +148,7 @@ class Settings:
                 "0 = as long as they run"})
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
-                "CPU; the admission limits apply per worker"})
+                "CPU; the admission limits apply per worker unless --redis-url shares them"})
     # -- resumable streams ----------------------------------------------------
     detach_grace: float = field(default=60.0, metadata={
         "help": "seconds a resumable stream goes on generating with nobody reading it "
@@ -161,9 +161,25 @@ class Settings:
         "help": "bytes one resumable stream may hold (the engine's frames); a longer answer "
                 "ends with RESOURCE_EXHAUSTED"})
     redis_url: str = field(default="", metadata={
-        "help": "Redis URL (redis://host:port/db, rediss://, unix://) where resumable streams "
-                "are mirrored, so that any replica (and any --workers process) serves Resume "
-                "and Cancel; empty = this process's memory only"})
+        "help": "Redis URL (redis://host:port/db, rediss://, unix://) shared by replicas and "
+                "--workers processes: the admission limits and token budgets hold across "
+                "all of them, and resumable streams are mirrored there, so any of them "
+                "serves Resume and Cancel; empty = this process's memory only"})
+    redis_lease_ttl: float = field(default=15.0, metadata={
+        "help": "with --redis-url: seconds a model call's place in the shared concurrency "
+                "limits outlives its replica's last refresh (every third of it), so the calls "
+                "of a replica that died stop counting after at most this long"})
+    redis_down_streams: str = field(default="local", metadata={
+        "help": "with --redis-url, while Redis is unreachable: the concurrency limits are "
+                "applied in each process (local), not at all (open), or calls refused "
+                "UNAVAILABLE (closed)"})
+    redis_down_rate: str = field(default="local", metadata={
+        "help": "with --redis-url, while Redis is unreachable: request rates are limited in "
+                "each process (local), not at all (open), or calls refused (closed)"})
+    redis_down_budgets: str = field(default="closed", metadata={
+        "help": "with --redis-url, while Redis is unreachable: callers with token budgets "
+                "are refused UNAVAILABLE (closed), served uncounted (open), or counted in "
+                "each process (local)"})
     resume_max_bytes: int = field(default=512 << 20, metadata={
         "help": "bytes all resumable streams may hold together; finished ones are dropped "
                 "oldest first to make room, and a start with no room is refused with "
@@ -298,7 +314,7 @@ def parse_settings(argv: Sequence[str] | None = None,
                           "upstream_connections", "max_concurrent_streams", "max_pending_calls",
                           "max_streams", "max_streams_per_caller", "burst", "max_messages",
                           "detach_grace", "resume_retention", "resume_max_stream_bytes",
-                          "resume_max_bytes")
+                          "resume_max_bytes", "redis_lease_ttl")
         if getattr(settings, name) <= 0
     ] + [
         name for name in ("rate", "rate_per_peer", "max_streams_per_peer", "queue_timeout",
@@ -329,6 +345,10 @@ def parse_settings(argv: Sequence[str] | None = None,
                                                                   "unix://")):
         parser.error(f"--redis-url {redact_url(settings.redis_url)!r} is not a Redis URL "
                      "(redis://host:6379/0, rediss:// for TLS, or unix:///path/to/socket)")
+    for name in ("redis_down_streams", "redis_down_rate", "redis_down_budgets"):
+        if getattr(settings, name) not in ("local", "open", "closed"):
+            parser.error(f"--{name.replace('_', '-')} must be local, open or closed, not "
+                         f"{getattr(settings, name)!r}")
     if settings.upstreams_file and settings.ollama_url:
         parser.error("--ollama-url and --upstreams-file: set one (the file names every "
                      "upstream, Ollama hosts included)")

@@ -12,6 +12,9 @@ Health service names, all answered by the one HealthServicer (on the main port a
                                     shutdown begins; never follows Ollama
     "resumable"                     with --redis-url: SERVING while Redis answers (resumable
                                     starts are refused meanwhile; plain calls are not)
+    "limits"                        with --redis-url: SERVING while the shared limits and
+                                    budgets are decided in Redis; NOT_SERVING while they
+                                    follow --redis-down-* (the gateway itself still serves)
 
 They are apart because a liveness probe that follows Ollama makes Kubernetes restart
 every healthy gateway during an Ollama outage, which fixes nothing and drops the calls
@@ -30,13 +33,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from ._metrics import Metrics
 from .backends._router import Router
 
-__all__ = ["LIVENESS", "READINESS", "RESUMABLE", "HealthEndpoint", "HealthMonitor"]
+__all__ = ["LIMITS", "LIVENESS", "READINESS", "RESUMABLE", "HealthEndpoint", "HealthMonitor"]
 
 log = logging.getLogger("tokenwire.service")
 
 LIVENESS = "liveness"
 READINESS = "readiness"
 RESUMABLE = "resumable"
+LIMITS = "limits"
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -96,8 +100,18 @@ class HealthMonitor:
         health name and ``tokenwire_redis_up`` follow it."""
         if self._metrics is not None:
             self._metrics.redis_reachable(up)
+        self._set_soon(RESUMABLE, up)
+
+    def limits(self, up: bool) -> None:
+        """The shared limits are decided in Redis, or not: the "limits" health name and
+        ``tokenwire_limits_shared`` follow it."""
+        if self._metrics is not None:
+            self._metrics.limits_shared(up)
+        self._set_soon(LIMITS, up)
+
+    def _set_soon(self, name: str, up: bool) -> None:
         status = _SERVING if up and not self._stopping else _NOT_SERVING
-        task = asyncio.get_running_loop().create_task(self._servicer.set(RESUMABLE, status))
+        task = asyncio.get_running_loop().create_task(self._servicer.set(name, status))
         self._publishing.add(task)
         task.add_done_callback(self._publishing.discard)
 
@@ -132,6 +146,7 @@ class HealthMonitor:
         await self._publish(False)
         await self._servicer.set(LIVENESS, _NOT_SERVING)
         await self._servicer.set(RESUMABLE, _NOT_SERVING)
+        await self._servicer.set(LIMITS, _NOT_SERVING)
 
 
 class HealthEndpoint:

@@ -92,6 +92,18 @@ class Metrics:
                                       "Bytes the resumable streams of this process hold "
                                       "(updated as streams start and end)", registry=reg,
                                       multiprocess_mode="livesum")
+        self._limits_shared = Gauge("tokenwire_limits_shared",
+                                    "With --redis-url: 1 while admission limits and token "
+                                    "budgets are decided in Redis, 0 while they follow "
+                                    "--redis-down-*", registry=reg, multiprocess_mode="livemin")
+        self._budget_tokens = Counter("tokenwire_budget_tokens",
+                                      "Token budgets: tokens reserved at admission, and "
+                                      "tokens the calls really used (settled)", ("kind",),
+                                      registry=reg)
+        self._budget_refusals = Counter("tokenwire_budget_refusals",
+                                        "Model calls refused because their reservation did "
+                                        "not fit in the caller's budget, by window "
+                                        "(minute, day)", ("window",), registry=reg)
         self._prompt_tokens = self._tokens.labels("prompt")
         self._completion_tokens = self._tokens.labels("completion")
         # Labelled children by label values: ``labels()`` validates and locks on every use.
@@ -137,6 +149,16 @@ class Metrics:
 
     def redis_reachable(self, up: bool) -> None:
         self._redis_up.set(1 if up else 0)
+
+    def limits_shared(self, up: bool) -> None:
+        self._limits_shared.set(1 if up else 0)
+
+    def budget(self, event: str, tokens: int) -> None:
+        """A token budget event: reserved or settled (tokens), refused_minute/_day."""
+        if event.startswith("refused_"):
+            self._child(self._budget_refusals, event.removeprefix("refused_")).inc()
+        else:
+            self._child(self._budget_tokens, event).inc(tokens)
 
     def forget_upstream(self, upstream: str) -> None:
         """An upstream left the configuration: its series goes too."""

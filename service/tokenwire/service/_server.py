@@ -27,6 +27,7 @@ from .backends._router import Router
 from .backends._upstreams import UpstreamsConfig, UpstreamsFile, UpstreamsFileError, single_upstream
 from .guard._admission import Admission
 from .guard._auth import CallerRegistry
+from .guard._gate import Fallback, Gate
 from .guard._http2 import core_options, settle_malloc
 from .guard._interceptor import GuardInterceptor
 from .resume import Retention, Streams
@@ -49,7 +50,8 @@ class Runtime:
     router: Router
     settings: Settings
     servicer: GenerationServicer
-    admission: Admission
+    #: The limits: ``in_use`` is the model calls this process has admitted and not ended.
+    admission: Gate
     metrics: Metrics
     #: Serving ``/metrics``, when ``--metrics-listen`` is set.
     metrics_endpoint: MetricsEndpoint | None = None
@@ -95,6 +97,8 @@ class Runtime:
         streams = self.servicer.streams
         if streams is not None and streams.redis is not None:
             await streams.redis.aclose()
+        if self.admission.shared is not None:
+            await self.admission.shared.aclose()  # after the calls' ends are written
         if self.metrics_endpoint is not None:
             await self.metrics_endpoint.aclose()
         if self.health_endpoint is not None:
@@ -154,8 +158,18 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         max_streams_per_peer=settings.max_streams_per_peer,
         rate=settings.rate, rate_per_peer=settings.rate_per_peer, burst=settings.burst,
         queue_timeout=settings.queue_timeout)
+    shared = None
+    if settings.redis_url:
+        from .guard._shared import SharedLimits  # redis-py: only when it is used
+
+        shared = SharedLimits(settings.redis_url, lease_ttl=settings.redis_lease_ttl)
+    gate = Gate(admission, shared=shared, server_output_cap=settings.max_output_tokens,
+                fallback=Fallback(streams=settings.redis_down_streams,
+                                  rate=settings.redis_down_rate,
+                                  budgets=settings.redis_down_budgets),
+                on_budget=metrics.budget)
     guard = GuardInterceptor(
-        admission=admission,
+        admission=gate,
         registry=registry,
         allowed_cert_names=[p.strip() for p in settings.tls_allowed_clients.split(",")
                             if p.strip()],
@@ -227,12 +241,16 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
     if settings.health_listen:
         # No registry: the probe port asks for no credentials (it serves health alone).
         probes = HealthEndpoint(health_servicer, [GuardInterceptor(
-            admission=admission, metrics=metrics)], reuse_port=reuse_port)
+            admission=gate, metrics=metrics)], reuse_port=reuse_port)
         probes.bind(settings.health_listen)
     endpoint = None
     if settings.metrics_listen:
         endpoint = MetricsEndpoint(metrics.registry)
         await endpoint.start(settings.metrics_listen)
+    if shared is not None:
+        shared.on_state = lambda up: monitor.limits(up)
+        await shared.start()
+        monitor.limits(shared.up)
     if redis is not None:
         redis.on_state = lambda up: monitor.resumable(up)
         await redis.start()
@@ -243,7 +261,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
     if probes is not None:
         await probes.start()
     await monitor.start()
-    return Runtime(server, port, monitor, router, settings, servicer, admission, metrics,
+    return Runtime(server, port, monitor, router, settings, servicer, gate, metrics,
                    endpoint, probes)
 
 

@@ -43,7 +43,7 @@ from .backends._base import Backend, Event, Final, StreamRequest
 from .backends._choice import Call
 from .backends._router import Router
 from .guard._auth import may_use_model, principal_var
-from .guard._interceptor import take_admission
+from .guard._interceptor import spend_var, take_admission
 from .resume import Cursor, PositionOutOfRange, ResumableStream, ResumeUnavailable, Streams
 
 if TYPE_CHECKING:  # redis-py is imported only when --redis-url is set
@@ -227,6 +227,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             failover=call,
         )
         next_batch = _batches(relay, delivery)
+        spend = spend_var.get()
+        if spend is not None:  # what it used is counted from the relay, or reported
+            spend.watch(relay)
         self._relays.add(relay)
         try:
             # The reader task sends the upstream request while this goes out.
@@ -276,6 +279,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     assert relay is not None
                     self._finish(token, final, relay, started, first_sent, model, call)
                     self._record(method, token.usage)
+                    spend = spend_var.get()
+                    if spend is not None:
+                        spend.report(token.usage)
                 else:
                     token.MergeFrom(figures(final))
                 await sink(token)
@@ -313,6 +319,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             first_token_timeout=self._stream.first_token_timeout,
             idle_timeout=self._stream.idle_timeout, retries=self._stream.retries,
             retry_backoff=self._stream.retry_backoff, failover=call)
+        spend = spend_var.get()
+        if spend is not None:  # the final event in the log tells what it used
+            spend.watch(stream.log)
         stream.release = take_admission()
         stream.figures_of = lambda final: self._figures(stream, final, method)
         if streams.redis is not None:
@@ -486,6 +495,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         validate_embed(request, self._limits)
         response = await self._router.embed(request, deadline=context.time_remaining())
+        spend = spend_var.get()
+        if spend is not None:
+            spend.report_tokens(response.prompt_tokens)
         return _fits(response, self._stream.max_message_bytes,
                      "embed fewer inputs per call, or ask for fewer dimensions")
 

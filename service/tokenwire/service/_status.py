@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -45,6 +46,8 @@ from ._exceptions import (
 from ._validate import ValidationFailed
 from .guard._admission import Overloaded
 from .guard._auth import NotAllowed, NotAuthenticated
+from .guard._budget import BudgetExceeded
+from .guard._gate import LimitsUnavailable
 from .guard._http2 import MetadataTooLarge
 from .resume._errors import (
     PositionOutOfRange,
@@ -137,7 +140,9 @@ STATUS_TABLE: tuple[tuple[type[Exception], grpc.StatusCode, str, float | None], 
     (Undecodable, grpc.StatusCode.INVALID_ARGUMENT, "UNDECODABLE_REQUEST", None),
     (NotAuthenticated, grpc.StatusCode.UNAUTHENTICATED, "UNAUTHENTICATED", None),
     (NotAllowed, grpc.StatusCode.PERMISSION_DENIED, "NOT_ALLOWED", None),
+    (BudgetExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED, "TOKEN_BUDGET_EXHAUSTED", None),
     (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED, "OVERLOADED", 1.0),
+    (LimitsUnavailable, grpc.StatusCode.UNAVAILABLE, "LIMITS_STORE_UNAVAILABLE", 1.0),
     (MetadataTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "METADATA_TOO_LARGE", None),
     (ShuttingDown, grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN", 1.0),
     (ResponseTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED, "RESPONSE_TOO_LARGE", None),
@@ -199,7 +204,8 @@ def status_for(exc: Exception) -> grpc.Status:
         if len(violations) > 5:
             message += f"; ... ({len(exc.violations)} problems in all, see BadRequest)"
     elif isinstance(exc, NotAuthenticated | NotAllowed | Overloaded | ShuttingDown
-                    | ResponseTooLarge | Undecodable | MetadataTooLarge | ResumeError):
+                    | ResponseTooLarge | Undecodable | MetadataTooLarge | ResumeError
+                    | LimitsUnavailable):
         message = exc.message
         violations = []
     elif isinstance(exc, UpstreamError):
@@ -221,16 +227,32 @@ def status_for(exc: Exception) -> grpc.Status:
     if isinstance(exc, ModelNotFound):
         details.append(_pack(error_details_pb2.ResourceInfo(
             resource_type="model", resource_name=exc.model, description=message)))
+    if isinstance(exc, BudgetExceeded):
+        details.append(_pack(error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(
+                subject=f"caller:{exc.caller}",
+                description=f"tokens_per_{exc.window} of caller '{exc.caller}'")])))
+    if isinstance(exc, Overloaded):  # its own wait, whatever it is (None: not retryable)
+        retry_after = exc.retry_after
     named = getattr(exc, "retry_after", None)  # the engine's own wait, or the breaker's
     if named is not None:
         retry_after = named
+    pushback: tuple[tuple[str, str], ...] = ()
     if retry_after is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(max(retry_after, 0.001) * 1e9))
         details.append(_pack(error_details_pb2.RetryInfo(retry_delay=delay)))
+        if isinstance(exc, Overloaded):
+            # gRPC's own retry policy waits this long before it retries the call (a
+            # client retrying RESOURCE_EXHAUSTED); never for UNAVAILABLE, which another
+            # replica may serve at once.
+            pushback = (("grpc-retry-pushback-ms", str(math.ceil(retry_after * 1000))),)
+    elif isinstance(exc, Overloaded):
+        pushback = (("grpc-retry-pushback-ms", "-1"),)  # gRPC: do not retry
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     rich = rpc_status.to_status(status)
-    return _Status(rich.code, rich.details, rich.trailing_metadata + request_id_trailer())
+    return _Status(rich.code, rich.details,
+                   rich.trailing_metadata + pushback + request_id_trailer())
 
 
 @dataclass(frozen=True, slots=True)

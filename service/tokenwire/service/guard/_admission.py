@@ -32,9 +32,10 @@ __all__ = ["Admission", "Overloaded", "Ticket"]
 
 
 class Overloaded(Exception):
-    def __init__(self, message: str, *, retry_after: float) -> None:
+    def __init__(self, message: str, *, retry_after: float | None) -> None:
         super().__init__(message)
         self.message = message
+        #: Seconds after which a retry may succeed; None: it will not, as it is.
         self.retry_after = retry_after
 
 
@@ -165,13 +166,43 @@ class Admission:
         bucket.tokens = min(float(burst), bucket.tokens + (now - bucket.stamp) * rate)
         bucket.stamp = now
         if bucket.tokens < 1.0:
-            wait = (1.0 - bucket.tokens) / rate
-            raise Overloaded(f"{_who(caller, anonymous)} is over its rate limit of {rate:g} "
-                             f"requests/s (burst {burst}"
-                             + ("; --rate-per-peer" if anonymous else "")
-                             + f"); retry in {wait:.2f}s", retry_after=wait)
+            raise self.over_rate(caller, anonymous, rate, burst, (1.0 - bucket.tokens) / rate)
         bucket.tokens -= 1.0
         bucket.full_at = now + (float(burst) - bucket.tokens) / rate
+
+    @property
+    def queue_timeout(self) -> float:
+        return self._queue_timeout
+
+    def figures(self, *, max_streams: int | None, rate: float | None, burst: int | None,
+                anonymous: bool) -> tuple[int, int, float, int]:
+        """The limits that apply to a caller: its concurrent model calls (0 = none of its
+        own), those in all, its request rate (0 = none) and burst."""
+        per_caller = self._per_peer if anonymous else max_streams or self._per_caller_default
+        if rate is None:
+            rate = self._rate_per_peer if anonymous else self._rate
+        return (max(per_caller, 0), self._global.limit, rate,
+                self._burst if burst is None else burst)
+
+    @staticmethod
+    def over_rate(caller: str, anonymous: bool, rate: float, burst: int,
+                  wait: float) -> Overloaded:
+        return Overloaded(f"{_who(caller, anonymous)} is over its rate limit of {rate:g} "
+                          f"requests/s (burst {burst}"
+                          + ("; --rate-per-peer" if anonymous else "")
+                          + f"); retry in {wait:.2f}s", retry_after=wait)
+
+    @staticmethod
+    def caller_full(caller: str, anonymous: bool, used: int, limit: int) -> Overloaded:
+        which = "--max-streams-per-peer" if anonymous else "max streams per caller"
+        return Overloaded(f"{_who(caller, anonymous)} already has {used} model calls "
+                          f"running, its limit ({which}: {limit}); retry when one ends",
+                          retry_after=1.0)
+
+    @staticmethod
+    def full(limit: int) -> Overloaded:
+        return Overloaded(f"the gateway is at its limit of {limit} concurrent model calls; "
+                          "retry shortly", retry_after=1.0)
 
     def _sweep(self, now: float) -> None:
         """Drops the buckets that have refilled: a new one starts full anyway."""
@@ -200,10 +231,7 @@ class Admission:
         mine.limit = limit  # follows a reloaded policy
         if not await mine.take(wait):
             self._forget_if_idle(caller)
-            which = "--max-streams-per-peer" if anonymous else "max streams per caller"
-            raise Overloaded(f"{_who(caller, anonymous)} already has {mine.used} model calls "
-                             f"running, its limit ({which}: {mine.limit}); retry when one "
-                             "ends", retry_after=1.0)
+            raise self.caller_full(caller, anonymous, mine.used, mine.limit)
         try:
             admitted = await self._global.take(wait)
         except BaseException:
@@ -217,8 +245,7 @@ class Admission:
         return Ticket((self._global, mine), lambda: self._forget_if_idle(caller))
 
     def _full(self) -> Overloaded:
-        return Overloaded(f"the gateway is at its limit of {self._global.limit} concurrent "
-                          "model calls; retry shortly", retry_after=1.0)
+        return self.full(self._global.limit)
 
 
 def _nothing() -> None:

@@ -11,6 +11,9 @@ changes, without a restart::
     max_streams = 4                 # concurrent model calls; default: --max-streams-per-caller
     rate = 2.0                      # requests per second, burst ``burst``; default: the flags'
     burst = 10
+    tokens_per_minute = 60000       # token budgets (prompt + output), see guard/_budget.py;
+    tokens_per_day = 5000000        # default: none
+    max_output_tokens = 1024        # cap on a request's output tokens; default: the server's
 
     [callers.billing-svc]
     cert_names = ["billing.internal"]   # mTLS: client certificate CN or SAN
@@ -34,6 +37,8 @@ import tomllib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from ._budget import Budget
 
 __all__ = ["AuthError", "Caller", "CallerRegistry", "NotAllowed", "NotAuthenticated",
            "caller_var", "may_use_model", "principal_var"]
@@ -63,8 +68,15 @@ class Caller:
     max_streams: int | None = None
     rate: float | None = None
     burst: int | None = None
+    tokens_per_minute: int = 0
+    tokens_per_day: int = 0
+    max_output_tokens: int | None = None
     token_digest: bytes = field(default=b"", repr=False)
     cert_names: tuple[str, ...] = ()
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.tokens_per_minute, self.tokens_per_day)
 
     def check(self, method: str, model: str | None) -> None:
         """Raises PERMISSION_DENIED-style AuthError when the policy says no."""
@@ -120,6 +132,16 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
+def _count(entry: dict[str, object], key: str, source: str, name: str) -> int | None:
+    value = entry.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{source}: caller '{name}': {key} must be a whole number of "
+                         f"tokens, at least 1; got {value!r}")
+    return value
+
+
 def _parse_file(text: str, source: str) -> list[Caller]:
     data = tomllib.loads(text)
     callers = []
@@ -143,6 +165,9 @@ def _parse_file(text: str, source: str) -> list[Caller]:
             max_streams=entry.get("max_streams"),
             rate=entry.get("rate"),
             burst=entry.get("burst"),
+            tokens_per_minute=_count(entry, "tokens_per_minute", source, name) or 0,
+            tokens_per_day=_count(entry, "tokens_per_day", source, name) or 0,
+            max_output_tokens=_count(entry, "max_output_tokens", source, name),
             token_digest=digest,
             cert_names=cert_names,
         ))

@@ -41,11 +41,14 @@ from .._status import (
     request_id_var,
     status_for,
 )
-from ._admission import Admission, Overloaded, Ticket
+from .._validate import ValidationFailed
+from ._admission import Admission, Overloaded
 from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var, principal_var
+from ._budget import Spend, stream_request
+from ._gate import Gate, LimitsUnavailable, Pass
 from ._http2 import MAX_METADATA_BYTES, GarbageSweep, MetadataTooLarge, metadata_bytes
 
-__all__ = ["GuardInterceptor", "take_admission"]
+__all__ = ["GuardInterceptor", "spend_var", "take_admission"]
 
 log = logging.getLogger("tokenwire.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:/+=@-]{1,128}$")
@@ -215,7 +218,7 @@ class _Call:
         self.started = time.perf_counter()
         self.outcome = "OK"
         self.who = "-"
-        self.ticket: Ticket | None = None
+        self.ticket: Pass | None = None
         _call_var.set(self)
 
     async def begin(self, raw: Any, decode: Callable[[bytes], Any] | None) -> Any:
@@ -233,13 +236,18 @@ class _Call:
             if caller is not None:
                 caller.check(plan.method, _model_of(request) if decode is not None else None)
             # Without authentication a caller is only a peer address: per-peer limits.
-            guard._admission.check_rate(self.who, caller.rate if caller else None,
-                                        caller.burst if caller else None,
-                                        anonymous=caller is None)
-            if plan.model_call:
-                self.ticket = await guard._admission.admit(
-                    self.who, max_streams=caller.max_streams if caller else None,
-                    anonymous=caller is None, deadline=context.time_remaining())
+            if plan.model_call and caller is not None and caller.max_output_tokens:
+                _check_output_cap(request, caller)
+            self.ticket = await guard._gate.check(
+                self.who, anonymous=caller is None, request=request,
+                model_call=plan.model_call,
+                max_streams=caller.max_streams if caller else None,
+                rate=caller.rate if caller else None, burst=caller.burst if caller else None,
+                budget=caller.budget if caller else None,
+                output_cap=caller.max_output_tokens if caller else None,
+                deadline=context.time_remaining())
+            if self.ticket is not None:
+                spend_var.set(self.ticket.spend)
                 if guard._metrics is not None:
                     guard._metrics.admitted()
         return request
@@ -247,7 +255,8 @@ class _Call:
     async def failed(self, exc: BaseException) -> None:
         """Ends the call with the guard's own status (refusals, undecodable bytes), or
         notes how the handler ended it."""
-        if isinstance(exc, AuthError | Overloaded | Undecodable):
+        if isinstance(exc, AuthError | Overloaded | Undecodable | LimitsUnavailable
+                      | ValidationFailed):
             status = status_for(exc)
             self.outcome = status.code.name
             await self.initial.send(self.context)
@@ -270,6 +279,27 @@ class _Call:
 
 _call_var: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
     "tokenwire_guarded_call", default=None)
+#: What the current model call used, for settling its token budget: the servicer
+#: reports the engine's figures to it, or the relay it reads (None: not a model call).
+spend_var: contextvars.ContextVar[Spend | None] = contextvars.ContextVar(
+    "tokenwire_spend", default=None)
+
+
+def _check_output_cap(request: Any, caller: Caller) -> None:
+    """A request may not ask for more output than its caller's ``max_output_tokens``;
+    one that asks for none gets that cap."""
+    inner = stream_request(request)
+    cap = caller.max_output_tokens
+    if inner is None or cap is None:
+        return
+    options = inner.options
+    if options.HasField("max_tokens"):
+        if not 0 <= options.max_tokens <= cap:
+            raise ValidationFailed([("options.max_tokens", f"at most {cap} (caller "
+                                     f"'{caller.name}''s max_output_tokens), got "
+                                     f"{options.max_tokens}")])
+    else:
+        options.max_tokens = cap
 
 
 def _log_access(method: str, rid: str, who: str, outcome: str, took: float,
@@ -292,14 +322,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(
         self,
         *,
-        admission: Admission,
+        admission: Admission | Gate,
         registry: CallerRegistry | None = None,
         allowed_cert_names: Sequence[str] = (),
         mtls: bool = False,
         open_health: bool = False,
         metrics: Metrics | None = None,
     ) -> None:
-        self._admission = admission
+        self._gate = admission if isinstance(admission, Gate) else Gate(admission)
         self._metrics = metrics
         self._registry = registry if registry is not None and registry.enabled else None
         self._allowed = tuple(allowed_cert_names)
