@@ -91,10 +91,12 @@ class HttpPath(Path):
 
 
 class GrpcPath(Path):
-    def __init__(self, target: str, model: str, resumable: bool = False) -> None:
+    def __init__(self, target: str, model: str, resumable: bool = False,
+                 token: str = "") -> None:
         from tokenwire.client import AsyncClient
 
-        self.client = AsyncClient(target)
+        self.client = AsyncClient(target, metadata=(
+            (("authorization", f"Bearer {token}"),) if token else ()))
         self.model = model
         self.resumable = resumable
         #: The stream id of the last resumable stream read.
@@ -141,12 +143,13 @@ async def throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
     messages = 0
     errors = 0
     completed = 0
+    completed_in_window = 0
     samples: list[str] = []
     latencies: list[int] = []
     paced = args.interval_us > 0
 
     async def worker(w: int) -> None:
-        nonlocal in_window, errors, completed
+        nonlocal in_window, errors, completed, completed_in_window
         if args.ramp > 0:
             await asyncio.sleep(w / args.streams * args.ramp)
         while phase != "over":
@@ -184,6 +187,8 @@ async def throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
                     await asyncio.sleep(0.01)
             else:
                 completed += 1
+                if phase == "measuring":
+                    completed_in_window += 1
 
     started = time.time()
     workers = [asyncio.create_task(worker(w)) for w in range(args.streams)]  # strong refs
@@ -206,6 +211,7 @@ async def throughput(args: argparse.Namespace, path: Path) -> dict[str, Any]:
         "window_s": elapsed, "tokens": tokens, "tokens_per_s": tokens / elapsed,
         "messages": messages,
         "server_cpu_ticks": cpu1 - cpu0, "streams_completed": completed,
+        "streams_completed_in_window": completed_in_window,
         "errors": errors_in_run, "error_samples": samples, "started_unix": int(started),
         "workers": len(workers),
     }
@@ -315,7 +321,7 @@ async def cancel(args: argparse.Namespace, path: Path) -> dict[str, Any]:
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     path: Path
     if args.proto == "grpc":
-        path = GrpcPath(args.target, args.model, args.resumable)
+        path = GrpcPath(args.target, args.model, args.resumable, args.token)
     else:
         path = HttpPath(args.target, args.proto == "sse", args.model)
     mode = {"throughput": throughput, "ttft": ttft, "cancel": cancel,
@@ -334,6 +340,7 @@ def main() -> None:
     parser.add_argument("--resumable", type=lambda v: v.lower() in ("1", "true", "yes"),
                         default=False, help="grpc: ask for resumable streams")
     parser.add_argument("--proto", choices=("grpc", "ndjson", "sse"), default="grpc")
+    parser.add_argument("--token", default="", help="grpc: a bearer token to send")
     parser.add_argument("--target", required=True, help="host:port (loopback)")
     parser.add_argument("--model", default="bench")
     parser.add_argument("--stats-url", default="")

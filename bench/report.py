@@ -240,6 +240,24 @@ def render(results: dict[str, Any]) -> str:
         out(f"| Resume of a finished stream: first replayed token "
             f"| {_ms(_get(replay, 'first_replayed_ns', 'p50'))} "
             f"| {_ms(_get(replay, 'first_replayed_ns', 'p99'))} |")
+    limits = ph.get("limits", {})
+    if limits:
+        out("")
+        out("## Shared admission and budgets (issue #13), Python reader, back to back")
+        out("")
+        out("| limits and a token budget, calls of 4 tokens, 100 at a time | calls/s "
+            "| gateway CPU µs/call | redis-server CPU µs/call (whole run, an upper bound) "
+            "| TTFT p50, ms | TTFT p99, ms |")
+        out("|---|---|---|---|---|---|")
+        for label, name in (("local", "in this process"), ("redis", "shared in Redis")):
+            run = limits.get("cpu", {}).get(label)
+            t = limits.get("ttft", {}).get(label)
+            redis_us = (None if run is None or label != "redis" else
+                        run["redis_cpu_ticks"] / clk / _calls(run) * 1e6)
+            rate = None if run is None else _calls(run) / run["window_s"]
+            out(f"| {name} | {_num(rate)} | {_num(cpu_us_per_call(run, clk), '{:.0f}')} "
+                f"| {_num(redis_us, '{:.0f}')} | {_ms(_get(t, 'ttft_ns', 'p50'))} "
+                f"| {_ms(_get(t, 'ttft_ns', 'p99'))} |")
     out("")
     out("## Targets (ratios within this run)")
     out("")
@@ -264,6 +282,14 @@ def _per_msg(run: dict[str, Any] | None) -> float | None:
 
 def _kb(kb: float | None) -> float | None:
     return None if not kb else kb / 1024
+
+
+def _calls(run: dict[str, Any]) -> int:
+    return max(int(run.get("streams_completed_in_window", 0)), 1)
+
+
+def cpu_us_per_call(run: dict[str, Any] | None, clk: int) -> float | None:
+    return None if run is None else run["server_cpu_ticks"] / clk / _calls(run) * 1e6
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -368,6 +394,17 @@ def targets(results: dict[str, Any], clk: int) -> list[tuple[str, str, bool | No
     if first is not None:
         rows.append(("Resume: first replayed token p50 ≤ 5 ms", f"{first / 1e6:.2f} ms",
                      first / 1e6 <= 5))
+    limits = ph.get("limits", {})
+    local, shared = (cpu_us_per_call(limits.get("cpu", {}).get(k), clk)
+                     for k in ("local", "redis"))
+    if local is not None and shared is not None:
+        rows.append(("Redis-shared admission and budgets: gateway CPU per call ≤ +50 µs over "
+                     "in-process", f"{shared - local:+.0f} µs", shared - local <= 50))
+    local, shared = (_get(limits.get("ttft", {}), k, "ttft_ns", "p50") for k in ("local", "redis"))
+    if local is not None and shared is not None:
+        d = (shared - local) / 1e6
+        rows.append(("Redis-shared admission and budgets: TTFT p50 ≤ +1 ms over in-process",
+                     f"{d:+.2f} ms", d <= 1))
     return rows
 
 

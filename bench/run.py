@@ -28,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -551,13 +552,64 @@ class Bench:
             del self.servers["redis"]
         self.results["phases"]["resume"] = runs
 
+    def phase_limits(self) -> None:
+        """Issue #13's admission figures, Python reader: the gateway's CPU per call and
+        time to first token with admission limits and a token budget kept in this process
+        against the same ones shared in Redis (calls of 4 tokens, 100 at a time, so the
+        per-call cost dominates; alternating rounds, the median of each stands)."""
+        s = self.sizes
+        self._gateway_argv = list(self.servers["gateway"].argv)
+        redis_bin = subprocess.run(
+            [str(ROOT / "scripts" / "debian-tools"), "redis-server"], check=True,
+            capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        redis = Server("redis", [redis_bin, "--port", "{port}", "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"], dict(os.environ))
+        self.start(redis)
+        redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        callers = Path(tempfile.mkdtemp(prefix="tokenwire-bench-")) / "callers.toml"
+        # Limits that every call passes and none reaches: the cost of checking them.
+        callers.write_text('[callers.bench]\ntoken = "bench-token"\nmax_streams = 4096\n'
+                           "rate = 1000000.0\nburst = 1000000\n"
+                           "tokens_per_minute = 1000000000\ntokens_per_day = 100000000000\n")
+        common = ("--callers-file", str(callers), "--rate", "1000000")
+        runs: dict[str, Any] = {}
+        try:
+            for label, extra in (("local", common),
+                                 ("redis", (*common, "--redis-url", redis_url))) * 3:
+                self.servers["gateway"].argv = [*self._gateway_argv, *extra]
+                self.restart("gateway")
+                self.log(f"{label}: calls of 4 tokens, 100 at a time, C.py")
+                self.settle()
+                redis_before = cpu_ticks(redis.pid)
+                out = self.read("C.py", "throughput", streams=100, tokens=4,
+                                warmup=s.warmup, window=s.window, token="bench-token",
+                                settled=True)
+                out["redis_cpu_ticks"] = cpu_ticks(redis.pid) - redis_before
+                runs.setdefault("cpu_rounds", {}).setdefault(label, []).append(out)
+                self.log(f"  {out['streams_completed_in_window'] / out['window_s']:,.0f} "
+                         "calls/s")
+                ttft = self.read("C.py", "ttft", tokens=8, requests=s.ttft_requests,
+                                 warmup_requests=s.ttft_warmup, token="bench-token")
+                runs.setdefault("ttft_rounds", {}).setdefault(label, []).append(ttft)
+            runs["cpu"] = {label: sorted(rounds, key=lambda r: r["server_cpu_ticks"] / max(
+                r["streams_completed_in_window"], 1))[len(rounds) // 2]
+                for label, rounds in runs["cpu_rounds"].items()}
+            runs["ttft"] = {label: sorted(rounds, key=lambda r: r["ttft_ns"]["p50"])[
+                len(rounds) // 2] for label, rounds in runs["ttft_rounds"].items()}
+        finally:
+            self.servers["gateway"].argv = self._gateway_argv
+            self.restart("gateway")
+            self.stop(redis)
+            del self.servers["redis"]
+        self.results["phases"]["limits"] = runs
+
     def run(self) -> dict[str, Any]:
         self.results["meta"] = meta(self.args)
         self.start_all()
         try:
             phases = self.args.phases.split(",")
             for name in ("throughput", "ttft", "cancel", "paced", "curve", "workers",
-                         "backends", "resume"):
+                         "backends", "resume", "limits"):
                 if "all" in phases or name in phases:
                     getattr(self, f"phase_{name}")()
         finally:
