@@ -499,6 +499,16 @@ class Bench:
             self.restart("gateway")
         self.results["phases"]["backends"] = runs
 
+    def _start_redis(self) -> tuple[Server, str]:
+        """A redis-server (Debian's, installed if missing) on a free port, no persistence."""
+        redis_bin = subprocess.run(
+            [str(ROOT / "scripts" / "debian-tools"), "redis-server"], check=True,
+            capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        redis = Server("redis", [redis_bin, "--port", "{port}", "--bind", "127.0.0.1",
+                                 "--save", "", "--appendonly", "no"], dict(os.environ))
+        self.start(redis)
+        return redis, f"redis://127.0.0.1:{redis.port}/0"
+
     def phase_resume(self) -> None:
         """Issue #12's figures, Python reader, back to back: CPU per token of resumable
         streams in memory and mirrored to Redis against plain ones (zero delay, 100
@@ -507,13 +517,7 @@ class Bench:
         starts; a Resume's first replayed token (memory)."""
         s = self.sizes
         self._gateway_argv = list(self.servers["gateway"].argv)
-        redis_bin = subprocess.run(
-            [str(ROOT / "scripts" / "debian-tools"), "redis-server"], check=True,
-            capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        redis = Server("redis", [redis_bin, "--port", "{port}", "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no"], dict(os.environ))
-        self.start(redis)
-        redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        redis, redis_url = self._start_redis()
         runs: dict[str, Any] = {}
         try:
             for label, resumable, extra in (("plain", "false", ()),
@@ -559,13 +563,7 @@ class Bench:
         per-call cost dominates; alternating rounds, the median of each stands)."""
         s = self.sizes
         self._gateway_argv = list(self.servers["gateway"].argv)
-        redis_bin = subprocess.run(
-            [str(ROOT / "scripts" / "debian-tools"), "redis-server"], check=True,
-            capture_output=True, text=True).stdout.strip().splitlines()[-1]
-        redis = Server("redis", [redis_bin, "--port", "{port}", "--bind", "127.0.0.1",
-                                 "--save", "", "--appendonly", "no"], dict(os.environ))
-        self.start(redis)
-        redis_url = f"redis://127.0.0.1:{redis.port}/0"
+        redis, redis_url = self._start_redis()
         callers = Path(tempfile.mkdtemp(prefix="tokenwire-bench-")) / "callers.toml"
         # Limits that every call passes and none reaches: the cost of checking them.
         callers.write_text('[callers.bench]\ntoken = "bench-token"\nmax_streams = 4096\n'
