@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import ipaddress
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+
+from .tracing import NEEDS as _TRACING_NEEDS
+from .tracing import endpoint_from_env
 
 __all__ = ["Settings", "ollama_url_from_env", "parse_settings", "usable_cpus"]
 
@@ -233,6 +237,15 @@ class Settings:
         "help": "consecutive upstream failures that open the circuit; 0 = no breaker"})
     breaker_cooldown: float = field(default=5.0, metadata={
         "help": "seconds the circuit stays open before a trial call"})
+    # -- tracing --------------------------------------------------------------
+    otlp_endpoint: str = field(default="", metadata={
+        "help": "OpenTelemetry collector to export traces to over OTLP/gRPC "
+                "(http://host:4317, https:// for TLS): a span per call, its parent the "
+                "caller's W3C traceparent, and a GenAI span per model call whose "
+                "traceparent goes to the engine; needs the tracing extra (pip install "
+                "'tokenwire[tracing]'); empty = OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or "
+                "OTEL_EXPORTER_OTLP_ENDPOINT when set (unless OTEL_SDK_DISABLED=true), "
+                "else off"})
 
     def resolved_ollama_url(self) -> str:
         return self.ollama_url or ollama_url_from_env(os.environ.get("OLLAMA_HOST"))
@@ -243,6 +256,7 @@ class Settings:
         values = dataclasses.asdict(self)
         values["ollama_url"] = redact_url(self.resolved_ollama_url())
         values["redis_url"] = redact_url(self.redis_url)
+        values["otlp_endpoint"] = redact_url(self.otlp_endpoint)
         return values
 
     def describe(self) -> str:
@@ -277,6 +291,29 @@ def _valid_listen(hostport: str) -> bool:
 
 def _port(hostport: str) -> str:
     return hostport.rpartition(":")[2] if hostport else ""
+
+
+def _tracing_settings(parser: argparse.ArgumentParser, settings: Settings,
+                      env: Mapping[str, str]) -> Settings:
+    """The OTLP endpoint from the flag or the standard variables, checked."""
+    endpoint = settings.otlp_endpoint or endpoint_from_env(env)
+    if not endpoint:
+        return settings
+    if not endpoint.startswith(("http://", "https://")):
+        parser.error(f"--otlp-endpoint {redact_url(endpoint)!r} needs its scheme: "
+                     "http://host:4317 (plaintext) or https://host:4317 (TLS)")
+    for name in ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        protocol = env.get(name, "").strip()
+        if protocol:
+            if protocol != "grpc":
+                parser.error(f"{name}={protocol!r}: tokenwire exports traces over OTLP/gRPC "
+                             "only; point it at the collector's gRPC port (4317) and unset "
+                             f"{name} or set it to grpc")
+            break
+    if importlib.util.find_spec(_TRACING_NEEDS.rpartition(".")[0]) is None:
+        parser.error("tracing (--otlp-endpoint, or OTEL_EXPORTER_OTLP_ENDPOINT) needs the "
+                     "OpenTelemetry SDK and OTLP exporter: pip install 'tokenwire[tracing]'")
+    return dataclasses.replace(settings, otlp_endpoint=endpoint)
 
 
 def parse_settings(argv: Sequence[str] | None = None,
@@ -349,6 +386,7 @@ def parse_settings(argv: Sequence[str] | None = None,
         if getattr(settings, name) not in ("local", "open", "closed"):
             parser.error(f"--{name.replace('_', '-')} must be local, open or closed, not "
                          f"{getattr(settings, name)!r}")
+    settings = _tracing_settings(parser, settings, env)
     if settings.upstreams_file and settings.ollama_url:
         parser.error("--ollama-url and --upstreams-file: set one (the file names every "
                      "upstream, Ollama hosts included)")

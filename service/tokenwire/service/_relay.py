@@ -31,7 +31,7 @@ from contextlib import AbstractAsyncContextManager
 from typing import Protocol
 
 from ._exceptions import FirstTokenTimeout, IdleTimeout, UpstreamError
-from .backends._base import Event
+from .backends._base import Event, Final
 from .backends._transport import Response
 
 log = logging.getLogger("tokenwire.service")
@@ -102,6 +102,8 @@ class Relay:
         self._resume: Callable[[], None] | None = None  # the push path's un-pause
         self._finished = False
         self._complete = False  # the final (done) chunk arrived
+        #: The final chunk's figures, once it arrived.
+        self.final: Final | None = None
         self._error: BaseException | None = None
         self._expired: type[UpstreamError] | None = None
         self._timeout: asyncio.Timeout | None = None
@@ -258,6 +260,7 @@ class Relay:
         self.count += 1
         if event[3] is not None:
             self._complete = True
+            self.final = event[3]
         self._pending.append(event)
         self._sizes.append(size)
         self.pending_bytes += size

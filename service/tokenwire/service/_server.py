@@ -8,6 +8,7 @@ import logging
 import signal
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,6 +32,10 @@ from .guard._gate import Fallback, Gate
 from .guard._http2 import core_options, settle_malloc
 from .guard._interceptor import GuardInterceptor
 from .resume import Retention, Streams
+from .tracing import start_tracing
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is on
+    from .tracing._otel import Tracing
 
 __all__ = ["SERVICE_NAME", "Runtime", "build_server", "serve", "upstreams_of"]
 
@@ -57,6 +62,8 @@ class Runtime:
     metrics_endpoint: MetricsEndpoint | None = None
     #: Serving health alone, plaintext and open, when ``--health-listen`` is set.
     health_endpoint: HealthEndpoint | None = None
+    #: Exporting spans, when ``--otlp-endpoint`` (or OTEL_EXPORTER_OTLP_ENDPOINT) is set.
+    tracing: Tracing | None = None
 
     @property
     def upstream(self) -> Backend:
@@ -103,6 +110,8 @@ class Runtime:
             await self.metrics_endpoint.aclose()
         if self.health_endpoint is not None:
             await self.health_endpoint.stop()
+        if self.tracing is not None:  # the last spans go out (blocks: in a thread)
+            await asyncio.to_thread(self.tracing.shutdown)
 
     async def _model_calls_done(self, deadline: float) -> bool:
         """Waits (polling; shutdown only) until no model call is admitted."""
@@ -151,6 +160,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         router = Router(config, lambda spec: build_backend(spec, options),
                         failover_timeout=settings.failover_timeout, watch=watch)
     metrics = Metrics()
+    tracing = start_tracing(settings.otlp_endpoint)
     registry = CallerRegistry(settings.callers_file or None, CallerRegistry.env_tokens())
     admission = Admission(
         max_streams=settings.max_streams,
@@ -176,6 +186,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         mtls=bool(settings.tls_client_ca),
         open_health=settings.open_health,
         metrics=metrics,
+        tracing=tracing,
     )
     _warn_unused_caller_limits(settings, identifies=registry.enabled or bool(
         settings.tls_client_ca))
@@ -223,6 +234,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         no_streams="resumable streams need one server process or a shared store: with "
                    "--workers, a Resume could reach a worker that does not hold the stream; "
                    "run the server with --workers 1, or give it --redis-url",
+        tracing=tracing,
     )
     if servicer.streams is not None:
         servicer.streams.on_change = metrics.resumable
@@ -262,7 +274,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         await probes.start()
     await monitor.start()
     return Runtime(server, port, monitor, router, settings, servicer, gate, metrics,
-                   endpoint, probes)
+                   endpoint, probes, tracing)
 
 
 def _warn_unused_caller_limits(settings: Settings, *, identifies: bool) -> None:
@@ -343,6 +355,8 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
                         upstream.backend.base_url)
     if runtime.metrics_endpoint is not None:
         log.info("metrics on %s", runtime.metrics_endpoint.url)
+    if runtime.tracing is not None and worker is None:
+        log.info("traces exported to %s (OTLP/gRPC)", redact_url(runtime.tracing.endpoint))
     if runtime.health_endpoint is not None and worker is None:
         log.info("health checks on %s (plaintext, health only, no credentials)",
                  runtime.health_endpoint.target)

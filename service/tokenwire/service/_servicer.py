@@ -44,10 +44,19 @@ from .backends._choice import Call
 from .backends._router import Router
 from .guard._auth import may_use_model, principal_var
 from .guard._interceptor import spend_var, take_admission
-from .resume import Cursor, PositionOutOfRange, ResumableStream, ResumeUnavailable, Streams
+from .resume import (
+    Cursor,
+    PositionOutOfRange,
+    ResumableStream,
+    ResumeUnavailable,
+    StreamLog,
+    Streams,
+)
+from .tracing import call_span_var, generation_var
 
 if TYPE_CHECKING:  # redis-py is imported only when --redis-url is set
     from .resume._redis import RemoteStream
+    from .tracing._otel import Generation, Tracing  # only when tracing is on
 
 __all__ = ["GenerationServicer", "StreamSettings"]
 
@@ -115,7 +124,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         metrics: Metrics | None = None,
         streams: Streams | None = None,
         no_streams: str = "",
+        tracing: Tracing | None = None,
     ) -> None:
+        #: Spans for model calls (None: tracing is off).
+        self._tracing = tracing
         self._router = upstream if isinstance(upstream, Router) else Router.of(upstream)
         #: Resumable streams (None: this server keeps none, and ``no_streams`` says why).
         self._streams = streams
@@ -216,6 +228,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             # The caller's deadline wins: wait for the first token as long as it allows.
             first_token_wait = remaining
         opener, call = self._opener(request)
+        # Before the relay: its reader task takes the span along to the upstream request.
+        gen = self._generation(request) if self._tracing is not None else None
         relay = Relay(
             opener,
             first_token_timeout=first_token_wait,
@@ -231,13 +245,30 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if spend is not None:  # what it used is counted from the relay, or reported
             spend.watch(relay)
         self._relays.add(relay)
+        failure: BaseException | None = None
         try:
             # The reader task sends the upstream request while this goes out.
             await send_initial_metadata(context)
             await self._pump(next_batch, sink, method, request.model, relay, call, started)
+        except BaseException as exc:
+            failure = exc
+            raise
         finally:
             self._relays.discard(relay)
             await relay.aclose()
+            if gen is not None:
+                gen.end(relay, failure)
+
+    def _generation(self, request: StreamRequest | pb.EmbedRequest,
+                    operation: str | None = None) -> Generation:
+        """Starts the model call's GenAI span, under the call's span, and makes it the
+        one whose context the backends send upstream (tracing is on)."""
+        assert self._tracing is not None
+        gen = self._tracing.generation(
+            operation or ("chat" if isinstance(request, pb.ChatRequest) else "text_completion"),
+            request, call_span_var.get())
+        generation_var.set(gen)
+        return gen
 
     async def _pump(self, next_batch: Callable[[], Awaitable[list[Event] | None]], sink: _Sink,
                     method: str, model: str, relay: Relay | None, call: Call | None,
@@ -312,17 +343,27 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         opener, call = self._opener(request)
         grace = (request.resumable.detach_grace.ToNanoseconds() / 1e9
                  if request.resumable.HasField("detach_grace") else None)
+        # Before the stream: its reader task takes the span along to the upstream.
+        gen = self._generation(request) if self._tracing is not None else None
         # No caller deadline here: the stream outlives its caller.
-        stream = streams.open(
-            opener, owner=principal_var.get(), model=request.model, grace=grace,
-            started=started, call=call,
-            first_token_timeout=self._stream.first_token_timeout,
-            idle_timeout=self._stream.idle_timeout, retries=self._stream.retries,
-            retry_backoff=self._stream.retry_backoff, failover=call)
+        try:
+            stream = streams.open(
+                opener, owner=principal_var.get(), model=request.model, grace=grace,
+                started=started, call=call,
+                first_token_timeout=self._stream.first_token_timeout,
+                idle_timeout=self._stream.idle_timeout, retries=self._stream.retries,
+                retry_backoff=self._stream.retry_backoff, failover=call)
+        except BaseException as exc:
+            if gen is not None:
+                gen.end(None, exc)
+            raise
         spend = spend_var.get()
         if spend is not None:  # the final event in the log tells what it used
             spend.watch(stream.log)
         stream.release = take_admission()
+        if gen is not None:  # the span ends with the generation, not with this call
+            generation_var.set(None)
+            stream.release = _ending(gen, stream.log, stream.release)
         stream.figures_of = lambda final: self._figures(stream, final, method)
         if streams.redis is not None:
             streams.redis.mirror(stream.id, stream.owner, stream.model, stream.log,
@@ -494,7 +535,16 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Embed(self, request: pb.EmbedRequest,
                     context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
         validate_embed(request, self._limits)
-        response = await self._router.embed(request, deadline=context.time_remaining())
+        gen = (self._generation(request, "embeddings") if self._tracing is not None
+               else None)
+        try:
+            response = await self._router.embed(request, deadline=context.time_remaining())
+        except BaseException as exc:
+            if gen is not None:
+                gen.end(None, exc)
+            raise
+        if gen is not None:
+            gen.end(input_tokens=response.prompt_tokens)
         spend = spend_var.get()
         if spend is not None:
             spend.report_tokens(response.prompt_tokens)
@@ -511,6 +561,18 @@ def _batches(source: Source, delivery: pb.Delivery
     if delivery.mode in (pb.DELIVERY_MODE_UNSPECIFIED, pb.DELIVERY_MODE_ADAPTIVE):
         return source.take  # everything pending: no grouping layer per message
     return Grouper(source, delivery).next
+
+
+def _ending(gen: Generation, log: StreamLog, release: Callable[[], None] | None
+            ) -> Callable[[], None]:
+    """``release`` (the admission slot), ending the generation's span first: what a
+    resumable stream calls once the engine is done with it."""
+    def done() -> None:
+        gen.end(log, log.error)
+        if release is not None:
+            release()
+
+    return done
 
 
 def _fits(response: _Response, limit: int, advice: str) -> _Response:

@@ -12,6 +12,10 @@ Streams go through ``_transport.StreamPool`` on http:// and https://; JSON calls
 streams through an injected httpx transport (tests), use one ``httpx.AsyncClient``.
 Only failures that are outages move the breaker; an engine that answered and
 refused the request closes it again (it is alive).
+
+With tracing on, a request made for a model call carries the ``traceparent`` of the
+call's GenAI span (``tracing.generation_var``); with it off, that is one context
+variable read per request.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from .._exceptions import (
     UpstreamError,
     UpstreamUnavailable,
 )
+from ..tracing import generation_var
 from ._base import Event
 from ._breaker import CircuitBreaker
 from ._transport import _FRAMERS, Framing, StreamPool
@@ -61,6 +66,8 @@ class HTTPEngine:
     engine = "the engine"
     #: What to check when it cannot be reached.
     hint = "check that it is running there and that its URL is right"
+    #: The wire protocol, as traces name it (``gen_ai.provider.name``).
+    provider = "_OTHER"
 
     def __init__(
         self,
@@ -89,6 +96,8 @@ class HTTPEngine:
             headers.setdefault("Authorization",
                                "Basic " + base64.b64encode(pair).decode("ascii"))
         self._url = str(url.copy_with(userinfo=b""))
+        self._host = url.host
+        self._port = url.port or (443 if url.scheme == "https" else 80)
         self.base_url = redact_url(base_url.rstrip("/"))
         self.breaker = breaker or CircuitBreaker(threshold=0, url=self.base_url)
         self._client = httpx.AsyncClient(
@@ -165,7 +174,8 @@ class HTTPEngine:
         """Status, body and headers, the body read up to its bound (an error body to
         MAX_ERROR_BODY; a success body over ``max_body_bytes`` is a ProtocolError)."""
         try:
-            headers = {"Content-Type": "application/json"} if content is not None else None
+            headers = {"Content-Type": "application/json"} if content is not None else {}
+            headers.update(self._trace_headers())
             async with self._client.stream(method, path, content=content,
                                            headers=headers) as response:
                 got = dict(response.headers)
@@ -179,6 +189,14 @@ class HTTPEngine:
                 return 200, body, got
         except httpx.HTTPError as exc:
             raise self._transport_error(exc, path) from exc
+
+    def _trace_headers(self) -> dict[str, str]:
+        """The headers that carry the current model call's trace upstream (none when
+        tracing is off or this is no model call's request)."""
+        gen = generation_var.get()
+        if gen is None:
+            return {}
+        return gen.upstream(self.provider, self._host, self._port, self.name)
 
     def _failed(self, exc: UpstreamError) -> UpstreamError:
         """Tells the breaker about failures that mean "the engine is not well"."""
@@ -203,10 +221,14 @@ class HTTPEngine:
         """
         self.breaker.before_call()
         body = orjson.dumps(payload)
+        trace = self._trace_headers()
         if self._lean is not None:
             lean = self._lean
             try:
-                lean_response = await lean.open(path, body, framing, accept=accept)
+                lean_response = await lean.open(
+                    path, body, framing, accept=accept,
+                    headers=b"".join(f"{k}: {v}\r\n".encode("latin-1")
+                                     for k, v in trace.items()) if trace else b"")
             except UpstreamError as exc:
                 raise self._failed(exc) from None
             except asyncio.CancelledError:
@@ -228,7 +250,7 @@ class HTTPEngine:
                 lean.release(lean_response)  # synchronous: nothing a cancel can cut short
             return
         request = self._client.build_request("POST", path, content=body,
-                                             headers={"Accept": accept.decode()})
+                                             headers={"Accept": accept.decode(), **trace})
         try:
             response = await self._client.send(request, stream=True)
         except httpx.HTTPError as exc:

@@ -484,13 +484,15 @@ class StreamPool:
         return conn
 
     async def open(self, path: str, body: bytes, framing: Framing, *,
-                   accept: bytes = b"application/x-ndjson, application/json") -> Response:
+                   accept: bytes = b"application/x-ndjson, application/json",
+                   headers: bytes = b"") -> Response:
         """Sends the request; returns the response once its head arrived. Its body is
-        cut and decoded as ``framing`` says."""
+        cut and decoded as ``framing`` says. ``headers``: more header lines, each
+        ending with CRLF (a trace's ``traceparent``)."""
         request = b"".join((
             b"POST ", (self._prefix + path).encode(), b" HTTP/1.1\r\nHost: ", self._host_header,
             b"\r\nAccept: ", accept, b"\r\nContent-Type: application/json\r\n"
-            b"User-Agent: tokenwire\r\n", self._headers,
+            b"User-Agent: tokenwire\r\n", self._headers, headers,
             b"Content-Length: ", str(len(body)).encode(), b"\r\n\r\n", body))
         await self._slots.acquire()
         try:

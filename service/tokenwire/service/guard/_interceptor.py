@@ -7,7 +7,8 @@ context (for the peer's certificate). Every handler is wrapped, whatever its
 shape, so every method gets the same request id, authentication, decoding
 (undecodable bytes are INVALID_ARGUMENT, never UNKNOWN) and access log. The
 access log names the method, caller, outcome and time; it never contains
-prompt or answer text.
+prompt or answer text. With tracing on, the call's SERVER span starts and ends here too
+(its parent is the caller's ``traceparent``); with it off, that costs one ``is None``.
 
 A call whose metadata is over gRPC's own limit (only a client that never
 acknowledged the server's SETTINGS can send one, see ``_http2``) is refused as
@@ -27,7 +28,7 @@ import re
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -42,11 +43,15 @@ from .._status import (
     status_for,
 )
 from .._validate import ValidationFailed
+from ..tracing import call_span_var
 from ._admission import Admission, Overloaded
 from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var, principal_var
 from ._budget import Spend, stream_request
 from ._gate import Gate, LimitsUnavailable, Pass
 from ._http2 import MAX_METADATA_BYTES, GarbageSweep, MetadataTooLarge, metadata_bytes
+
+if TYPE_CHECKING:  # the OpenTelemetry SDK is imported only when tracing is on
+    from ..tracing._otel import CallSpan, Tracing
 
 __all__ = ["GuardInterceptor", "spend_var", "take_admission"]
 
@@ -205,7 +210,7 @@ class _Call:
     """One call from the guard's point of view: request id, caller, admission ticket,
     outcome, and the access-log line at its end."""
 
-    __slots__ = ("context", "initial", "outcome", "plan", "started", "ticket", "who")
+    __slots__ = ("context", "initial", "outcome", "plan", "span", "started", "ticket", "who")
 
     def __init__(self, plan: _Plan, context: grpc.aio.ServicerContext) -> None:
         self.plan = plan
@@ -220,6 +225,11 @@ class _Call:
         self.who = "-"
         self.ticket: Pass | None = None
         _call_var.set(self)
+        tracing = plan.guard._tracing
+        self.span: CallSpan | None = None
+        if tracing is not None:
+            self.span = tracing.server(plan.method, plan.metadata, plan.rid)
+            call_span_var.set(self.span)
 
     async def begin(self, raw: Any, decode: Callable[[bytes], Any] | None) -> Any:
         """Authenticates, decodes a unary request, applies policy and admission.
@@ -229,6 +239,8 @@ class _Call:
             await self.initial.send(context)
         caller = guard._authenticate(context, plan.metadata) if plan.needs_auth else None
         self.who = caller.name if caller else _peer_host(context.peer())
+        if self.span is not None:
+            self.span.caller(self.who)
         caller_var.set(caller)
         principal_var.set(self.who)
         request = decode(raw) if decode is not None else raw
@@ -275,6 +287,9 @@ class _Call:
                 metrics.released()
         _log_access(self.plan.method, self.plan.rid, self.who, self.outcome,
                     time.perf_counter() - self.started, metrics)
+        if self.span is not None:
+            self.span.end(self.outcome, None if self.outcome == "OK" else
+                          error_reason_var.get())
 
 
 _call_var: contextvars.ContextVar[_Call | None] = contextvars.ContextVar(
@@ -328,7 +343,9 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         mtls: bool = False,
         open_health: bool = False,
         metrics: Metrics | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing
         self._gate = admission if isinstance(admission, Gate) else Gate(admission)
         self._metrics = metrics
         self._registry = registry if registry is not None and registry.enabled else None

@@ -31,6 +31,7 @@ class OllamaBackend(HTTPEngine):
     """One Ollama server, as a ``backends.Backend``."""
 
     engine = "Ollama"
+    provider = "ollama"
     hint = "check that Ollama is running there, or point --ollama-url/OLLAMA_HOST at it"
 
     def __init__(

@@ -35,6 +35,7 @@ class OpenAIBackend(HTTPEngine):
     "llama.cpp", "vllm") says which options beyond the standard ones it takes."""
 
     engine = "the OpenAI-compatible engine"
+    provider = "openai"
 
     def __init__(
         self,

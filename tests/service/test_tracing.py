@@ -1,0 +1,231 @@
+"""Tracing in process: the spans of calls (the SDK's in-memory exporter stands in for
+OTLP; tests/e2e/test_tracing.py exports to a real collector), their parents, their
+GenAI attributes, the traceparent sent upstream, and tracing off."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from tests.conftest import MakeRuntime
+from tests.fakeollama import FakeOllama, Fault
+from tokenwire.service import Runtime, parse_settings
+from tokenwire.service.tracing import _otel
+from tokenwire.v1 import generation_pb2 as pb
+from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+CALLER_SPAN = "b7ad6b7169203331"
+TRACEPARENT = f"00-{TRACE}-{CALLER_SPAN}-01"
+SECRET = "the-prompt-no-span-may-carry"
+
+
+@pytest.fixture
+def exported(monkeypatch: pytest.MonkeyPatch) -> Iterator[InMemorySpanExporter]:
+    """Every server built in the test exports here instead of over OTLP."""
+    memory = InMemorySpanExporter()
+    monkeypatch.setattr(_otel, "OTLPSpanExporter", lambda endpoint: memory)
+    yield memory
+
+
+@pytest.fixture
+async def traced(make_runtime: MakeRuntime, exported: InMemorySpanExporter
+                 ) -> AsyncIterator[tuple[Runtime, GenerationServiceStub]]:
+    runtime = await make_runtime(otlp_endpoint="http://127.0.0.1:9")
+    async with grpc.aio.insecure_channel(runtime.target) as channel:
+        yield runtime, GenerationServiceStub(channel)
+
+
+def _spans(runtime: Runtime, memory: InMemorySpanExporter) -> list[ReadableSpan]:
+    assert runtime.tracing is not None
+    runtime.tracing.provider.force_flush()
+    return list(memory.get_finished_spans())
+
+
+def _one(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    found = [s for s in spans if s.name == name]
+    assert len(found) == 1, [s.name for s in spans]
+    return found[0]
+
+
+def _attrs(span: ReadableSpan) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def _no_text(spans: list[ReadableSpan], *texts: str) -> None:
+    """No span, event or resource holds any of ``texts``."""
+    dumped = "".join(span.to_json() for span in spans)
+    for text in texts:
+        assert text not in dumped
+
+
+async def test_a_call_continues_the_callers_trace(
+        traced: tuple[Runtime, GenerationServiceStub], exported: InMemorySpanExporter,
+        fake: FakeOllama) -> None:
+    runtime, stub = traced
+    fake.tokens = ["alpha ", "beta ", "gamma"]
+    tokens = [t async for t in stub.Chat(pb.ChatRequest(
+        model="tiny", messages=[pb.Message(role=pb.ROLE_USER, content=SECRET)],
+        options=pb.Options(max_tokens=50, temperature=0.25, top_k=7)),
+        metadata=(("traceparent", TRACEPARENT), ("tracestate", "vendor=v1")))]
+    final = tokens[-1]
+    spans = _spans(runtime, exported)
+    server = _one(spans, "tokenwire.v1.GenerationService/Chat")
+    gen = _one(spans, "chat tiny")
+    # The caller's trace, the caller's span as parent; the GenAI span under the call's.
+    assert f"{server.context.trace_id:032x}" == TRACE
+    assert server.parent is not None and f"{server.parent.span_id:016x}" == CALLER_SPAN
+    assert server.kind is SpanKind.SERVER and gen.kind is SpanKind.CLIENT
+    assert gen.context.trace_id == server.context.trace_id
+    assert gen.parent is not None and gen.parent.span_id == server.context.span_id
+    assert _attrs(server) | {"tokenwire.request_id": None} == {
+        "rpc.system.name": "grpc", "rpc.method": "tokenwire.v1.GenerationService/Chat",
+        "rpc.system": "grpc", "rpc.service": "tokenwire.v1.GenerationService",
+        "rpc.response.status_code": "OK", "rpc.grpc.status_code": 0,
+        "tokenwire.caller": "peer:127.0.0.1", "tokenwire.request_id": None}
+    attrs = _attrs(gen)
+    ttfc = attrs.pop("gen_ai.response.time_to_first_chunk")
+    assert 0 < ttfc < 5
+    assert attrs == {
+        "gen_ai.operation.name": "chat", "gen_ai.request.model": "tiny",
+        "gen_ai.request.max_tokens": 50, "gen_ai.request.temperature": 0.25,
+        "gen_ai.request.top_k": 7, "gen_ai.provider.name": "ollama",
+        "server.address": "127.0.0.1", "server.port": fake.port,
+        "tokenwire.upstream": runtime.router.upstreams[0].name, "tokenwire.attempts": 1,
+        "gen_ai.usage.input_tokens": final.usage.prompt_tokens,
+        "gen_ai.usage.output_tokens": final.usage.completion_tokens,
+        "gen_ai.response.finish_reasons": ("stop",),
+        "gen_ai.response.model": final.model}
+    assert final.usage.completion_tokens == 3 and final.usage.prompt_tokens > 0
+    assert [e.name for e in gen.events] == ["tokenwire.first_token"]
+    assert gen.start_time < gen.events[0].timestamp < gen.end_time  # type: ignore[operator]
+    # The engine got the GenAI span's context, and the caller's tracestate.
+    sent = fake.requests[-1].headers
+    assert sent["traceparent"] == f"00-{TRACE}-{gen.context.span_id:016x}-01"
+    assert sent["tracestate"] == "vendor=v1"
+    _no_text(spans, SECRET, "alpha", "beta", "gamma")
+
+
+async def test_without_a_traceparent_a_call_starts_a_trace(
+        traced: tuple[Runtime, GenerationServiceStub], exported: InMemorySpanExporter,
+        fake: FakeOllama) -> None:
+    runtime, stub = traced
+    response = await stub.Complete(pb.CompleteRequest(
+        generate=pb.GenerateRequest(model="tiny", prompt=SECRET)))
+    spans = _spans(runtime, exported)
+    server = _one(spans, "tokenwire.v1.GenerationService/Complete")
+    gen = _one(spans, "text_completion tiny")
+    assert server.parent is None
+    assert gen.parent is not None and gen.parent.span_id == server.context.span_id
+    assert _attrs(gen)["gen_ai.usage.output_tokens"] == response.usage.completion_tokens
+    assert fake.requests[-1].headers["traceparent"].split("-")[1] == (
+        f"{server.context.trace_id:032x}")
+    _no_text(spans, SECRET, response.text)
+
+
+async def test_embeddings(traced: tuple[Runtime, GenerationServiceStub],
+                          exported: InMemorySpanExporter, fake: FakeOllama) -> None:
+    runtime, stub = traced
+    response = await stub.Embed(pb.EmbedRequest(model="embedder", inputs=[SECRET]),
+                                metadata=(("traceparent", TRACEPARENT),))
+    spans = _spans(runtime, exported)
+    gen = _one(spans, "embeddings embedder")
+    assert _attrs(gen)["gen_ai.usage.input_tokens"] == response.prompt_tokens > 0
+    assert _attrs(gen)["gen_ai.operation.name"] == "embeddings"
+    assert fake.requests[-1].path == "/api/embed"
+    assert fake.requests[-1].headers["traceparent"].split("-")[1] == TRACE
+    _no_text(spans, SECRET)
+
+
+async def test_a_failed_call(traced: tuple[Runtime, GenerationServiceStub],
+                             exported: InMemorySpanExporter, fake: FakeOllama) -> None:
+    runtime, stub = traced
+    fake.fault = Fault(status=503, message="overloaded")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.Generate(pb.GenerateRequest(model="tiny", prompt=SECRET),
+                                     metadata=(("traceparent", TRACEPARENT),)):
+            pass
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    spans = _spans(runtime, exported)
+    server = _one(spans, "tokenwire.v1.GenerationService/Generate")
+    gen = _one(spans, "text_completion tiny")
+    assert server.status.status_code is StatusCode.ERROR
+    assert _attrs(server)["error.type"] == "UNAVAILABLE"
+    assert _attrs(server)["rpc.grpc.status_code"] == grpc.StatusCode.UNAVAILABLE.value[0]
+    assert _attrs(server)["tokenwire.error.reason"]
+    assert gen.status.status_code is StatusCode.ERROR
+    assert _attrs(gen)["error.type"] == "UpstreamBusy"
+    assert "gen_ai.usage.output_tokens" not in _attrs(gen)
+    _no_text(spans, SECRET)
+
+
+async def test_a_refused_call_is_no_server_failure(
+        traced: tuple[Runtime, GenerationServiceStub], exported: InMemorySpanExporter) -> None:
+    runtime, stub = traced
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in stub.Generate(pb.GenerateRequest(model="", prompt=SECRET)):
+            pass
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    spans = _spans(runtime, exported)
+    server = _one(spans, "tokenwire.v1.GenerationService/Generate")
+    assert _attrs(server)["rpc.response.status_code"] == "INVALID_ARGUMENT"
+    assert server.status.status_code is StatusCode.UNSET and "error.type" not in _attrs(server)
+    assert [s.name for s in spans] == [server.name]  # no model call, no GenAI span
+
+
+async def test_off_by_default(runtime: Runtime, stub: GenerationServiceStub,
+                              fake: FakeOllama) -> None:
+    assert runtime.tracing is None
+    [t async for t in stub.Generate(pb.GenerateRequest(model="tiny", prompt="p"),
+                                    metadata=(("traceparent", TRACEPARENT),))]
+    assert "traceparent" not in fake.requests[-1].headers
+
+
+def test_off_loads_no_opentelemetry() -> None:
+    """A server built with tracing off imports none of the tracing code: no tracer, no
+    exporter. (redis-py, when the OpenTelemetry SDK is installed, imports its metrics
+    part and the tracing API for its own optional instrumentation: not ours.)"""
+    code = ("import sys, asyncio\n"
+            "from tokenwire.service import Settings, build_server\n"
+            "async def main():\n"
+            "    r = await build_server(Settings(listen='127.0.0.1:0', "
+            "ollama_url='http://127.0.0.1:9'))\n"
+            "    await r.stop(0)\n"
+            "asyncio.run(main())\n"
+            "print(sorted(m for m in sys.modules if m.startswith(("
+            "'opentelemetry.sdk.trace', 'opentelemetry.exporter', "
+            "'tokenwire.service.tracing._'))))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60, check=True)
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_endpoint_from_flag_and_environment() -> None:
+    assert parse_settings([], {}).otlp_endpoint == ""
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}
+    assert parse_settings([], env).otlp_endpoint == "http://collector:4317"
+    assert parse_settings([], env | {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:4317"}
+                          ).otlp_endpoint == "http://t:4317"
+    assert parse_settings([], env | {"OTEL_SDK_DISABLED": "true"}).otlp_endpoint == ""
+    assert parse_settings(["--otlp-endpoint", "https://c:4317"], env
+                          ).otlp_endpoint == "https://c:4317"
+
+
+@pytest.mark.parametrize(("argv", "env", "says"), [
+    (["--otlp-endpoint", "collector:4317"], {}, "needs its scheme"),
+    ([], {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+          "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "OTLP/gRPC only"),
+])
+def test_bad_tracing_settings(argv: list[str], env: dict[str, str], says: str,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_settings(argv, env)
+    assert says in capsys.readouterr().err
