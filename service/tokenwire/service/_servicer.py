@@ -260,13 +260,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 gen.end(relay, failure)
 
     def _generation(self, request: StreamRequest | pb.EmbedRequest,
-                    operation: str | None = None) -> Generation:
+                    operation: str | None = None, *, resumable: bool = False) -> Generation:
         """Starts the model call's GenAI span, under the call's span, and makes it the
-        one whose context the backends send upstream (tracing is on)."""
+        one whose context the backends send upstream (tracing is on). The operation:
+        Chat is ``chat``, Generate (a prompt to continue) ``text_completion``."""
         assert self._tracing is not None
         gen = self._tracing.generation(
             operation or ("chat" if isinstance(request, pb.ChatRequest) else "text_completion"),
-            request, call_span_var.get())
+            request, call_span_var.get(), resumable=resumable)
         generation_var.set(gen)
         return gen
 
@@ -344,7 +345,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         grace = (request.resumable.detach_grace.ToNanoseconds() / 1e9
                  if request.resumable.HasField("detach_grace") else None)
         # Before the stream: its reader task takes the span along to the upstream.
-        gen = self._generation(request) if self._tracing is not None else None
+        gen = (self._generation(request, resumable=True) if self._tracing is not None
+               else None)
         # No caller deadline here: the stream outlives its caller.
         try:
             stream = streams.open(

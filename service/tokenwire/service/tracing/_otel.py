@@ -196,11 +196,11 @@ class Tracing:
                 "rpc.system": "grpc", "rpc.service": service,
                 "tokenwire.request_id": rid}))
 
-    def generation(self, operation: str, request: Any, parent: CallSpan | None,
-                   ) -> Generation:
+    def generation(self, operation: str, request: Any, parent: CallSpan | None, *,
+                   resumable: bool = False) -> Generation:
         """A model call's GenAI span, the child of ``parent`` (the call's span);
         ``request`` is a Generate, Chat or Embed request (only its model and options
-        are read)."""
+        are read); ``resumable``: the generation of a resumable stream."""
         model = request.model
         attributes: dict[str, Any] = {"gen_ai.operation.name": operation,
                                       "gen_ai.request.model": model}
@@ -212,7 +212,7 @@ class Tracing:
             for field, key in _OPTIONS:
                 if options.HasField(field):
                     attributes[key] = getattr(options, field)
-            if request.HasField("resumable"):
+            if resumable:
                 attributes["tokenwire.resumable"] = True
         return Generation(self._tracer.start_span(
             f"{operation} {model}", context=parent.context if parent is not None else None,
