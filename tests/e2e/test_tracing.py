@@ -18,6 +18,9 @@ from tests.parts import RedisServer, redis_server
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
+# The first test may build the collector (scripts/otelcol: minutes, once per machine).
+pytestmark = pytest.mark.timeout(900)
+
 PROMPT = "a-prompt-that-must-never-leave-the-gateway"
 WORDS = ["answer-word-one ", "answer-word-two ", "answer-word-three"]
 #: Spans leave a server 50 ms after they end (the SDK's default is 5 s).

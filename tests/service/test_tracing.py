@@ -7,17 +7,21 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.conftest import MakeRuntime
+from tests.conftest import FAST, MakeRuntime
 from tests.fakeollama import FakeOllama, Fault
-from tokenwire.service import Runtime, parse_settings
+from tests.fakeopenai import FakeOpenAI
+from tokenwire.service import Runtime, build_server, parse_settings
+from tokenwire.service.backends.openai import OpenAIBackend
 from tokenwire.service.tracing import _otel
 from tokenwire.v1 import generation_pb2 as pb
 from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
@@ -229,3 +233,40 @@ def test_bad_tracing_settings(argv: list[str], env: dict[str, str], says: str,
     with pytest.raises(SystemExit):
         parse_settings(argv, env)
     assert says in capsys.readouterr().err
+
+
+async def test_the_openai_compatible_wire(exported: InMemorySpanExporter) -> None:
+    async with FakeOpenAI(dialect="openai", models=("tiny",)) as fake:
+        backend = OpenAIBackend(fake.url + "/v1", api_key="sk-test-secret", name="hosted",
+                                connect_timeout=2.0)
+        runtime = await build_server(replace(FAST, otlp_endpoint="http://127.0.0.1:9"),
+                                     upstream=backend)
+        try:
+            async with grpc.aio.insecure_channel(runtime.target) as channel:
+                tokens = [t async for t in GenerationServiceStub(channel).Chat(
+                    pb.ChatRequest(model="tiny", messages=[
+                        pb.Message(role=pb.ROLE_USER, content=SECRET)]),
+                    metadata=(("traceparent", TRACEPARENT),))]
+            spans = _spans(runtime, exported)
+        finally:
+            await runtime.stop(0)
+    gen = _one(spans, "chat tiny")
+    usage = tokens[-1].usage
+    assert _attrs(gen)["gen_ai.provider.name"] == "openai"
+    assert _attrs(gen)["gen_ai.usage.output_tokens"] == usage.completion_tokens > 0
+    assert _attrs(gen)["gen_ai.usage.input_tokens"] == usage.prompt_tokens > 0
+    sent = [r for r in fake.requests if r.path == "/v1/chat/completions"][-1].headers
+    assert sent["traceparent"] == f"00-{TRACE}-{gen.context.span_id:016x}-01"
+    _no_text(spans, SECRET, "sk-test-secret", "".join(t.text for t in tokens))
+
+
+async def test_health_checks_get_no_span(
+        traced: tuple[Runtime, GenerationServiceStub], exported: InMemorySpanExporter) -> None:
+    runtime, _ = traced
+    async with grpc.aio.insecure_channel(runtime.target) as channel:
+        answer = await health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), metadata=(("traceparent", TRACEPARENT),))
+        await GenerationServiceStub(channel).ListModels(pb.ListModelsRequest())
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    assert [s.name for s in _spans(runtime, exported)] == [
+        "tokenwire.v1.GenerationService/ListModels"]

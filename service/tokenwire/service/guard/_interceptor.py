@@ -227,7 +227,7 @@ class _Call:
         _call_var.set(self)
         tracing = plan.guard._tracing
         self.span: CallSpan | None = None
-        if tracing is not None:
+        if tracing is not None and not plan.infrastructure:  # no spans for health checks
             self.span = tracing.server(plan.method, plan.metadata, plan.rid)
             call_span_var.set(self.span)
 
