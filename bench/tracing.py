@@ -18,11 +18,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextvars
+import os
 import statistics
 import time
 import timeit
 from collections.abc import Sequence
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -85,6 +87,44 @@ async def _round(base: Settings, endpoint: str, calls: int) -> float:
         await runtime.stop(0)
 
 
+def _spans(calls: int, exporter: SpanExporter | None, endpoint: str,
+           sampler: str = "parentbased_always_on") -> float:
+    """Microseconds of process CPU per call for the tracing work alone: the call's span
+    (with the caller's traceparent), the GenAI span, the upstream headers, both ends with
+    every attribute, and the batch processor's thread handing them to ``exporter``.
+    ``sampler``: OTEL_TRACES_SAMPLER (``always_off``: the cost of a call not sampled)."""
+    from tokenwire.service.backends._base import Final
+
+    os.environ.setdefault("OTEL_BSP_MAX_QUEUE_SIZE", str(4 * calls))  # keep every span
+    os.environ["OTEL_TRACES_SAMPLER"] = sampler
+    tracing = _otel.Tracing(endpoint, exporter=exporter)
+    del os.environ["OTEL_TRACES_SAMPLER"]
+    request = pb.ChatRequest(model="m", options=pb.Options(max_tokens=64, temperature=0.5))
+    relay = SimpleNamespace(attempts=1, count=1, first_perf=time.perf_counter(),
+                            final=Final(1, pb.Usage(prompt_tokens=12, completion_tokens=64),
+                                        "m"))
+    metadata = (("traceparent", "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),)
+
+    def one() -> None:
+        call = tracing.server("/tokenwire.v1.GenerationService/Chat", metadata, "rid")
+        call.caller("peer:127.0.0.1")
+        gen = tracing.generation("chat", request, call)
+        gen.upstream("ollama", "127.0.0.1", 11434, "default")
+        gen.end(relay)  # type: ignore[arg-type]
+        call.end("OK", None)
+
+    for _ in range(200):
+        one()
+    tracing.provider.force_flush()
+    start = time.process_time()
+    for _ in range(calls):
+        one()
+    tracing.provider.force_flush()
+    took = (time.process_time() - start) / calls * 1e6
+    tracing.shutdown()
+    return took
+
+
 def _checks() -> float:
     """Nanoseconds of what a call runs with tracing off: the guard's, the servicer's and
     the backend's ``is None`` checks and the one context-variable read."""
@@ -132,6 +172,13 @@ async def main() -> None:
             f"   (+{median - off:.1f} us)" if case != "off" else "")
               + "   rounds: " + " ".join(f"{f:.0f}" for f in figures))
     print(f"  tracing off, the added checks alone: {_checks():.0f} ns per call")
+    print(f"  tracing on, the spans alone (dropped): {_spans(5000, _Drop(), 'x'):.1f} us "
+          "per call")
+    print(f"  tracing on, a call not sampled (always_off): "
+          f"{_spans(5000, _Drop(), 'x', 'always_off'):.1f} us per call")
+    if args.otlp_endpoint:
+        print(f"  tracing on, the spans alone, OTLP to the collector: "
+              f"{_spans(5000, None, args.otlp_endpoint):.1f} us per call")
 
 
 if __name__ == "__main__":

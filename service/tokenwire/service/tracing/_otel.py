@@ -100,15 +100,16 @@ class CallSpan:
         """Ends the span with the call's status code name (``outcome``) and, for a
         failure, its ErrorInfo ``reason``."""
         span = self.span
-        span.set_attribute("rpc.response.status_code", outcome)
+        attributes: dict[str, str | int] = {"rpc.response.status_code": outcome}
         code = _CODES.get(outcome)
         if code is not None:
-            span.set_attribute("rpc.grpc.status_code", code)
+            attributes["rpc.grpc.status_code"] = code
         if reason:
-            span.set_attribute("tokenwire.error.reason", reason)
+            attributes["tokenwire.error.reason"] = reason
         if outcome in _SERVER_ERRORS:
-            span.set_attribute("error.type", outcome)
+            attributes["error.type"] = outcome
             span.set_status(Status(StatusCode.ERROR, reason or outcome))
+        span.set_attributes(attributes)  # one lock, not one per attribute
         span.end()
 
 
@@ -136,34 +137,32 @@ class Generation:
         """Ends the span with what ``relay`` saw (the final chunk's counts, the first
         chunk's time, the attempts), or with ``error``."""
         span = self._span
+        attributes: dict[str, Any] = {}
         if relay is not None:
-            span.set_attribute("tokenwire.attempts", relay.attempts)
-            if relay.count:
-                self._first_chunk(relay.first_perf)
+            attributes["tokenwire.attempts"] = relay.attempts
+            if relay.count:  # the first chunk: the time to it, and an event at that moment
+                first = relay.first_perf
+                attributes["gen_ai.response.time_to_first_chunk"] = first - self._started
+                ago = time.perf_counter() - first
+                span.add_event("tokenwire.first_token",
+                               timestamp=time.time_ns() - int(ago * 1e9))
             final = relay.final
             if final is not None:
                 usage = final.usage
-                span.set_attributes({
-                    "gen_ai.usage.input_tokens": usage.prompt_tokens,
-                    "gen_ai.usage.output_tokens": usage.completion_tokens,
-                    "gen_ai.response.finish_reasons": (_finish_reason(final.finish_reason),)})
+                attributes["gen_ai.usage.input_tokens"] = usage.prompt_tokens
+                attributes["gen_ai.usage.output_tokens"] = usage.completion_tokens
+                attributes["gen_ai.response.finish_reasons"] = (
+                    _finish_reason(final.finish_reason),)
                 if final.model:
-                    span.set_attribute("gen_ai.response.model", final.model)
+                    attributes["gen_ai.response.model"] = final.model
         if input_tokens is not None:
-            span.set_attribute("gen_ai.usage.input_tokens", input_tokens)
+            attributes["gen_ai.usage.input_tokens"] = input_tokens
         if error is not None:
             kind = type(error).__name__
-            span.set_attribute("error.type", kind)
+            attributes["error.type"] = kind
             span.set_status(Status(StatusCode.ERROR, kind))
+        span.set_attributes(attributes)
         span.end()
-
-    def _first_chunk(self, at: float) -> None:
-        """The first chunk arrived at ``at`` (perf_counter): the time to it, and an
-        event at that moment."""
-        self._span.set_attribute("gen_ai.response.time_to_first_chunk", at - self._started)
-        ago = time.perf_counter() - at
-        self._span.add_event("tokenwire.first_token",
-                             timestamp=time.time_ns() - int(ago * 1e9))
 
 
 class Tracing:
