@@ -36,6 +36,8 @@ class Span:
     attributes: dict[str, object] = field(default_factory=dict)
     resource: dict[str, object] = field(default_factory=dict)
     events: list[str] = field(default_factory=list)
+    #: The spans it links to: (trace id, span id).
+    links: list[tuple[str, str]] = field(default_factory=list)
 
 
 #: The span fields of the detailed output, by their label there.
@@ -78,7 +80,9 @@ def parse(output: str) -> list[Span]:
             section = "attributes"
         elif line.startswith("Events:"):
             section = "events"
-        elif line.startswith(("ScopeSpans", "InstrumentationScope", "Links:")):
+        elif line.startswith("Links:"):
+            section = "links"
+        elif line.startswith(("ScopeSpans", "InstrumentationScope")):
             section = ""
         elif stripped.startswith("-> "):
             key, _, value = stripped[3:].partition(": ")
@@ -88,6 +92,10 @@ def parse(output: str) -> list[Span]:
                 span.attributes[key] = _value(value)
             elif section == "events" and span is not None and key == "Name":
                 span.events.append(value)
+            elif section == "links" and span is not None and key == "Trace ID":
+                span.links.append((value, ""))
+            elif section == "links" and span is not None and key == "ID":
+                span.links[-1] = (span.links[-1][0], value)
         elif section == "span" and span is not None and ":" in stripped:
             key, _, value = (part.strip() for part in stripped.partition(":"))
             if key in _FIELDS:

@@ -136,7 +136,8 @@ async def test_a_resume_on_another_replica_joins_the_callers_trace(
         fake: FakeOllama, otelcol: Collector, redis: RedisServer) -> None:
     """Two replicas on one Redis and one collector: Start on one, Resume on the other,
     both with the caller's trace: the trace holds the Start call and the generation
-    (replica A) and the Resume call (replica B), each under the caller's spans."""
+    (replica A) and the Resume call (replica B), each under the caller's spans. A Resume
+    in another trace (a new client process) links to the generation."""
     fake.tokens = [f"w{i} " for i in range(20)]
     fake.token_delay = 0.02
     trace = "8bf92f3577b34da6a3ce929d0e0e4736"
@@ -153,7 +154,12 @@ async def test_a_resume_on_another_replica_joins_the_callers_trace(
             pb.ResumeRequest(stream_id=started.stream_id),
             metadata=_traceparent(trace, resume_span))]
         assert "".join(t.text for t in tokens) == "".join(fake.tokens)
-        spans = _of(await otelcol.spans(lambda got: len(_of(got, trace)) == 3), trace)
+        later = "9bf92f3577b34da6a3ce929d0e0e4736"
+        [t async for t in GenerationServiceStub(ch_b).Resume(
+            pb.ResumeRequest(stream_id=started.stream_id, after=tokens[-1].position),
+            metadata=_traceparent(later, "3333333333333333"))]
+        got = await otelcol.spans(lambda got: len(_of(got, trace)) == 3 and _of(got, later))
+        spans = _of(got, trace)
     start = _named(spans, "tokenwire.v1.GenerationService/Start")
     resume = _named(spans, "tokenwire.v1.GenerationService/Resume")
     gen = _named(spans, "text_completion tiny")
@@ -165,4 +171,7 @@ async def test_a_resume_on_another_replica_joins_the_callers_trace(
     assert start.resource["service.instance.id"] != resume.resource["service.instance.id"]
     assert gen.resource["service.instance.id"] == start.resource["service.instance.id"]
     assert fake.requests[-1].headers["traceparent"] == f"00-{trace}-{gen.span_id}-01"
+    # Both Resumes link to the generation they read, in its trace or not.
+    assert resume.links == [(trace, gen.span_id)]
+    assert _named(_of(got, later), resume.name).links == [(trace, gen.span_id)]
     assert PROMPT not in otelcol.output

@@ -185,6 +185,26 @@ async def test_a_refused_call_is_no_server_failure(
     assert [s.name for s in spans] == [server.name]  # no model call, no GenAI span
 
 
+async def test_a_resume_links_to_the_generation(
+        traced: tuple[Runtime, GenerationServiceStub], exported: InMemorySpanExporter) -> None:
+    runtime, stub = traced
+    first = [t async for t in stub.Generate(
+        pb.GenerateRequest(model="tiny", prompt=SECRET, resumable=pb.Resumable()),
+        metadata=(("traceparent", TRACEPARENT),))]
+    other = "1af7651916cd43dd8448eb211c80319c"
+    [t async for t in stub.Resume(
+        pb.ResumeRequest(stream_id=first[0].stream_id, after=first[-1].position),
+        metadata=(("traceparent", f"00-{other}-{CALLER_SPAN}-01"),))]
+    spans = _spans(runtime, exported)
+    gen = _one(spans, "text_completion tiny")
+    resume = _one(spans, "tokenwire.v1.GenerationService/Resume")
+    assert gen.parent is not None and f"{gen.context.trace_id:032x}" == TRACE
+    assert _attrs(gen)["tokenwire.resumable"] is True
+    assert f"{resume.context.trace_id:032x}" == other
+    assert [(link.context.trace_id, link.context.span_id) for link in resume.links] == [
+        (gen.context.trace_id, gen.context.span_id)]
+
+
 async def test_off_by_default(runtime: Runtime, stub: GenerationServiceStub,
                               fake: FakeOllama) -> None:
     assert runtime.tracing is None

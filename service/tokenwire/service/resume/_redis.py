@@ -3,7 +3,8 @@
 The replica that generates a stream keeps it in memory as always (its own readers are
 served from there) and mirrors it to Redis, so that any replica can serve Resume:
 
-    tw:{id}:m   hash: owner, model, state (live | ended), the replica generating it
+    tw:{id}:m   hash: owner, model, state (live | ended), the replica generating it, and
+                its generation's traceparent when that replica traces
     tw:{id}:s   Redis Stream; each entry is a batch of chunks:
                   p = index of its first chunk, e = the chunks (JSON: text, thinking,
                   tool calls as base64 ToolCall bytes), and on the last entry either
@@ -129,6 +130,8 @@ class RemoteStream:
     id: str
     model: str
     live: bool
+    #: The traceparent of its generation's span ("" when not traced).
+    trace: str = ""
 
 
 class RedisStreams:
@@ -220,16 +223,21 @@ class RedisStreams:
 
     def mirror(self, stream_id: str, owner: str, model: str, log_: StreamLog,
                figures: Callable[[Final], pb.Token],
-               status: Callable[[Exception], grpc.Status]) -> None:
-        """Writes ``log_`` to Redis as it grows, until it ends (a task of its own)."""
-        task = asyncio.create_task(self._mirror(stream_id, owner, model, log_, figures, status))
+               status: Callable[[Exception], grpc.Status], trace: str = "") -> None:
+        """Writes ``log_`` to Redis as it grows, until it ends (a task of its own).
+        ``trace``: the traceparent of its generation's span, if traced."""
+        meta = {"owner": owner, "model": model, "state": "live", "replica": self.replica}
+        if trace:
+            meta["trace"] = trace
+        task = asyncio.create_task(self._mirror(stream_id, meta, log_, figures, status))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _mirror(self, stream_id: str, owner: str, model: str, log_: StreamLog,
+    async def _mirror(self, stream_id: str, described: dict[str, str], log_: StreamLog,
                       figures: Callable[[Final], pb.Token],
                       status: Callable[[Exception], grpc.Status]) -> None:
         meta, entries, alive, _, gone = _keys(stream_id)
+        owner = described["owner"]
         written = 0  # chunks in Redis
         lost = True  # the meta hash is to be written: the first time, or after a failure
         failures = 0
@@ -258,8 +266,7 @@ class RedisStreams:
                 batch = events[written:upto]
                 pipe = self._redis.pipeline(transaction=False)
                 if lost:
-                    pipe.hset(meta, mapping={"owner": owner, "model": model, "state": "live",
-                                             "replica": self.replica})
+                    pipe.hset(meta, mapping=described)
                 fields: dict[str, Any] = {"p": written, "e": _encode(batch)}
                 if ended:
                     fields.update(_ending(log_, figures, status))
@@ -317,7 +324,8 @@ class RedisStreams:
                                    "cannot be found; retry") from exc
         if found and found.get(b"owner", b"").decode() == owner:
             return RemoteStream(stream_id, found.get(b"model", b"").decode(),
-                                found.get(b"state") == b"live")
+                                found.get(b"state") == b"live",
+                                found.get(b"trace", b"").decode())
         if expired and not found:
             raise StreamNotFound("no resumable stream of yours has this id now: it never "
                                  "existed, or it ended and its retention "

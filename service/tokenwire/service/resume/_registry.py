@@ -75,6 +75,9 @@ class ResumableStream:
     #: The final Token's fields for the stream's final event (built once; the servicer
     #: sets it).
     figures_of: Callable[[Final], pb.Token] = field(default=lambda final: pb.Token())
+    #: The W3C traceparent of its generation's span ("" when tracing is off): the spans
+    #: of the calls that read it link there.
+    trace: str = ""
 
     def stop(self, error: BaseException) -> bool:
         """Ends generation with ``error`` unless it already ended; True if it did."""

@@ -96,6 +96,14 @@ class CallSpan:
     def caller(self, who: str) -> None:
         self.span.set_attribute("tokenwire.caller", who)
 
+    def link(self, traceparent: str) -> None:
+        """Links this span to another one (a resumable stream's generation, perhaps
+        in another trace, on another replica)."""
+        context = api.get_current_span(_PROPAGATOR.extract({"traceparent": traceparent}))
+        linked = context.get_span_context()
+        if linked.is_valid:
+            self.span.add_link(linked, {"tokenwire.link": "generation"})
+
     def end(self, outcome: str, reason: str | None) -> None:
         """Ends the span with the call's status code name (``outcome``) and, for a
         failure, its ErrorInfo ``reason``."""
@@ -131,6 +139,12 @@ class Generation:
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, context=self._context)
         return carrier
+
+    def traceparent(self) -> str:
+        """This span's W3C traceparent."""
+        carrier: dict[str, str] = {}
+        _PROPAGATOR.inject(carrier, context=self._context)
+        return carrier.get("traceparent", "")
 
     def end(self, relay: Relay | None = None, error: BaseException | None = None, *,
             input_tokens: int | None = None) -> None:
