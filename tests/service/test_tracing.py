@@ -118,12 +118,14 @@ async def test_a_call_continues_the_callers_trace(
     _no_text(spans, SECRET, "alpha", "beta", "gamma")
 
 
-async def test_without_a_traceparent_a_call_starts_a_trace(
+@pytest.mark.parametrize("metadata", [(), (("traceparent", "00-not-a-trace-id-01"),),
+                                      (("traceparent", f"00-{'0' * 32}-{CALLER_SPAN}-01"),)])
+async def test_without_a_valid_traceparent_a_call_starts_a_trace(
         traced: tuple[Runtime, GenerationServiceStub], exported: InMemorySpanExporter,
-        fake: FakeOllama) -> None:
+        fake: FakeOllama, metadata: tuple[tuple[str, str], ...]) -> None:
     runtime, stub = traced
     response = await stub.Complete(pb.CompleteRequest(
-        generate=pb.GenerateRequest(model="tiny", prompt=SECRET)))
+        generate=pb.GenerateRequest(model="tiny", prompt=SECRET)), metadata=metadata)
     spans = _spans(runtime, exported)
     server = _one(spans, "tokenwire.v1.GenerationService/Complete")
     gen = _one(spans, "text_completion tiny")
