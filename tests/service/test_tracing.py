@@ -137,6 +137,20 @@ async def test_without_a_valid_traceparent_a_call_starts_a_trace(
     _no_text(spans, SECRET, response.text)
 
 
+async def test_an_unsampled_caller_is_not_recorded(
+        traced: tuple[Runtime, GenerationServiceStub], exported: InMemorySpanExporter,
+        fake: FakeOllama) -> None:
+    """The default sampler follows the caller's sampled flag: nothing is exported, and
+    the engine is told the trace is not sampled."""
+    runtime, stub = traced
+    await stub.Complete(pb.CompleteRequest(generate=pb.GenerateRequest(model="tiny",
+                                                                       prompt="p")),
+                        metadata=(("traceparent", f"00-{TRACE}-{CALLER_SPAN}-00"),))
+    assert _spans(runtime, exported) == []
+    version, trace, _, flags = fake.requests[-1].headers["traceparent"].split("-")
+    assert (version, trace, flags) == ("00", TRACE, "00")
+
+
 async def test_embeddings(traced: tuple[Runtime, GenerationServiceStub],
                           exported: InMemorySpanExporter, fake: FakeOllama) -> None:
     runtime, stub = traced
