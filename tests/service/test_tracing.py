@@ -4,8 +4,10 @@ GenAI attributes, the traceparent sent upstream, and tracing off."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from typing import Any
@@ -227,6 +229,26 @@ async def test_off_by_default(runtime: Runtime, stub: GenerationServiceStub,
     [t async for t in stub.Generate(pb.GenerateRequest(model="tiny", prompt="p"),
                                     metadata=(("traceparent", TRACEPARENT),))]
     assert "traceparent" not in fake.requests[-1].headers
+
+
+async def test_a_collector_that_is_down_does_not_hold_a_stop(
+        make_runtime: MakeRuntime, fake: FakeOllama) -> None:
+    """Spans for a collector nobody listens for: calls are served, and stopping the server
+    gives the exporter 3 s (the SDK alone would wait up to 30)."""
+    runtime = await make_runtime(otlp_endpoint=f"http://127.0.0.1:{_closed_port()}")
+    async with grpc.aio.insecure_channel(runtime.target) as channel:
+        for _ in range(3):
+            await GenerationServiceStub(channel).Complete(pb.CompleteRequest(
+                generate=pb.GenerateRequest(model="tiny", prompt="p")))
+    started = time.monotonic()
+    await runtime.stop(0)
+    assert time.monotonic() - started < 5
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def test_off_loads_no_opentelemetry() -> None:

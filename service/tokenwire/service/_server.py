@@ -110,8 +110,8 @@ class Runtime:
             await self.metrics_endpoint.aclose()
         if self.health_endpoint is not None:
             await self.health_endpoint.stop()
-        if self.tracing is not None:  # the last spans go out (blocks: in a thread)
-            await asyncio.to_thread(self.tracing.shutdown)
+        if self.tracing is not None:  # the last spans go out (3 s at most)
+            await self.tracing.close()
 
     async def _model_calls_done(self, deadline: float) -> bool:
         """Waits (polling; shutdown only) until no model call is admitted."""

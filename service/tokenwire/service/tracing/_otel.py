@@ -40,6 +40,9 @@ OTEL_EXPORTER_OTLP_HEADERS / _CERTIFICATE / _TIMEOUT / _INSECURE.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -232,6 +235,28 @@ class Tracing:
             kind=SpanKind.CLIENT, attributes=attributes))
 
     def shutdown(self) -> None:
-        """Exports what is queued and stops the exporter's thread (blocks: call it
-        from a thread)."""
+        """Exports what is queued and stops the exporter's thread (blocks: the SDK
+        gives an unreachable collector up to 30 s)."""
         self.provider.shutdown()
+
+    async def close(self, within: float = 3.0) -> None:
+        """``shutdown`` in a thread of its own, waited for ``within`` seconds at most: a
+        collector that is down must not hold a stopping server (the thread is a daemon,
+        so the process exits whatever it is doing)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def finished() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def run() -> None:
+            try:
+                self.shutdown()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop is closed already
+                    loop.call_soon_threadsafe(finished)
+
+        threading.Thread(target=run, name="tokenwire-otel-shutdown", daemon=True).start()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(done, within)
