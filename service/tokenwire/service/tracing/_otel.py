@@ -1,9 +1,9 @@
 """The OpenTelemetry side of tracing: the SDK's tracer, OTLP/gRPC export, and the
 attributes of tokenwire's spans. Imported only when tracing is on.
 
-Spans (semantic conventions as of semconv 1.40 / the GenAI conventions, both still
-"development" or "release candidate"; names checked against
-opentelemetry-semantic-conventions 0.66b2):
+Spans, named as the OpenTelemetry semantic conventions name them (checked against
+opentelemetry-semantic-conventions 0.66b2: the RPC conventions are a release candidate,
+the GenAI ones still in development):
 
 * one SERVER span per call, named after the method (``tokenwire.v1.GenerationService/
   Generate``), its parent the caller's ``traceparent``: ``rpc.system.name`` ``grpc``,
