@@ -4,6 +4,8 @@ GenAI attributes, the traceparent sent upstream, and tracing off."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import socket
 import subprocess
 import sys
@@ -50,9 +52,16 @@ async def traced(make_runtime: MakeRuntime, exported: InMemorySpanExporter
         yield runtime, GenerationServiceStub(channel)
 
 
-def _spans(runtime: Runtime, memory: InMemorySpanExporter) -> list[ReadableSpan]:
+async def _spans(runtime: Runtime, memory: InMemorySpanExporter, count: int
+                 ) -> list[ReadableSpan]:
+    """The spans exported, once there are ``count`` of them: a call's span ends just after
+    its status went out (a failed call's as soon as it aborts)."""
     assert runtime.tracing is not None
-    runtime.tracing.provider.force_flush()
+    for _ in range(500):
+        runtime.tracing.provider.force_flush()
+        if len(memory.get_finished_spans()) >= count:
+            break
+        await asyncio.sleep(0.01)
     return list(memory.get_finished_spans())
 
 
@@ -83,7 +92,7 @@ async def test_a_call_continues_the_callers_trace(
         options=pb.Options(max_tokens=50, temperature=0.25, top_k=7)),
         metadata=(("traceparent", TRACEPARENT), ("tracestate", "vendor=v1")))]
     final = tokens[-1]
-    spans = _spans(runtime, exported)
+    spans = await _spans(runtime, exported, 2)
     server = _one(spans, "tokenwire.v1.GenerationService/Chat")
     gen = _one(spans, "chat tiny")
     # The caller's trace, the caller's span as parent; the GenAI span under the call's.
@@ -128,7 +137,7 @@ async def test_without_a_valid_traceparent_a_call_starts_a_trace(
     runtime, stub = traced
     response = await stub.Complete(pb.CompleteRequest(
         generate=pb.GenerateRequest(model="tiny", prompt=SECRET)), metadata=metadata)
-    spans = _spans(runtime, exported)
+    spans = await _spans(runtime, exported, 2)
     server = _one(spans, "tokenwire.v1.GenerationService/Complete")
     gen = _one(spans, "text_completion tiny")
     assert server.parent is None
@@ -148,7 +157,7 @@ async def test_an_unsampled_caller_is_not_recorded(
     await stub.Complete(pb.CompleteRequest(generate=pb.GenerateRequest(model="tiny",
                                                                        prompt="p")),
                         metadata=(("traceparent", f"00-{TRACE}-{CALLER_SPAN}-00"),))
-    assert _spans(runtime, exported) == []
+    assert await _spans(runtime, exported, 0) == []
     version, trace, _, flags = fake.requests[-1].headers["traceparent"].split("-")
     assert (version, trace, flags) == ("00", TRACE, "00")
 
@@ -158,7 +167,7 @@ async def test_embeddings(traced: tuple[Runtime, GenerationServiceStub],
     runtime, stub = traced
     response = await stub.Embed(pb.EmbedRequest(model="embedder", inputs=[SECRET]),
                                 metadata=(("traceparent", TRACEPARENT),))
-    spans = _spans(runtime, exported)
+    spans = await _spans(runtime, exported, 2)
     gen = _one(spans, "embeddings embedder")
     assert _attrs(gen)["gen_ai.usage.input_tokens"] == response.prompt_tokens > 0
     assert _attrs(gen)["gen_ai.operation.name"] == "embeddings"
@@ -176,7 +185,7 @@ async def test_a_failed_call(traced: tuple[Runtime, GenerationServiceStub],
                                      metadata=(("traceparent", TRACEPARENT),)):
             pass
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
-    spans = _spans(runtime, exported)
+    spans = await _spans(runtime, exported, 2)
     server = _one(spans, "tokenwire.v1.GenerationService/Generate")
     gen = _one(spans, "text_completion tiny")
     assert server.status.status_code is StatusCode.ERROR
@@ -189,6 +198,31 @@ async def test_a_failed_call(traced: tuple[Runtime, GenerationServiceStub],
     _no_text(spans, SECRET)
 
 
+async def test_cancelled_calls_end_their_spans(
+        traced: tuple[Runtime, GenerationServiceStub], exported: InMemorySpanExporter,
+        fake: FakeOllama) -> None:
+    """Callers that go away mid-stream: every call still ends both its spans."""
+    runtime, stub = traced
+    fake.tokens = [f"t{i} " for i in range(100)]
+    fake.token_delay = 0.02
+
+    async def cancelled() -> None:
+        call = stub.Generate(pb.GenerateRequest(model="tiny", prompt="p"))
+        with contextlib.suppress(asyncio.CancelledError):
+            async for _ in call:
+                call.cancel()
+
+    await asyncio.gather(*(cancelled() for _ in range(20)))
+    for record in fake.streams:  # the engine saw each cancel
+        await asyncio.wait_for(record.disconnected.wait(), 10)
+    spans = await _spans(runtime, exported, 40)
+    servers = [s for s in spans if s.kind is SpanKind.SERVER]
+    gens = [s for s in spans if s.name == "text_completion tiny"]
+    assert len(servers) == len(gens) == 20
+    assert {_attrs(s)["rpc.response.status_code"] for s in servers} == {"CANCELLED"}
+    assert {_attrs(s)["error.type"] for s in gens} == {"CancelledError"}
+
+
 async def test_a_refused_call_is_no_server_failure(
         traced: tuple[Runtime, GenerationServiceStub], exported: InMemorySpanExporter) -> None:
     runtime, stub = traced
@@ -196,7 +230,7 @@ async def test_a_refused_call_is_no_server_failure(
         async for _ in stub.Generate(pb.GenerateRequest(model="", prompt=SECRET)):
             pass
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-    spans = _spans(runtime, exported)
+    spans = await _spans(runtime, exported, 1)
     server = _one(spans, "tokenwire.v1.GenerationService/Generate")
     assert _attrs(server)["rpc.response.status_code"] == "INVALID_ARGUMENT"
     assert server.status.status_code is StatusCode.UNSET and "error.type" not in _attrs(server)
@@ -213,7 +247,7 @@ async def test_a_resume_links_to_the_generation(
     [t async for t in stub.Resume(
         pb.ResumeRequest(stream_id=first[0].stream_id, after=first[-1].position),
         metadata=(("traceparent", f"00-{other}-{CALLER_SPAN}-01"),))]
-    spans = _spans(runtime, exported)
+    spans = await _spans(runtime, exported, 3)
     gen = _one(spans, "text_completion tiny")
     resume = _one(spans, "tokenwire.v1.GenerationService/Resume")
     assert gen.parent is not None and f"{gen.context.trace_id:032x}" == TRACE
@@ -305,7 +339,7 @@ async def test_the_openai_compatible_wire(exported: InMemorySpanExporter) -> Non
                     pb.ChatRequest(model="tiny", messages=[
                         pb.Message(role=pb.ROLE_USER, content=SECRET)]),
                     metadata=(("traceparent", TRACEPARENT),))]
-            spans = _spans(runtime, exported)
+            spans = await _spans(runtime, exported, 2)
         finally:
             await runtime.stop(0)
     gen = _one(spans, "chat tiny")
@@ -326,5 +360,5 @@ async def test_health_checks_get_no_span(
             health_pb2.HealthCheckRequest(), metadata=(("traceparent", TRACEPARENT),))
         await GenerationServiceStub(channel).ListModels(pb.ListModelsRequest())
     assert answer.status == health_pb2.HealthCheckResponse.SERVING
-    assert [s.name for s in _spans(runtime, exported)] == [
+    assert [s.name for s in await _spans(runtime, exported, 1)] == [
         "tokenwire.v1.GenerationService/ListModels"]
