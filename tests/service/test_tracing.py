@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -21,7 +22,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.conftest import FAST, MakeRuntime
+from tests.conftest import FAST, MakeRuntime, runtimes
 from tests.fakeollama import FakeOllama, Fault
 from tests.fakeopenai import FakeOpenAI
 from tokenwire.service import Runtime, build_server, parse_settings
@@ -160,6 +161,37 @@ async def test_an_unsampled_caller_is_not_recorded(
     assert await _spans(runtime, exported, 0) == []
     version, trace, _, flags = fake.requests[-1].headers["traceparent"].split("-")
     assert (version, trace, flags) == ("00", TRACE, "00")
+
+
+async def test_a_failover_is_one_span_with_its_attempts(
+        exported: InMemorySpanExporter, fake: FakeOllama, tmp_path: Path) -> None:
+    """gpu1 answers 503, the call moves to gpu2: one GenAI span, both attempts under it,
+    the second upstream's address on it, and both engines sent its traceparent."""
+    async with FakeOllama(models=("tiny:latest",)) as other:
+        path = tmp_path / "upstreams.toml"
+        path.write_text(f'[upstreams.gpu1]\nkind = "ollama"\nurl = "{fake.url}"\n'
+                        'models = ["*"]\n\n'
+                        f'[upstreams.gpu2]\nkind = "ollama"\nurl = "{other.url}"\n'
+                        'models = ["*"]\npriority = 1\n')
+        fake.fault = Fault(status=503, message="busy", times=1)
+        async with runtimes(replace(FAST, upstreams_file=str(path),
+                                    otlp_endpoint="http://127.0.0.1:9")) as make:
+            runtime = await make()
+            async with grpc.aio.insecure_channel(runtime.target) as channel:
+                tokens = [t async for t in GenerationServiceStub(channel).Generate(
+                    pb.GenerateRequest(model="tiny", prompt=SECRET),
+                    metadata=(("traceparent", TRACEPARENT),))]
+            spans = await _spans(runtime, exported, 2)
+    assert tokens[-1].usage.attempts == 2
+    gen = _one(spans, "text_completion tiny")
+    attrs = _attrs(gen)
+    assert (attrs["tokenwire.attempts"], attrs["tokenwire.upstream"], attrs["server.port"]) == (
+        2, "gpu2", other.port)
+    assert [(e.name, dict(e.attributes or {}).get("tokenwire.upstream"))
+            for e in gen.events] == [("tokenwire.retry", "gpu2"), ("tokenwire.first_token", None)]
+    parent = f"00-{TRACE}-{gen.context.span_id:016x}-01"
+    generations = [r for r in fake.requests + other.requests if r.path == "/api/generate"]
+    assert [r.headers["traceparent"] for r in generations] == [parent, parent]
 
 
 async def test_embeddings(traced: tuple[Runtime, GenerationServiceStub],

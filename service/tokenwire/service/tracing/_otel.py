@@ -24,8 +24,9 @@ the GenAI ones still in development):
   ``output_tokens`` (the engine's counts), ``gen_ai.response.time_to_first_chunk``
   (seconds from the span's start to the engine's first chunk), ``server.address`` and
   ``server.port`` of the upstream that took the last attempt, ``tokenwire.upstream``,
-  ``tokenwire.attempts``, ``error.type`` (our exception's class name) on failure; and
-  an event ``tokenwire.first_token`` at the first chunk's arrival.
+  ``tokenwire.attempts``, ``error.type`` (our exception's class name) on failure; an
+  event ``tokenwire.first_token`` at the first chunk's arrival, and one
+  ``tokenwire.retry`` per attempt after the first (its upstream's name and address).
 
 Never prompt or answer text, stop sequences, tool arguments, tokens or keys.
 
@@ -127,18 +128,25 @@ class CallSpan:
 class Generation:
     """One model call's GenAI CLIENT span."""
 
-    __slots__ = ("_context", "_span", "_started")
+    __slots__ = ("_attempts", "_context", "_span", "_started")
 
     def __init__(self, span: api.Span) -> None:
         self._span = span
         self._context = api.set_span_in_context(span)
         self._started = time.perf_counter()
+        self._attempts = 0
 
     def upstream(self, provider: str, address: str, port: int, name: str) -> dict[str, str]:
-        """Notes the upstream an attempt goes to; returns the headers that carry this
-        span's context to it (``traceparent``, and ``tracestate`` when there is one)."""
-        self._span.set_attributes({"gen_ai.provider.name": provider, "server.address": address,
-                                   "server.port": port, "tokenwire.upstream": name})
+        """Notes the upstream an attempt goes to (a retry or failover is an event
+        ``tokenwire.retry`` too); returns the headers that carry this span's context to
+        it (``traceparent``, and ``tracestate`` when there is one)."""
+        attributes: dict[str, str | int] = {
+            "gen_ai.provider.name": provider, "server.address": address, "server.port": port,
+            "tokenwire.upstream": name}
+        self._attempts += 1
+        if self._attempts > 1:
+            self._span.add_event("tokenwire.retry", attributes)
+        self._span.set_attributes(attributes)
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier, context=self._context)
         return carrier
