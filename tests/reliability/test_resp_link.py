@@ -51,6 +51,33 @@ async def test_the_commands_of_one_turn_are_answered_in_order(link: Link) -> Non
     assert len(writes) == 1  # eleven commands, one write
 
 
+async def test_a_post_waits_for_the_next_send_and_goes_before_it(link: Link) -> None:
+    assert await link.call("PING") == b"PONG"
+    protocol = link._protocol
+    assert protocol is not None and protocol.transport is not None
+    writes: list[bytes] = []
+    written = asyncio.Event()
+    real = protocol.transport.write
+
+    def write(data: bytes) -> None:
+        writes.append(data)
+        written.set()
+        real(data)
+
+    protocol.transport.write = write  # type: ignore[method-assign]
+    link.post(pack_command(("SET", "p", "first")))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not writes  # waiting for a send (or its delay)
+    assert await link.call("GET", "p") == b"first"
+    assert len(writes) == 1  # the post went first, in the same write
+    written.clear()
+    link.post(pack_command(("SET", "p", "second")))
+    await asyncio.wait_for(written.wait(), 0.5)  # alone, it is written after its delay
+    assert len(writes) == 2
+    assert await link.call("GET", "p") == b"second"
+
+
 async def test_a_script_redis_lost_is_loaded_again_in_order(link: Link) -> None:
     assert await link.evalsha(COUNT, ["k"], [1]) == 1
     assert await link.call("SCRIPT", "FLUSH") == b"OK"

@@ -87,7 +87,7 @@ class _Protocol(asyncio.Protocol):
 class Link:
     """One connection to Redis, opened when first needed and again after a failure."""
 
-    def __init__(self, url: str, *, timeout: float = 0.5) -> None:
+    def __init__(self, url: str, *, timeout: float = 0.5, post_delay: float = 0.01) -> None:
         options: dict[str, Any] = parse_url(url)  # type: ignore[no-untyped-call]
         self._timeout = timeout
         self._path: str | None = options.get("path")
@@ -109,6 +109,8 @@ class Link:
         self._connecting: asyncio.Task[None] | None = None
         self._queue: list[tuple[bytes, _Sent]] = []  # this turn's commands, not written
         self._flushing: asyncio.Handle | None = None
+        self._soon = False  # _flushing is a call_soon, not post_delay's timer
+        self._post_delay = post_delay
         self._sent: deque[_Sent] = deque()
         # (deadline, answered count at which every command of that write is answered)
         self._writes: deque[tuple[float, int]] = deque()
@@ -123,21 +125,29 @@ class Link:
 
     def send(self, command: bytes, script: Script | None = None) -> asyncio.Future[Any]:
         """Queues a packed command for this loop turn's write; the future of its reply."""
-        future = asyncio.get_running_loop().create_future()
-        self._queue_command(command, _Sent(future, script, command))
+        if self._closed:
+            raise Unreachable("the connection to Redis is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((command, _Sent(future, script, command)))
+        if not self._soon:
+            if self._flushing is not None:
+                self._flushing.cancel()
+            self._flushing = loop.call_soon(self._flush)
+            self._soon = True
         return future
 
     def post(self, command: bytes, script: Script | None = None) -> None:
         """Queues a packed command whose reply is read and dropped (a failure goes to
-        ``on_dropped``)."""
-        self._queue_command(command, _Sent(None, script, command))
-
-    def _queue_command(self, command: bytes, sent: _Sent) -> None:
+        ``on_dropped``). It waits up to ``post_delay`` s for the write of a ``send``, and
+        goes before that command: so a call's end usually shares the write and the read
+        of a later admission instead of costing a system call of its own."""
         if self._closed:
             raise Unreachable("the connection to Redis is closed")
-        self._queue.append((command, sent))
+        self._queue.append((command, _Sent(None, script, command)))
         if self._flushing is None:
-            self._flushing = asyncio.get_running_loop().call_soon(self._flush)
+            self._flushing = asyncio.get_running_loop().call_later(self._post_delay,
+                                                                   self._flush)
 
     async def call(self, *args: Any) -> Any:
         return await self.send(_pack(args))
@@ -151,6 +161,7 @@ class Link:
 
     def _flush(self) -> None:
         self._flushing = None
+        self._soon = False
         protocol = self._protocol
         if protocol is None or protocol.transport is None:
             if self._connecting is None and self._queue:
@@ -285,6 +296,7 @@ class Link:
         if self._flushing is not None:
             self._flushing.cancel()
             self._flushing = None
+            self._soon = False
         queue, self._queue = self._queue, []
         self._fail([sent for _, sent in queue], "the connection to Redis is closed")
         protocol = self._protocol

@@ -12,10 +12,12 @@ replicas' clocks do not matter), and changes nothing unless everything fits:
     tw:{lim}:d:<caller>   the day budget: a hash {day, used}, reset on a new UTC day
 
 A call's end is a second script: it drops the leases and settles the budgets to what
-the call used. So a call costs two scripts, however many tokens it streams, and the
-scripts of one event-loop turn (admissions and ends together) share one write and one
-read on one connection (``_resp.Link``: redis-py's asyncio client cost 870 µs of CPU a
-call here, see its docstring). A replica refreshes its leases every
+the call used. So a call costs two scripts, however many tokens it streams. They go
+over one connection of this replica's own (``_resp.Link``), the scripts of one
+event-loop turn in one write; an end waits up to 10 ms for the next admission's write
+and goes before it, so the two share a system call and the replica's own admissions
+always see its ends. (redis-py's asyncio client cost 870 µs of CPU a call here; see
+``_resp`` for the figures.) A replica refreshes its leases every
 ``LEASE_TTL / 3`` s in one round trip for all of them; a replica that dies stops
 refreshing, and its leases lapse within ``LEASE_TTL`` s, so its calls stop counting.
 After Redis loses its data (a restart without persistence), the next refresh writes
