@@ -17,11 +17,11 @@ over one connection of this replica's own (``_resp.Link``), the scripts of one
 event-loop turn in one write; an end waits up to 10 ms for the next admission's write
 and goes before it, so the two share a system call and the replica's own admissions
 always see its ends. (redis-py's asyncio client cost 870 µs of CPU a call here; see
-``_resp`` for the figures.) A replica refreshes its leases every
-``LEASE_TTL / 3`` s in one round trip for all of them; a replica that dies stops
-refreshing, and its leases lapse within ``LEASE_TTL`` s, so its calls stop counting.
-After Redis loses its data (a restart without persistence), the next refresh writes
-the leases of the calls still running back; budgets start again from full.
+``_resp`` for the figures.) A replica refreshes its leases every ``LEASE_TTL / 3`` s
+in one round trip for all of them; a replica that dies stops refreshing, and its
+leases lapse within ``LEASE_TTL`` s, so its calls stop counting. After Redis loses its
+data (a restart without persistence), the next refresh writes the leases of the calls
+still running back; budgets start again from full.
 
 The keys share the hash tag ``{lim}``, so a Redis Cluster keeps them on one node and
 the scripts may touch several.
