@@ -210,3 +210,29 @@ async def test_a_stalled_redis_never_holds_an_admission_past_the_timeout(
     finally:
         await other.aclose()
         await shared.aclose()
+
+
+async def test_an_admission_cancelled_in_flight_gives_back_its_place_and_reservation(
+        redis: RedisServer, link: Link) -> None:
+    shared = SharedLimits(redis.url)
+    await shared.start()
+    gate = Gate(Admission(max_streams=10, max_streams_per_caller=5, rate=0.0, burst=1,
+                          queue_timeout=1.0), shared=shared)
+    try:
+        request = pb.GenerateRequest(model="m", prompt="hi")
+        check = asyncio.ensure_future(gate.check(
+            "alice", anonymous=False, request=request, model_call=True,
+            budget=Budget(per_minute=100_000)))
+        await asyncio.sleep(0)  # its admission is queued: cancel it before the answer
+        check.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await check
+        await shared._link.call("PING")  # after the admission's answer
+        await shared._link.call("PING")  # after the end that answer started
+        assert await link.call("ZCARD", "tw:{lim}:c:alice") == 0
+        assert await link.call("ZCARD", "tw:{lim}:g") == 0
+        level = float(await link.call("HGET", "tw:{lim}:m:alice", "level"))
+        assert level >= 100_000 - 1  # the whole reservation given back
+        assert shared.leases == 0
+    finally:
+        await shared.aclose()

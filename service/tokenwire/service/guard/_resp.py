@@ -58,16 +58,18 @@ class Script:
 
 
 class _Sent:
-    """A command written and not yet answered: its future (None: nobody waits), and
-    for ``EVALSHA``, the script and the command, to run again after loading it."""
+    """A command written and not yet answered: its future (None: nobody waits), for
+    ``EVALSHA`` the script and the command, to run again after loading it, and what to
+    do with a reply whose future was cancelled meanwhile."""
 
-    __slots__ = ("future", "script", "command")
+    __slots__ = ("future", "script", "command", "orphan")
 
     def __init__(self, future: asyncio.Future[Any] | None, script: Script | None = None,
-                 command: bytes = b"") -> None:
+                 command: bytes = b"", orphan: Callable[[Any], None] | None = None) -> None:
         self.future = future
         self.script = script
         self.command = command
+        self.orphan = orphan
 
 
 class _Protocol(asyncio.Protocol):
@@ -130,13 +132,16 @@ class Link:
 
     # -- sending ----------------------------------------------------------------
 
-    def send(self, command: bytes, script: Script | None = None) -> asyncio.Future[Any]:
-        """Queues a packed command for this loop turn's write; the future of its reply."""
+    def send(self, command: bytes, script: Script | None = None,
+             orphan: Callable[[Any], None] | None = None) -> asyncio.Future[Any]:
+        """Queues a packed command for this loop turn's write; the future of its reply.
+        ``orphan`` is given the reply if the future was cancelled before it came (the
+        command ran all the same)."""
         if self._closed:
             raise Unreachable("the connection to Redis is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.append((command, _Sent(future, script, command)))
+        self._queue.append((command, _Sent(future, script, command, orphan)))
         if not self._soon:
             if self._flushing is not None:
                 self._flushing.cancel()
@@ -159,9 +164,10 @@ class Link:
     async def call(self, *args: Any) -> Any:
         return await self.send(_pack(args))
 
-    def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any]
-                ) -> asyncio.Future[Any]:
-        return self.send(_pack(("EVALSHA", script.sha, len(keys), *keys, *args)), script)
+    def evalsha(self, script: Script, keys: Sequence[str], args: Sequence[Any],
+                orphan: Callable[[Any], None] | None = None) -> asyncio.Future[Any]:
+        return self.send(_pack(("EVALSHA", script.sha, len(keys), *keys, *args)), script,
+                         orphan)
 
     def evalsha_post(self, script: Script, keys: Sequence[str], args: Sequence[Any]) -> None:
         self.post(_pack(("EVALSHA", script.sha, len(keys), *keys, *args)), script)
@@ -232,7 +238,8 @@ class Link:
                 # Load it and run the command again, after those already written: each
                 # of those that ran the script finds it loaded too.
                 self._write(protocol, [_pack(("SCRIPT", "LOAD", sent.script.body)),
-                                       sent.command], [_Sent(None), _Sent(sent.future)])
+                                       sent.command],
+                            [_Sent(None), _Sent(sent.future, orphan=sent.orphan)])
                 return
             if sent.command is _SETUP:  # AUTH or SELECT refused: nothing will work
                 assert protocol.transport is not None
@@ -249,6 +256,8 @@ class Link:
                 future.set_exception(reply)
             else:
                 future.set_result(reply)
+        elif sent.orphan is not None and not isinstance(reply, Unreachable):
+            sent.orphan(reply)
 
     def _check_timeout(self) -> None:
         self._timer = None

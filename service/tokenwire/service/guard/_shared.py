@@ -281,12 +281,21 @@ class SharedLimits:
                           _key("c", caller) if per_caller > 0 else "",
                           _key("g") if in_all > 0 else "")
         budget = reservation.budget if reservation is not None else Budget()
+
+        def orphan(reply: Any) -> None:
+            """The call was cancelled (its caller went away) while Redis admitted it: give
+            back its place and its reservation, as a call that used nothing."""
+            if reply[0] == ADMITTED:
+                if reservation is not None:
+                    reservation.day = reply[2]
+                self.end(caller, lease, reservation, 0)
+
         future = self._link.evalsha(_ADMIT, (
             _key("r", caller), _key("c", caller), _key("g"), _key("m", caller),
             _key("d", caller)), (
             lease.id if lease else "", self._ttl_ms, per_caller, in_all, rate, burst,
             budget.per_minute, budget.per_day,
-            reservation.tokens if reservation is not None else 0))
+            reservation.tokens if reservation is not None else 0), orphan)
         try:
             reply = await future
         except Unreachable:
