@@ -8,9 +8,9 @@ script checked ``SCRIPT EXISTS`` on every run: 3 round trips and about +870 µs 
 CPU per call in the bench (``limits`` phase), against +50 µs targeted. Here a call's
 scripts are packed by hiredis (1-2 µs), written with the other commands of its loop
 turn, and an end waits (``post``) for the next admission's write. Measured with
-``bench/redis_link.py`` (the gate alone, no gRPC, uvloop, 2 shared cores at load 10),
-CPU per call over the same limits kept in process: one call at a time +107 µs here
-against +516 µs through redis-py; 100 at a time +19 against +71 µs. In the gateway under
+``bench/redis_link.py`` (the gate alone, no gRPC, uvloop, 2 shared cores at load 4),
+CPU per call over the same limits kept in process: one call at a time +56 µs here
+against +329 µs through redis-py; 100 at a time +17 against +87 µs. In the gateway under
 the bench's load (100 calls of 4 tokens at a time), 0.96 writes per call, and the
 ``write`` system call is most of what is left: 32 µs each on this machine (loopback TCP
 processes the receiving side and wakes redis-server inside the sender's call), then the
