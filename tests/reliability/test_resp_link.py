@@ -14,6 +14,7 @@ import pytest
 from hiredis import pack_command
 
 from tests.parts import RedisServer, _free_port, redis_server
+from tests.reliability.pki import Pki
 from tokenwire.service.guard._admission import Admission
 from tokenwire.service.guard._budget import Budget
 from tokenwire.service.guard._gate import Gate, LimitsUnavailable
@@ -236,3 +237,31 @@ async def test_an_admission_cancelled_in_flight_gives_back_its_place_and_reserva
         assert shared.leases == 0
     finally:
         await shared.aclose()
+
+
+async def test_rediss_urls_speak_tls_and_verify_the_server(tmp_path: Path, pki: Pki) -> None:
+    tls_port = _free_port()
+    async with redis_server(tmp_path, "--tls-port", str(tls_port), "--tls-cert-file",
+                            str(pki.server.cert_path), "--tls-key-file",
+                            str(pki.server.key_path), "--tls-ca-cert-file", str(pki.ca_path),
+                            "--tls-auth-clients", "no"):
+        trusted = Link(f"rediss://localhost:{tls_port}/0?ssl_ca_certs={pki.ca_path}")
+        untrusted = Link(f"rediss://localhost:{tls_port}/0")  # the system's CAs only
+        try:
+            assert await trusted.evalsha(COUNT, ["k"], [4]) == 4
+            with pytest.raises(Unreachable, match="CERTIFICATE_VERIFY_FAILED"):
+                await untrusted.call("PING")
+        finally:
+            await trusted.aclose()
+            await untrusted.aclose()
+
+
+async def test_unix_urls_reach_a_local_socket(tmp_path: Path) -> None:
+    path = tmp_path / "redis.sock"
+    async with redis_server(tmp_path, "--unixsocket", str(path)):
+        link = Link(f"unix://{path}?db=2")
+        try:
+            assert await link.call("SET", "where", "db2") == b"OK"
+            assert " db=2 " in (await link.call("CLIENT", "INFO")).decode()
+        finally:
+            await link.aclose()
