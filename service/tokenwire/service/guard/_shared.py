@@ -16,7 +16,7 @@ the call used. So a call costs two scripts, however many tokens it streams. They
 over one connection of this replica's own (``_resp.Link``), the scripts of one
 event-loop turn in one write; an end waits up to 10 ms for the next admission's write
 and goes before it, so the two share a system call and the replica's own admissions
-always see its ends. (redis-py's asyncio client cost 870 µs of CPU a call here; see
+always see its ends. (Through redis-py's asyncio client a call cost +870 µs of CPU; see
 ``_resp`` for the figures.) A replica refreshes its leases every ``LEASE_TTL / 3`` s
 in one round trip for all of them; a replica that dies stops refreshing, and its
 leases lapse within ``LEASE_TTL`` s, so its calls stop counting. After Redis loses its
