@@ -560,7 +560,8 @@ class Bench:
         """Issue #13's admission figures, Python reader: the gateway's CPU per call and
         time to first token with admission limits and a token budget kept in this process
         against the same ones shared in Redis (calls of 4 tokens, 100 at a time, so the
-        per-call cost dominates; alternating rounds, the median of each stands)."""
+        per-call cost dominates; alternating rounds, 3 with --quick and 5 without, the
+        median of each stands)."""
         s = self.sizes
         self._gateway_argv = list(self.servers["gateway"].argv)
         redis, redis_url = self._start_redis()
@@ -573,7 +574,8 @@ class Bench:
         runs: dict[str, Any] = {}
         try:
             for label, extra in (("local", common),
-                                 ("redis", (*common, "--redis-url", redis_url))) * 3:
+                                 ("redis", (*common, "--redis-url", redis_url))) * (
+                                     3 if self.args.quick else 5):
                 self.servers["gateway"].argv = [*self._gateway_argv, *extra]
                 self.restart("gateway")
                 self.log(f"{label}: calls of 4 tokens, 100 at a time, C.py")

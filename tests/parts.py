@@ -38,9 +38,10 @@ async def _listening(port: int, what: str) -> None:
 
 
 class RedisServer:
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, *args: str) -> None:
         self._binary = binary
         self._dir = workdir
+        self._args = args  # more of redis-server's options
         self.port = _free_port()
         self._proc: asyncio.subprocess.Process | None = None
 
@@ -51,8 +52,8 @@ class RedisServer:
     async def start(self) -> None:
         self._proc = await asyncio.create_subprocess_exec(
             self._binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", str(self._dir), stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL)
+            "--appendonly", "no", "--dir", str(self._dir), *self._args,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         await _listening(self.port, "redis-server")
 
     async def stop(self) -> None:
@@ -64,8 +65,8 @@ class RedisServer:
 
 
 @contextlib.asynccontextmanager
-async def redis_server(workdir: Path) -> AsyncIterator[RedisServer]:
-    server = RedisServer(debian_tool("redis-server"), workdir)
+async def redis_server(workdir: Path, *args: str) -> AsyncIterator[RedisServer]:
+    server = RedisServer(debian_tool("redis-server"), workdir, *args)
     await server.start()
     try:
         yield server

@@ -12,13 +12,16 @@ replicas' clocks do not matter), and changes nothing unless everything fits:
     tw:{lim}:d:<caller>   the day budget: a hash {day, used}, reset on a new UTC day
 
 A call's end is a second script: it drops the leases and settles the budgets to what
-the call used. So a call costs two round trips, however many tokens it streams, and
-calls that arrive (or end) together share them: each is pipelined with the others
-waiting for the same event-loop turn. A replica refreshes its leases every
-``LEASE_TTL / 3`` s in one round trip for all of them; a replica that dies stops
-refreshing, and its leases lapse within ``LEASE_TTL`` s, so its calls stop counting.
-After Redis loses its data (a restart without persistence), the next refresh writes
-the leases of the calls still running back; budgets start again from full.
+the call used. So a call costs two scripts, however many tokens it streams. They go
+over one connection of this replica's own (``_resp.Link``), the scripts of one
+event-loop turn in one write; an end waits up to 10 ms for the next admission's write
+and goes before it, so the two share a system call and the replica's own admissions
+always see its ends. (Through redis-py's asyncio client a call cost +870 µs of CPU; see
+``_resp`` for the figures.) A replica refreshes its leases every ``LEASE_TTL / 3`` s
+in one round trip for all of them; a replica that dies stops refreshing, and its
+leases lapse within ``LEASE_TTL`` s, so its calls stop counting. After Redis loses its
+data (a restart without persistence), the next refresh writes the leases of the calls
+still running back; budgets start again from full.
 
 The keys share the hash tag ``{lim}``, so a Redis Cluster keeps them on one node and
 the scripts may touch several.
@@ -27,16 +30,15 @@ the scripts may touch several.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from ._budget import Budget, Reservation
+from ._resp import Link, Script, Unreachable
 
 __all__ = ["LEASE_TTL", "Decision", "Lease", "SharedLimits", "Unreachable"]
 
@@ -49,7 +51,7 @@ _PREFIX = "tw:{lim}:"
 #: concurrency; 3 the global one; 4/5 the minute/day budget; 6/7 larger than it.
 ADMITTED, RATE, CALLER_FULL, GLOBAL_FULL = 0, 1, 2, 3
 
-_ADMIT = """
+_ADMIT = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local lease, ttl = ARGV[1], tonumber(ARGV[2])
@@ -114,11 +116,11 @@ if tpd > 0 then
   redis.call('PEXPIRE', KEYS[5], 172800000)
 end
 return {0, 0, day}
-"""
+""")
 
 # KEYS: caller leases, global leases, minute bucket, day counter.
 # ARGV: lease, tokens per minute, the settlement (used - reserved), the day reserved on.
-_END = """
+_END = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if ARGV[1] ~= '' then
@@ -138,10 +140,10 @@ if delta ~= 0 then
   end
 end
 return 0
-"""
+""")
 
 # KEYS: pairs of (lease set) for each ARGV lease, in order: ARGV[1] = ttl.
-_REFRESH = """
+_REFRESH = Script("""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local ttl = tonumber(ARGV[1])
@@ -150,11 +152,7 @@ for i, key in ipairs(KEYS) do
   redis.call('PEXPIRE', key, ttl)
 end
 return 0
-"""
-
-
-class Unreachable(Exception):
-    """Redis did not answer (in time)."""
+""")
 
 
 @dataclass(slots=True)
@@ -185,22 +183,14 @@ class SharedLimits:
         self.url = url
         # A short timeout: an admission waits for Redis at most this long, then applies
         # the --redis-down-* choice; while Redis is down, calls do not wait for it at all.
-        self._redis: Any = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout,
-            health_check_interval=0)
-        self._admit = self._redis.register_script(_ADMIT)
-        self._end = self._redis.register_script(_END)
-        self._refresh = self._redis.register_script(_REFRESH)
+        self._link = Link(url, timeout=timeout)
+        self._link.on_dropped = lambda why: self._set_up(False)  # an end not written
         self._ttl_ms = int(lease_ttl * 1000)
         self._lease_ttl = lease_ttl
         self.up = False
         self._replica = os.urandom(6).hex()
         self._serial = 0
         self._leases: dict[str, Lease] = {}
-        self._admits: list[tuple[list[str], list[Any], asyncio.Future[Decision]]] = []
-        self._ends: list[tuple[list[str], list[Any]]] = []
-        self._flushing: asyncio.Task[None] | None = None
-        self._ending: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self.on_state: Callable[[bool], None] = lambda up: None
 
@@ -218,13 +208,15 @@ class SharedLimits:
         self._watch = asyncio.create_task(self._watching())
 
     async def aclose(self) -> None:
-        if self._ending is not None:  # the ends of the last calls: written, if Redis is up
-            await asyncio.wait([self._ending], timeout=1.0)
-        tasks = [t for t in (self._watch, self._flushing, self._ending) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._redis.aclose()
+        if self._link.waiting and self.up:
+            # The ends of the last calls, written if Redis is up: answers come in order,
+            # so they are all answered when this PING is.
+            with contextlib.suppress(Unreachable):
+                await self._link.call("PING")
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+        await self._link.aclose()
 
     def _set_up(self, up: bool) -> None:
         if up != self.up:
@@ -238,8 +230,8 @@ class SharedLimits:
 
     async def _probe(self) -> None:
         try:
-            await self._redis.ping()
-        except (RedisError, OSError):
+            await self._link.call("PING")
+        except Unreachable:
             self._set_up(False)
             return
         self._set_up(True)
@@ -270,8 +262,9 @@ class SharedLimits:
                     args.append(lease.id)
         try:
             for i in range(0, len(keys), 512):
-                await self._refresh(keys=keys[i:i + 512], args=[args[0], *args[1 + i:513 + i]])
-        except (RedisError, OSError):
+                await self._link.evalsha(_REFRESH, keys[i:i + 512],
+                                         [args[0], *args[1 + i:513 + i]])
+        except Unreachable:
             self._set_up(False)
 
     # -- admission ------------------------------------------------------------
@@ -288,16 +281,28 @@ class SharedLimits:
                           _key("c", caller) if per_caller > 0 else "",
                           _key("g") if in_all > 0 else "")
         budget = reservation.budget if reservation is not None else Budget()
-        keys = [_key("r", caller), _key("c", caller), _key("g"), _key("m", caller),
-                _key("d", caller)]
-        args = [lease.id if lease else "", self._ttl_ms, per_caller, in_all, rate, burst,
-                budget.per_minute, budget.per_day,
-                reservation.tokens if reservation is not None else 0]
-        future: asyncio.Future[Decision] = asyncio.get_running_loop().create_future()
-        self._admits.append((keys, args, future))
-        if self._flushing is None:
-            self._flushing = asyncio.create_task(self._flush_admits())
-        decision = await future
+
+        def orphan(reply: Any) -> None:
+            """The call was cancelled (its caller went away) while Redis admitted it: give
+            back its place and its reservation, as a call that used nothing."""
+            if reply[0] == ADMITTED:
+                if reservation is not None:
+                    reservation.day = reply[2]
+                self.end(caller, lease, reservation, 0)
+
+        future = self._link.evalsha(_ADMIT, (
+            _key("r", caller), _key("c", caller), _key("g"), _key("m", caller),
+            _key("d", caller)), (
+            lease.id if lease else "", self._ttl_ms, per_caller, in_all, rate, burst,
+            budget.per_minute, budget.per_day,
+            reservation.tokens if reservation is not None else 0), orphan)
+        try:
+            reply = await future
+        except Unreachable:
+            self._set_up(False)
+            raise
+        self._set_up(True)
+        decision = Decision(reply[0], reply[1], reply[2])
         if decision.code == ADMITTED:
             if reservation is not None:
                 reservation.day = decision.figure
@@ -305,30 +310,6 @@ class SharedLimits:
                 self._leases[lease.id] = lease
             return decision, lease
         return decision, None
-
-    async def _flush_admits(self) -> None:
-        await asyncio.sleep(0)  # let the admissions of this loop turn join
-        batch, self._admits = self._admits, []
-        self._flushing = None
-        try:
-            if len(batch) == 1:
-                keys, args, _ = batch[0]
-                replies = [await self._admit(keys=keys, args=args)]
-            else:
-                pipe = self._redis.pipeline(transaction=False)
-                for keys, args, _ in batch:
-                    await self._admit(keys=keys, args=args, client=pipe)
-                replies = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            self._set_up(False)
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(Unreachable(str(exc)))
-            return
-        self._set_up(True)
-        for (_, _, future), reply in zip(batch, replies, strict=True):
-            if not future.done():
-                future.set_result(Decision(int(reply[0]), int(reply[1]), int(reply[2])))
 
     # -- the end of a call ------------------------------------------------------
 
@@ -343,23 +324,10 @@ class SharedLimits:
         if lease is None and not delta:
             return
         budget = reservation.budget if reservation is not None else Budget()
-        keys = [lease.caller_key or _key("c", caller) if lease else _key("c", caller),
-                lease.global_key or _key("g") if lease else _key("g"),
-                _key("m", caller), _key("d", caller)]
-        args = [lease.id if lease else "", budget.per_minute, delta,
-                reservation.day if reservation is not None else -1]
-        self._ends.append((keys, args))
-        if self._ending is None:
-            self._ending = asyncio.get_running_loop().create_task(self._flush_ends())
-
-    async def _flush_ends(self) -> None:
-        await asyncio.sleep(0)
-        batch, self._ends = self._ends, []
-        self._ending = None
         try:
-            pipe = self._redis.pipeline(transaction=False)
-            for keys, args in batch:
-                await self._end(keys=keys, args=args, client=pipe)
-            await pipe.execute()
-        except (RedisError, OSError):
+            self._link.evalsha_post(_END, (
+                _key("c", caller), _key("g"), _key("m", caller), _key("d", caller)), (
+                lease.id if lease else "", budget.per_minute, delta,
+                reservation.day if reservation is not None else -1))
+        except Unreachable:  # closed
             self._set_up(False)
