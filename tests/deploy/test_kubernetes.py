@@ -1,5 +1,5 @@
 """deploy/kubernetes against Kubernetes' own rules (kubecheck: strict decoding, defaulting,
-the create validation of the API server's registry) and against tokenwire's facts: flags,
+the create validation of the API server's registry, the "restricted" Pod Security level) and against tokenwire's facts: flags,
 environment, ports, health names, the shutdown timeline, the Redis wiring."""
 
 from __future__ import annotations
@@ -66,6 +66,8 @@ def test_manifests_pass_kubernetes_create_validation(kubecheck: Path) -> None:
                      "            privileged: true"),
      "cannot set `allowPrivilegeEscalation` to false and `privileged` to true"),
     (("clusterIP: None", "clusterIP: none"), "spec.clusterIPs[0]: Invalid value"),
+    (("type: RuntimeDefault", "type: Unconfined"),
+     'violates PodSecurity "restricted": seccompProfile'),
 ])
 def test_kubecheck_refuses_what_the_api_server_refuses(kubecheck: Path, tmp_path: Path,
                                                         change: tuple[str, str],

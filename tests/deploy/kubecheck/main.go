@@ -4,11 +4,14 @@
 // through the resource's own registry strategy (rest.BeforeCreate: PrepareForCreate,
 // Validate, the declarative validation, WarningsOnCreate), the code the API server runs.
 //
+// Pod templates are also held to a Pod Security Standards level (the Pod Security
+// admission's own checks; -pod-security, "restricted" unless told otherwise).
+//
 //	kubecheck FILE...          one line per object; exit 1 on any error
 //	kubecheck -dump FILE...    also print the defaulted objects, as a JSON list, on stdout
 //
-// What it cannot see: admission (quota, LimitRange, Pod Security admission, webhooks),
-// objects that must exist (Secrets, ConfigMaps, namespaces), and kinds it does not know.
+// What it cannot see: the other admission steps (quota, LimitRange, webhooks), objects that
+// must exist (Secrets, ConfigMaps, namespaces), and kinds it does not know.
 package main
 
 import (
@@ -21,6 +24,8 @@ import (
 	"io"
 	"os"
 
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -43,6 +48,8 @@ import (
 	"k8s.io/kubernetes/pkg/registry/core/serviceaccount"
 	"k8s.io/kubernetes/pkg/registry/networking/networkpolicy"
 	"k8s.io/kubernetes/pkg/registry/policy/poddisruptionbudget"
+	psaapi "k8s.io/pod-security-admission/api"
+	"k8s.io/pod-security-admission/policy"
 )
 
 var strategies = map[schema.GroupKind]rest.RESTCreateStrategy{
@@ -62,7 +69,13 @@ func (w *warnings) AddWarning(_, text string) { w.list = append(w.list, text) }
 
 func main() {
 	dump := flag.Bool("dump", false, "print the defaulted objects as a JSON list on stdout")
+	level := flag.String("pod-security", "restricted", "Pod Security Standards level of pod templates")
 	flag.Parse()
+	var err error
+	if podLevel, err = psaapi.ParseLevel(*level); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
 	if flag.NArg() == 0 {
 		fmt.Fprintln(os.Stderr, "usage: kubecheck [-dump] FILE...")
 		os.Exit(2)
@@ -179,5 +192,35 @@ func check(scheme *runtime.Scheme, decoder runtime.Decoder, doc []byte) (runtime
 	if err := rest.BeforeCreate(strategy, ctx, internal); err != nil {
 		return nil, result{name: name, warnings: sink.list, err: err}
 	}
+	if violations := podSecurity(obj); violations != "" {
+		return nil, result{name: name, warnings: sink.list, err: fmt.Errorf(
+			"pod template violates PodSecurity %q: %s", podLevel, violations)}
+	}
 	return obj, result{name: name, warnings: sink.list}
+}
+
+var podLevel psaapi.Level
+
+// podSecurity evaluates a workload's pod template as the Pod Security admission evaluates a
+// pod at the level chosen, at the latest policy version; "" when it complies.
+func podSecurity(obj runtime.Object) string {
+	var template *corev1.PodTemplateSpec
+	switch o := obj.(type) {
+	case *appsv1.Deployment:
+		template = &o.Spec.Template
+	case *appsv1.StatefulSet:
+		template = &o.Spec.Template
+	default:
+		return ""
+	}
+	evaluator, err := policy.NewEvaluator(policy.DefaultChecks(), nil)
+	if err != nil {
+		return err.Error()
+	}
+	results := evaluator.EvaluatePod(psaapi.LevelVersion{Level: podLevel, Version: psaapi.LatestVersion()},
+		&template.ObjectMeta, &template.Spec)
+	if aggregate := policy.AggregateCheckResults(results); !aggregate.Allowed {
+		return aggregate.ForbiddenDetail()
+	}
+	return ""
 }
