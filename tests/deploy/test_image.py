@@ -169,36 +169,49 @@ async def test_the_deployments_container_serves_as_non_root(
 
             # A caller: TLS with the Secret's certificate, the callers file's token.
             credentials = grpc.ssl_channel_credentials(files["ca.pem"].read_bytes())
+            token = (("authorization", f"Bearer {TOKEN}"),)
+            request = pb.GenerateRequest(model="tiny", prompt="why is the sky blue?")
             async with grpc.aio.secure_channel(await _published(name, ports["grpc"]),
                                                credentials) as channel:
                 stub = GenerationServiceStub(channel)
-                tokens = [t async for t in stub.Generate(
-                    pb.GenerateRequest(model="tiny", prompt="why is the sky blue?"),
-                    metadata=(("authorization", f"Bearer {TOKEN}"),), timeout=30)]
+                tokens = [t async for t in stub.Generate(request, metadata=token, timeout=30)]
                 assert joined(tokens) == "".join(DEFAULT_TOKENS)
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await stub.ListModels(pb.ListModelsRequest(), timeout=30)
                 assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
-            metrics = await _published(name, ports["metrics"])
-            scraped = await scrape(int(metrics.rsplit(":", 1)[1]))
-            found = samples(scraped.text)
-            assert value(found, "tokenwire_rpcs_total", method="Generate", code="OK") == 1
-            assert value(found, "tokenwire_limits_shared") == 1
+                metrics = await _published(name, ports["metrics"])
+                found = samples((await scrape(int(metrics.rsplit(":", 1)[1]))).text)
+                assert value(found, "tokenwire_rpcs_total", method="Generate", code="OK") == 1
+                assert value(found, "tokenwire_limits_shared") == 1
 
-            # The process: the image's user, no capabilities, no new privileges.
-            status = _proc_status((await _podman("inspect", "--format", "{{.State.Pid}}",
-                                                 name))[1])
-            assert status["Uid"].split() == ["10001"] * 4
-            assert status["CapEff"] == "0" * 16
-            assert status["NoNewPrivs"] == "1"
-            code, _, err = await _podman("exec", name, "touch", "/opt/tokenwire/x", check=False)
-            assert code != 0 and "Read-only file system" in err
+                # The process: the image's user, no capabilities, no new privileges.
+                pid = (await _podman("inspect", "--format", "{{.State.Pid}}", name))[1]
+                status = _proc_status(pid)
+                assert status["Uid"].split() == ["10001"] * 4
+                assert status["CapEff"] == "0" * 16
+                assert status["NoNewPrivs"] == "1"
+                code, _, err = await _podman("exec", name, "touch", "/opt/tokenwire/x",
+                                             check=False)
+                assert code != 0 and "Read-only file system" in err
 
-            # SIGTERM, as at the end of preStop: drained and exited 0 within the grace.
-            grace = find(objects, "Deployment", "tokenwire")["spec"]["template"]["spec"][
-                "terminationGracePeriodSeconds"]
-            await _podman("stop", "--time", str(grace), name)
+                # SIGTERM (the end of preStop) once a slow stream is under way: the stream
+                # still ends whole, and the process exits 0 within the pod's grace.
+                grace = find(objects, "Deployment", "tokenwire")["spec"]["template"]["spec"][
+                    "terminationGracePeriodSeconds"]
+                fake.token_delay = 0.2
+                received: list[pb.Token] = []
+                stop: asyncio.Task[tuple[int, str, str]] | None = None
+                async for piece in stub.Generate(request, metadata=token, timeout=60):
+                    received.append(piece)
+                    if stop is None:
+                        stop = asyncio.create_task(
+                            _podman("stop", "--time", str(grace), name))
+                assert any("shutting down" in line for line in server.lines), \
+                    "the stream ended before SIGTERM reached the server"
+                assert joined(received) == "".join(DEFAULT_TOKENS)
+                assert stop is not None
+                await stop
             assert await server.exited() == 0
             await server.wait_for("stopped")
 

@@ -1,6 +1,7 @@
 """deploy/kubernetes against Kubernetes' own rules (kubecheck: strict decoding, defaulting,
-the create validation of the API server's registry, the "restricted" Pod Security level) and against tokenwire's facts: flags,
-environment, ports, health names, the shutdown timeline, the Redis wiring."""
+the create validation of the API server's registry, the "restricted" Pod Security level)
+and against tokenwire's facts: flags, environment, ports, health names, the shutdown
+timeline, the Redis wiring."""
 
 from __future__ import annotations
 
