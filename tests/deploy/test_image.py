@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,30 @@ def _proc_status(pid: str) -> dict[str, str]:
     return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
 
 
+def _project(directory: Path, files: dict[str, bytes], mode: int, group: int) -> None:
+    """Writes a volume's files the way the kubelet does (its atomic writer): into a new
+    timestamped directory, then the ``..data`` symlink is renamed over to point at it; each
+    file's name is a symlink into ``..data``. Run again, it is an update of the volume."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stamp = directory / f"..{secrets.token_hex(6)}"
+    stamp.mkdir()
+    for file, content in files.items():
+        (stamp / file).write_bytes(content)
+        os.chown(stamp / file, 0, group)
+        (stamp / file).chmod(mode)
+        with contextlib.suppress(FileExistsError):
+            (directory / file).symlink_to(f"..data/{file}")
+    old = (directory / "..data").resolve() if (directory / "..data").exists() else None
+    (directory / "..data_tmp").symlink_to(stamp.name)
+    (directory / "..data_tmp").replace(directory / "..data")
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _callers(token: str) -> dict[str, bytes]:
+    return {"callers.toml": f'[callers.deploy-test]\ntoken = "{token}"\n'.encode()}
+
+
 def _files(tmp_path: Path, objects: list[dict[str, Any]], ollama_url: str) -> dict[str, Path]:
     """A directory per volume of the pod, as the kubelet fills it: Secrets group-readable by
     the fsGroup (defaultMode 0440), the ConfigMap's upstreams.toml pointed at the test
@@ -64,8 +89,7 @@ def _files(tmp_path: Path, objects: list[dict[str, Any]], ollama_url: str) -> di
             name = volume["secret"]["secretName"]
             files = {"tokenwire-tls": {"tls.crt": pki.server.cert_pem,
                                        "tls.key": pki.server.key_pem},
-                     "tokenwire-callers": {"callers.toml": (
-                         f'[callers.deploy-test]\ntoken = "{TOKEN}"\n').encode()}}[name]
+                     "tokenwire-callers": _callers(TOKEN)}[name]
             mode, group = volume["secret"]["defaultMode"], pod["securityContext"]["fsGroup"]
         elif "configMap" in volume:
             data = find(objects, "ConfigMap", volume["configMap"]["name"])["data"]
@@ -74,11 +98,7 @@ def _files(tmp_path: Path, objects: list[dict[str, Any]], ollama_url: str) -> di
             mode, group = 0o444, 0
         else:
             continue
-        directory.mkdir(parents=True)
-        for file, content in files.items():
-            (directory / file).write_bytes(content)
-            os.chown(directory / file, 0, group)
-            (directory / file).chmod(mode)
+        _project(directory, files, mode, group)
         made[volume["name"]] = directory
     made["ca.pem"] = pki.ca_path
     return made
@@ -194,6 +214,27 @@ async def test_the_deployments_container_serves_as_non_root(
                 code, _, err = await _podman("exec", name, "touch", "/opt/tokenwire/x",
                                              check=False)
                 assert code != 0 and "Read-only file system" in err
+
+                # The callers Secret updated, as the kubelet updates a mounted Secret: the
+                # new token is let in and the old one refused, without a restart.
+                new_token = "tw-deploy-" + secrets.token_hex(8)
+                pod = find(objects, "Deployment", "tokenwire")["spec"]["template"]["spec"]
+                volume = {v["name"]: v for v in pod["volumes"]}["callers"]["secret"]
+                _project(files["callers"], _callers(new_token), volume["defaultMode"],
+                         pod["securityContext"]["fsGroup"])
+                token = (("authorization", f"Bearer {new_token}"),)
+                for _ in range(40):  # the server looks at the file at most once a second
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await stub.ListModels(pb.ListModelsRequest(), metadata=token,
+                                              timeout=30)
+                        break
+                    await asyncio.sleep(0.25)
+                await server.wait_for("reloaded: 1 caller(s)")
+                await stub.ListModels(pb.ListModelsRequest(), metadata=token, timeout=30)
+                with pytest.raises(grpc.aio.AioRpcError) as old:
+                    await stub.ListModels(pb.ListModelsRequest(), timeout=30, metadata=(
+                        ("authorization", f"Bearer {TOKEN}"),))
+                assert old.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
                 # SIGTERM (the end of preStop) once a slow stream is under way: the stream
                 # still ends whole, and the process exits 0 within the pod's grace.
