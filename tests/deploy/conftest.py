@@ -49,9 +49,15 @@ def podman_args() -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def kubecheck() -> Path:
-    bin_dir, _ = _script("kube-tools", timeout=2400)
-    return Path(bin_dir) / "kubecheck"
+def kube_bin() -> Path:
+    """The directory of kubecheck, kube-apiserver and etcd (scripts/kube-tools)."""
+    bin_dir, _ = _script("kube-tools", timeout=2700)
+    return Path(bin_dir)
+
+
+@pytest.fixture(scope="session")
+def kubecheck(kube_bin: Path) -> Path:
+    return kube_bin / "kubecheck"
 
 
 @pytest.fixture(scope="session")
