@@ -18,6 +18,22 @@ ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 
 
+BUILD_IMAGE_TIMEOUT = 1500  # a first build here: 97-212 s, most of it mmdebstrap
+KUBE_TOOLS_TIMEOUT = 2700  # a first build here: about 17 min (kubecheck, kube-apiserver, etcd)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The first test of this tier that needs the image, or the Kubernetes tools, waits for
+    their build too: give it that time on top of pytest's per-test timeout."""
+    here = Path(__file__).parent
+    for fixture, seconds in (("image", BUILD_IMAGE_TIMEOUT), ("kube_bin", KUBE_TOOLS_TIMEOUT)):
+        for item in items:
+            if here in item.path.parents and fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.timeout(seconds + 120))
+                break
+
+
 def _script(name: str, *args: str, timeout: float) -> tuple[str, str]:
     """Runs scripts/NAME; its last stdout line and its stderr. Fails with its stderr."""
     done = subprocess.run([str(ROOT / "scripts" / name), *args], capture_output=True,
@@ -37,7 +53,7 @@ def image() -> str:
         pytest.skip("building the image needs root (mmdebstrap and podman's rootful store); "
                     f"running as uid {os.geteuid()}")
     started = time.monotonic()
-    name, log = _script("build-image", timeout=1500)
+    name, log = _script("build-image", timeout=BUILD_IMAGE_TIMEOUT)
     print(f"\nscripts/build-image: {time.monotonic() - started:.0f} s\n{log}")
     return name
 
@@ -51,7 +67,7 @@ def podman_args() -> list[str]:
 @pytest.fixture(scope="session")
 def kube_bin() -> Path:
     """The directory of kubecheck, kube-apiserver and etcd (scripts/kube-tools)."""
-    bin_dir, _ = _script("kube-tools", timeout=2700)
+    bin_dir, _ = _script("kube-tools", timeout=KUBE_TOOLS_TIMEOUT)
     return Path(bin_dir)
 
 
