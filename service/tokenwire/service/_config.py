@@ -149,6 +149,12 @@ class Settings:
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
                 "CPU; the admission limits apply per worker unless --redis-url shares them"})
+    load_reports: bool = field(default=True, metadata={
+        "help": "per-call load reports (ORCA: an endpoint-load-metrics-bin trailer on every "
+                "model call, with model calls in flight over --max-streams, calls and errors "
+                "per second, tokens per second, CPU), read by gRPC clients whose "
+                "weighted_round_robin policy then sends fewer calls to busier replicas; "
+                "about 4 us per call"})
     # -- resumable streams ----------------------------------------------------
     detach_grace: float = field(default=60.0, metadata={
         "help": "seconds a resumable stream goes on generating with nobody reading it "

@@ -30,6 +30,7 @@ from .guard._auth import CallerRegistry
 from .guard._gate import Fallback, Gate
 from .guard._http2 import core_options, settle_malloc
 from .guard._interceptor import GuardInterceptor
+from .orca import LoadMeter
 from .resume import Retention, Streams
 
 __all__ = ["SERVICE_NAME", "Runtime", "build_server", "serve", "upstreams_of"]
@@ -176,6 +177,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         mtls=bool(settings.tls_client_ca),
         open_health=settings.open_health,
         metrics=metrics,
+        load=LoadMeter(settings.max_streams) if settings.load_reports else None,
     )
     _warn_unused_caller_limits(settings, identifies=registry.enabled or bool(
         settings.tls_client_ca))

@@ -42,6 +42,7 @@ from .._status import (
     status_for,
 )
 from .._validate import ValidationFailed
+from ..orca import LoadMeter, load_var
 from ._admission import Admission, Overloaded
 from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var, principal_var
 from ._budget import Spend, stream_request
@@ -205,7 +206,7 @@ class _Call:
     """One call from the guard's point of view: request id, caller, admission ticket,
     outcome, and the access-log line at its end."""
 
-    __slots__ = ("context", "initial", "outcome", "plan", "started", "ticket", "who")
+    __slots__ = ("context", "initial", "load", "outcome", "plan", "started", "ticket", "who")
 
     def __init__(self, plan: _Plan, context: grpc.aio.ServicerContext) -> None:
         self.plan = plan
@@ -220,6 +221,10 @@ class _Call:
         self.who = "-"
         self.ticket: Pass | None = None
         _call_var.set(self)
+        self.load = plan.guard._load if plan.model_call else None
+        if self.load is not None:  # its errors' statuses carry the report too
+            self.load.arrived()
+            load_var.set(self.load)
 
     async def begin(self, raw: Any, decode: Callable[[bytes], Any] | None) -> Any:
         """Authenticates, decodes a unary request, applies policy and admission.
@@ -269,6 +274,12 @@ class _Call:
 
     def end(self) -> None:
         metrics = self.plan.guard._metrics
+        load = self.load
+        if load is not None:
+            if self.outcome == "OK":  # (an error's status went out with its own report)
+                self.context.set_trailing_metadata(request_id_trailer() + load.trailer())
+            spend = spend_var.get()
+            load.ended(self.outcome, spend.output if spend is not None else 0)
         if self.ticket is not None:
             self.ticket.release()
             if metrics is not None:
@@ -328,9 +339,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         mtls: bool = False,
         open_health: bool = False,
         metrics: Metrics | None = None,
+        load: LoadMeter | None = None,
     ) -> None:
         self._gate = admission if isinstance(admission, Gate) else Gate(admission)
         self._metrics = metrics
+        #: Per-call load reports (ORCA) in the trailers of model calls; None: off.
+        self._load = load
         self._registry = registry if registry is not None and registry.enabled else None
         self._allowed = tuple(allowed_cert_names)
         self._mtls = mtls
