@@ -117,7 +117,7 @@ async def test_figures_rise_with_streams_in_flight(tool_bin: Path, make_runtime:
     assert busy.named_metrics["in_flight_streams"] == 9.0  # 8 held and itself
     assert after.named_metrics["in_flight_streams"] == 1.0
     # 8 calls in flight for 0.3 s of a 2 s average: about 1.1 of 64; idle, a few ms of 1
-    assert busy.application_utilization > 10 * idle.application_utilization
+    assert busy.application_utilization > 5 * idle.application_utilization
     assert busy.application_utilization > 0.5 / 64
     assert busy.rps_fractional > idle.rps_fractional
 
