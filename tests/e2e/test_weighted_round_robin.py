@@ -30,8 +30,9 @@ WARMUP, MEASURE, WORKERS = 2.0, 4.0, 8
 
 
 @contextlib.asynccontextmanager
-async def _replicas(**overrides: Any) -> AsyncIterator[list[Runtime]]:
-    """Two fast replicas and a slow one (last), each with its own engine."""
+async def replicas(**overrides: Any) -> AsyncIterator[list[Runtime]]:
+    """Two fast replicas and a slow one (last), each with its own engine (also used by
+    tests/polyglot/test_wrr.py)."""
     async with contextlib.AsyncExitStack() as stack:
         built = []
         for delay in (FAST_DELAY, FAST_DELAY, SLOW_DELAY):
@@ -72,9 +73,9 @@ async def _spread(replicas: list[Runtime], policy: str) -> list[float]:
 
 
 async def test_python_weighted_round_robin_reads_the_reports() -> None:
-    async with _replicas() as replicas:
-        plain = await _spread(replicas, "round_robin")
-        weighted = await _spread(replicas, "weighted_round_robin")
+    async with replicas() as built:
+        plain = await _spread(built, "round_robin")
+        weighted = await _spread(built, "weighted_round_robin")
     print(f"\nserved by fast, fast, slow: round_robin {plain}, weighted {weighted}")
     assert 0.25 < plain[2] / sum(plain) < 0.42, plain
     assert weighted[2] / sum(weighted) < 0.6 * plain[2] / sum(plain), (plain, weighted)
@@ -84,6 +85,6 @@ async def test_python_weighted_round_robin_reads_the_reports() -> None:
 async def test_without_reports_the_weighted_policy_is_round_robin() -> None:
     """The control: with --no-load-reports the weighted policy has nothing to weigh, so
     it spreads like round robin."""
-    async with _replicas(load_reports=False) as replicas:
-        weighted = await _spread(replicas, "weighted_round_robin")
+    async with replicas(load_reports=False) as built:
+        weighted = await _spread(built, "weighted_round_robin")
     assert 0.25 < weighted[2] / sum(weighted) < 0.42, weighted

@@ -9,6 +9,9 @@ shape, so every method gets the same request id, authentication, decoding
 access log names the method, caller, outcome and time; it never contains
 prompt or answer text.
 
+With load reports on (``orca``), a model call's trailers end with the process's load
+report: set when the call ends, or made with the error status that ends it.
+
 A call whose metadata is over gRPC's own limit (only a client that never
 acknowledged the server's SETTINGS can send one, see ``_http2``) is refused as
 soon as grpc.aio resolves its handler, without waiting for its request message:
