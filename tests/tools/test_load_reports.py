@@ -116,9 +116,9 @@ async def test_figures_rise_with_streams_in_flight(tool_bin: Path, make_runtime:
     after = await _generate(tool_bin, target)
     assert busy.named_metrics["in_flight_streams"] == 9.0  # 8 held and itself
     assert after.named_metrics["in_flight_streams"] == 1.0
-    # 8 calls in flight for 0.3 s of a 2 s average: about 1.1 of 64; idle, a few ms of 1
+    # 8 calls in flight for 0.3 s of a 10 s average: about 0.24 of 64; idle, a few ms of 1
     assert busy.application_utilization > 5 * idle.application_utilization
-    assert busy.application_utilization > 0.5 / 64
+    assert busy.application_utilization > 0.1 / 64
     assert busy.rps_fractional > idle.rps_fractional
 
 
@@ -174,7 +174,7 @@ def test_steady_load_gives_littles_law() -> None:
 
 def test_errors_per_second_count_server_faults_only() -> None:
     clock = _Clock()
-    meter = LoadMeter(10, clock=clock)
+    meter = LoadMeter(10, horizon=2.0, clock=clock)
     for step in range(200):
         clock.now = step * 0.1
         meter.arrived()

@@ -155,6 +155,10 @@ class Settings:
                 "per second, tokens per second, CPU), read by gRPC clients whose "
                 "weighted_round_robin policy then sends fewer calls to busier replicas; "
                 "about 4 us per call"})
+    load_report_window: float = field(default=10.0, metadata={
+        "help": "seconds: the time constant of the load reports' averages (calls in flight, "
+                "calls, errors and tokens per second); longer is steadier, shorter follows a "
+                "change sooner. Make it several times a typical call's length"})
     # -- resumable streams ----------------------------------------------------
     detach_grace: float = field(default=60.0, metadata={
         "help": "seconds a resumable stream goes on generating with nobody reading it "
@@ -320,7 +324,7 @@ def parse_settings(argv: Sequence[str] | None = None,
                           "upstream_connections", "max_concurrent_streams", "max_pending_calls",
                           "max_streams", "max_streams_per_caller", "burst", "max_messages",
                           "detach_grace", "resume_retention", "resume_max_stream_bytes",
-                          "resume_max_bytes", "redis_lease_ttl")
+                          "resume_max_bytes", "redis_lease_ttl", "load_report_window")
         if getattr(settings, name) <= 0
     ] + [
         name for name in ("rate", "rate_per_peer", "max_streams_per_peer", "queue_timeout",

@@ -177,7 +177,8 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         mtls=bool(settings.tls_client_ca),
         open_health=settings.open_health,
         metrics=metrics,
-        load=LoadMeter(settings.max_streams) if settings.load_reports else None,
+        load=LoadMeter(settings.max_streams, horizon=settings.load_report_window)
+        if settings.load_reports else None,
     )
     _warn_unused_caller_limits(settings, identifies=registry.enabled or bool(
         settings.tls_client_ca))

@@ -48,9 +48,11 @@ __all__ = ["HORIZON", "SERVER_FAULTS", "TRAILER", "LoadMeter", "load_trailer", "
 
 #: The metadata key gRPC clients read the report from.
 TRAILER = "endpoint-load-metrics-bin"
-#: Seconds: the time constant of the averages. Short enough to follow a replica that
-#: slows down within a few seconds, long enough that one call barely moves them.
-HORIZON = 2.0
+#: Seconds: the time constant of the averages (--load-report-window). Long enough that
+#: the rate of calls lasting several seconds is steady (the relative noise of the rate
+#: is about 1 / sqrt(2 x HORIZON x calls per second)), short enough to follow a replica
+#: that slows down within seconds.
+HORIZON = 10.0
 #: Seconds between two readings of the process's CPU time.
 _CPU_PERIOD = 1.0
 #: Outcomes that count as errors in ``eps``: the replica could not serve the call.
