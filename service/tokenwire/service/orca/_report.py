@@ -1,9 +1,11 @@
 """Per-call load reports: ORCA's ``endpoint-load-metrics-bin`` trailer (gRFC A51).
 
-grpcio has no ORCA server API in Python (its C core can write the trailer for C++
-servers only), but a per-call report is nothing more than a serialized
+grpcio has no ORCA server API in Python (the recorder of its C core is reachable from
+C++ only), but a per-call report is nothing more than a serialized
 ``xds.data.orca.v3.OrcaLoadReport`` in the call's trailing metadata, so tokenwire
-writes it itself. gRPC clients with the ``weighted_round_robin`` policy (gRFC A58)
+writes it itself. (grpcio's client core, on the other side, takes the trailer for its
+own balancing policies and never shows it to Python code; ``grpcurl -v`` prints it.)
+Clients with the ``weighted_round_robin`` policy (gRFC A58)
 read it when each call ends and weigh each replica by ``rps_fractional /
 (application_utilization + eps / rps_fractional * errorUtilizationPenalty)``.
 
