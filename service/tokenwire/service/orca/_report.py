@@ -5,9 +5,9 @@ C++ only), but a per-call report is nothing more than a serialized
 ``xds.data.orca.v3.OrcaLoadReport`` in the call's trailing metadata, so tokenwire
 writes it itself. (grpcio's client core, on the other side, takes the trailer for its
 own balancing policies and never shows it to Python code; ``grpcurl -v`` prints it.)
-Clients with the ``weighted_round_robin`` policy (gRFC A58)
-read it when each call ends and weigh each replica by ``rps_fractional /
-(application_utilization + eps / rps_fractional * errorUtilizationPenalty)``.
+Clients with the ``weighted_round_robin`` policy (gRFC A58) read it when each call ends
+and weigh each replica by ``rps_fractional / (application_utilization + eps /
+rps_fractional * errorUtilizationPenalty)``.
 
 The figures, one ``LoadMeter`` per server process (a ``--workers`` process reports
 its own load, which is the load of the connections it holds):
