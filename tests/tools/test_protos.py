@@ -25,12 +25,18 @@ def test_buf_format_is_clean(tool_bin: Path) -> None:
 
 
 def test_generated_python_is_current(tmp_path: Path) -> None:
-    result = _run(str(ROOT / "scripts" / "gen-python"), str(tmp_path))
+    result = _run(str(ROOT / "scripts" / "gen-python"), str(tmp_path / "client"),
+                  str(tmp_path / "service"))
     assert result.returncode == 0, result.stderr
-    committed = ROOT / "client" / "tokenwire" / "v1"
-    fresh = tmp_path / "tokenwire" / "v1"
-    names = sorted(p.name for p in fresh.iterdir())
-    assert names == ["generation_pb2.py", "generation_pb2.pyi", "generation_pb2_grpc.py"]
-    _, mismatch, errors = filecmp.cmpfiles(committed, fresh, names, shallow=False)
-    assert not mismatch and not errors, (
-        f"generated code is stale: {mismatch + errors}; run scripts/gen-python and commit")
+    for folder, wanted in (
+            (Path("tokenwire", "v1"),
+             ["generation_pb2.py", "generation_pb2.pyi", "generation_pb2_grpc.py"]),
+            (Path("tokenwire", "service", "orca"),
+             ["orca_load_report_pb2.py", "orca_load_report_pb2.pyi"])):
+        fresh = tmp_path / ("client" if folder.parts[1] == "v1" else "service") / folder
+        committed = ROOT / ("client" if folder.parts[1] == "v1" else "service") / folder
+        names = sorted(p.name for p in fresh.iterdir())
+        assert names == wanted
+        _, mismatch, errors = filecmp.cmpfiles(committed, fresh, names, shallow=False)
+        assert not mismatch and not errors, (
+            f"generated code is stale: {mismatch + errors}; run scripts/gen-python and commit")

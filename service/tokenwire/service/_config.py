@@ -153,6 +153,16 @@ class Settings:
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
                 "CPU; the admission limits apply per worker unless --redis-url shares them"})
+    load_reports: bool = field(default=True, metadata={
+        "help": "per-call load reports (ORCA: an endpoint-load-metrics-bin trailer on every "
+                "model call, with model calls in flight over --max-streams, calls and errors "
+                "per second, tokens per second, CPU), read by gRPC clients whose "
+                "weighted_round_robin policy then sends fewer calls to busier replicas; "
+                "about 4 us per call"})
+    load_report_window: float = field(default=10.0, metadata={
+        "help": "seconds: the time constant of the load reports' averages (calls in flight, "
+                "calls, errors and tokens per second); longer is steadier, shorter follows a "
+                "change sooner. Make it several times a typical call's length"})
     # -- resumable streams ----------------------------------------------------
     detach_grace: float = field(default=60.0, metadata={
         "help": "seconds a resumable stream goes on generating with nobody reading it "
@@ -351,7 +361,7 @@ def parse_settings(argv: Sequence[str] | None = None,
                           "upstream_connections", "max_concurrent_streams", "max_pending_calls",
                           "max_streams", "max_streams_per_caller", "burst", "max_messages",
                           "detach_grace", "resume_retention", "resume_max_stream_bytes",
-                          "resume_max_bytes", "redis_lease_ttl")
+                          "resume_max_bytes", "redis_lease_ttl", "load_report_window")
         if getattr(settings, name) <= 0
     ] + [
         name for name in ("rate", "rate_per_peer", "max_streams_per_peer", "queue_timeout",

@@ -31,6 +31,7 @@ from .guard._auth import CallerRegistry
 from .guard._gate import Fallback, Gate
 from .guard._http2 import core_options, settle_malloc
 from .guard._interceptor import GuardInterceptor
+from .orca import LoadMeter
 from .resume import Retention, Streams
 from .tracing import start_tracing
 
@@ -187,6 +188,8 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         open_health=settings.open_health,
         metrics=metrics,
         tracing=tracing,
+        load=LoadMeter(settings.max_streams, horizon=settings.load_report_window)
+        if settings.load_reports else None,
     )
     _warn_unused_caller_limits(settings, identifies=registry.enabled or bool(
         settings.tls_client_ca))

@@ -49,6 +49,7 @@ from .guard._auth import NotAllowed, NotAuthenticated
 from .guard._budget import BudgetExceeded
 from .guard._gate import LimitsUnavailable
 from .guard._http2 import MetadataTooLarge
+from .orca import load_trailer
 from .resume._errors import (
     PositionOutOfRange,
     ReplayedStatus,
@@ -186,7 +187,7 @@ def status_for(exc: Exception) -> grpc.Status:
     if isinstance(exc, ReplayedStatus):  # a status made elsewhere (another replica's)
         error_reason_var.set(None)
         return _Status(exc.code, excerpt(exc.message, MAX_STATUS_MESSAGE),
-                       exc.trailing + request_id_trailer())
+                       exc.trailing + request_id_trailer() + load_trailer())
     code, reason, retry_after = next(
         ((c, r, after) for cls, c, r, after in STATUS_TABLE if isinstance(exc, cls)),
         (grpc.StatusCode.INTERNAL, "INTERNAL", None),
@@ -252,7 +253,7 @@ def status_for(exc: Exception) -> grpc.Status:
     status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message, details=details)
     rich = rpc_status.to_status(status)
     return _Status(rich.code, rich.details,
-                   rich.trailing_metadata + pushback + request_id_trailer())
+                   rich.trailing_metadata + pushback + request_id_trailer() + load_trailer())
 
 
 @dataclass(frozen=True, slots=True)

@@ -93,14 +93,17 @@ class Spend:
     come, else what it can count (``watch``: anything with a chunk ``count``, and
     ``events`` whose last is the final one, such as a resumable stream's log)."""
 
-    __slots__ = ("reported", "source")
+    __slots__ = ("output", "reported", "source")
 
     def __init__(self) -> None:
         self.reported: int | None = None
         self.source: Any = None
+        #: Output tokens, as the engine counted them (0 until it says).
+        self.output = 0
 
     def report(self, usage: pb.Usage) -> None:
         self.reported = usage.prompt_tokens + usage.completion_tokens
+        self.output = usage.completion_tokens
 
     def report_tokens(self, tokens: int) -> None:
         self.reported = tokens

@@ -10,6 +10,9 @@ access log names the method, caller, outcome and time; it never contains
 prompt or answer text. With tracing on, the call's SERVER span starts and ends here too
 (its parent is the caller's ``traceparent``); with it off, that costs one ``is None``.
 
+With load reports on (``orca``), a model call's trailers end with the process's load
+report: set when the call ends, or made with the error status that ends it.
+
 A call whose metadata is over gRPC's own limit (only a client that never
 acknowledged the server's SETTINGS can send one, see ``_http2``) is refused as
 soon as grpc.aio resolves its handler, without waiting for its request message:
@@ -43,6 +46,7 @@ from .._status import (
     status_for,
 )
 from .._validate import ValidationFailed
+from ..orca import LoadMeter, load_var
 from ..tracing import call_span_var
 from ._admission import Admission, Overloaded
 from ._auth import AuthError, Caller, CallerRegistry, NotAuthenticated, caller_var, principal_var
@@ -210,7 +214,8 @@ class _Call:
     """One call from the guard's point of view: request id, caller, admission ticket,
     outcome, and the access-log line at its end."""
 
-    __slots__ = ("context", "initial", "outcome", "plan", "span", "started", "ticket", "who")
+    __slots__ = ("context", "initial", "load", "outcome", "plan", "span", "started", "ticket",
+                 "who")
 
     def __init__(self, plan: _Plan, context: grpc.aio.ServicerContext) -> None:
         self.plan = plan
@@ -230,6 +235,10 @@ class _Call:
         if tracing is not None and not plan.infrastructure:  # no spans for health checks
             self.span = tracing.server(plan.method, plan.metadata, plan.rid)
             call_span_var.set(self.span)
+        self.load = plan.guard._load if plan.model_call else None
+        if self.load is not None:  # its errors' statuses carry the report too
+            self.load.arrived()
+            load_var.set(self.load)
 
     async def begin(self, raw: Any, decode: Callable[[bytes], Any] | None) -> Any:
         """Authenticates, decodes a unary request, applies policy and admission.
@@ -281,6 +290,12 @@ class _Call:
 
     def end(self) -> None:
         metrics = self.plan.guard._metrics
+        load = self.load
+        if load is not None:
+            if self.outcome == "OK":  # (an error's status went out with its own report)
+                self.context.set_trailing_metadata(request_id_trailer() + load.trailer())
+            spend = spend_var.get()
+            load.ended(self.outcome, spend.output if spend is not None else 0)
         if self.ticket is not None:
             self.ticket.release()
             if metrics is not None:
@@ -344,10 +359,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         open_health: bool = False,
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
+        load: LoadMeter | None = None,
     ) -> None:
         self._tracing = tracing
         self._gate = admission if isinstance(admission, Gate) else Gate(admission)
         self._metrics = metrics
+        #: Per-call load reports (ORCA) in the trailers of model calls; None: off.
+        self._load = load
         self._registry = registry if registry is not None and registry.enabled else None
         self._allowed = tuple(allowed_cert_names)
         self._mtls = mtls
