@@ -176,6 +176,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         mtls=bool(settings.tls_client_ca),
         open_health=settings.open_health,
         metrics=metrics,
+        early_headers=settings.initial_metadata == "early",
     )
     _warn_unused_caller_limits(settings, identifies=registry.enabled or bool(
         settings.tls_client_ca))

@@ -213,7 +213,8 @@ class _Call:
         request_id_var.set(plan.rid)
         error_reason_var.set(None)
         context.set_trailing_metadata(request_id_trailer())
-        self.initial = InitialMetadata((("x-request-id", plan.rid),))
+        self.initial = InitialMetadata((("x-request-id", plan.rid),),
+                                       early=plan.guard._early_headers or not plan.model_call)
         initial_metadata_var.set(self.initial)
         self.started = time.perf_counter()
         self.outcome = "OK"
@@ -259,7 +260,7 @@ class _Call:
                       | ValidationFailed):
             status = status_for(exc)
             self.outcome = status.code.name
-            await self.initial.send(self.context)
+            await self.initial.send_early(self.context)  # first-token order: trailers-only
             await self.context.abort(status.code, status.details, status.trailing_metadata)
         elif isinstance(exc, asyncio.CancelledError):
             self.outcome = "CANCELLED"
@@ -328,7 +329,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         mtls: bool = False,
         open_health: bool = False,
         metrics: Metrics | None = None,
+        early_headers: bool = False,
     ) -> None:
+        #: --initial-metadata early: model calls send their headers before the first
+        #: token and before an error status (see ``InitialMetadata``).
+        self._early_headers = early_headers
         self._gate = admission if isinstance(admission, Gate) else Gate(admission)
         self._metrics = metrics
         self._registry = registry if registry is not None and registry.enabled else None
