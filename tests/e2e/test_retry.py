@@ -94,6 +94,10 @@ async def test_a_list_target_retries_what_failed_before_a_token_on_another_repli
             rid = line.split("rid=")[1].split()[0]
             assert rid.startswith("retry-")
 
+            # Unary calls too: their headers come with their answer.
+            for _ in range(4):
+                assert [m.name for m in await client.list_models()] == ["tiny:latest"]
+
             # A failure after a token is final: no retry, no token delivered twice.
             for fake in r.fakes:
                 fake.set_fault(Fault(drop_after=2, times=1))
@@ -126,6 +130,13 @@ async def test_headers_sent_early_rule_out_the_retry() -> None:
             assert r.served() == [CALLS - len(failed)]  # none went on to the good one
             for rid in failed:
                 assert "outcome=UNAVAILABLE" in await r.bad.wait_for(f"rid={rid} caller=")
+            outcomes = []
+            for _ in range(4):  # unary calls: their headers went out before the answer
+                try:
+                    outcomes.append(bool(await client.list_models()))
+                except Unavailable:
+                    outcomes.append(False)
+            assert False in outcomes
 
 
 async def test_without_the_service_config_there_is_no_retry() -> None:

@@ -147,11 +147,12 @@ class Settings:
                 "running then ends UNAVAILABLE (resumable ones resume on a new connection); "
                 "0 = as long as they run"})
     initial_metadata: str = field(default="first-token", metadata={
-        "help": "when a model call's response headers (initial metadata, x-request-id) go "
-                "out: first-token = with its first Token, and a call that fails before it "
-                "ends with its status alone (trailers-only), which a gRPC client's retry "
-                "policy may send to another replica; early = while the upstream request "
-                "is made (no client retry can follow: gRPC commits a call at its headers)"})
+        "help": "when a call's response headers (initial metadata, x-request-id) go out: "
+                "first-token = with its first message (a model call's first Token), and a "
+                "call that fails before it ends with its status alone (trailers-only), "
+                "which a gRPC client's retry policy may send to another replica; early = "
+                "while the upstream request is made (no client retry can follow: gRPC "
+                "commits a call when its headers arrive)"})
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
                 "CPU; the admission limits apply per worker unless --redis-url shares them"})

@@ -69,17 +69,19 @@ __all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ResponseTooLarge", "Shu
 
 class InitialMetadata:
     """A call's initial metadata (``x-request-id``), sent once, before the call's first
-    response message. When a model call sends it is ``--initial-metadata``'s choice:
+    response message. When tokenwire's own calls send it is ``--initial-metadata``'s choice:
 
-    - ``first-token`` (``early=False``): with the first message (the first Token), and
-      not at all when the call fails before it: the status then goes out alone
-      (trailers-only, ``x-request-id`` in the trailers). gRPC clients commit a call when
-      headers arrive, so only this lets their retry policy send a call that failed
-      before its first token (a replica without an engine) to another replica.
-    - ``early``: as soon as the upstream request is under way, so the two overlap, and
-      before any error status. No client retry can follow.
+    - ``first-token`` (``early=False``): with the first message (a model call's first
+      Token, a unary call's answer), and not at all when the call fails before it: the
+      status then goes out alone (trailers-only, ``x-request-id`` in the trailers). gRPC
+      clients commit a call when headers arrive, so only this lets their retry policy send
+      a call that failed before its first token (a replica without an engine) to another
+      replica.
+    - ``early``: a model call's as soon as its upstream request is under way, so the two
+      overlap, any other call's at once, and before any error status. No client retry can
+      follow.
 
-    Every other call sends it before its first response or its error status."""
+    Health and reflection calls send it at once."""
 
     __slots__ = ("_pairs", "_sent", "early")
 

@@ -213,8 +213,11 @@ class _Call:
         request_id_var.set(plan.rid)
         error_reason_var.set(None)
         context.set_trailing_metadata(request_id_trailer())
-        self.initial = InitialMetadata((("x-request-id", plan.rid),),
-                                       early=plan.guard._early_headers or not plan.model_call)
+        # First-token order: every tokenwire call sends its headers with its first message
+        # (a model call's first Token, a unary call's answer), so that its failures before
+        # it are trailers-only; health and reflection send them at once.
+        self.initial = InitialMetadata((("x-request-id", plan.rid),), early=(
+            plan.guard._early_headers or not plan.method.startswith(_SERVICE)))
         initial_metadata_var.set(self.initial)
         self.started = time.perf_counter()
         self.outcome = "OK"
@@ -227,7 +230,7 @@ class _Call:
         Returns the request for the handler (a request stream is passed as it is)."""
         plan, context, guard = self.plan, self.context, self.plan.guard
         if not plan.model_call:  # model calls send it once their upstream request is out
-            await self.initial.send(context)
+            await self.initial.send_early(context)
         caller = guard._authenticate(context, plan.metadata) if plan.needs_auth else None
         self.who = caller.name if caller else _peer_host(context.peer())
         caller_var.set(caller)
