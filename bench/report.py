@@ -417,6 +417,12 @@ def targets(results: dict[str, Any], clk: int) -> list[tuple[str, str, bool | No
         d = (shared - local) / 1e6
         rows.append(("Redis-shared admission and budgets: TTFT p50 ≤ +1 ms over in-process",
                      f"{d:+.2f} ms", d <= 1))
+    headers = ph.get("headers", {}).get("ttft", {}).get("C.go", {})
+    late, early = (_get(headers, k, "ttft_ns", "p50") for k in ("first-token", "early"))
+    if late is not None and early is not None:
+        d = (late - early) / 1e6
+        rows.append(("headers with the first token: TTFT p50 ≤ +0.5 ms over early (Go reader)",
+                     f"{d:+.2f} ms", d <= 0.5))
     return rows
 
 
