@@ -258,6 +258,18 @@ def render(results: dict[str, Any]) -> str:
             out(f"| {name} | {_num(rate)} | {_num(cpu_us_per_call(run, clk), '{:.0f}')} "
                 f"| {_num(redis_us, '{:.0f}')} | {_ms(_get(t, 'ttft_ns', 'p50'))} "
                 f"| {_ms(_get(t, 'ttft_ns', 'p99'))} |")
+    headers = ph.get("headers", {}).get("ttft", {})
+    if headers:
+        out("")
+        out("## When response headers go out (issue #13, --initial-metadata), back to back")
+        out("")
+        out("| reader | order | TTFT p50, ms | TTFT p99, ms |")
+        out("|---|---|---|---|")
+        for key, by_order in headers.items():
+            for order in ("first-token", "early"):
+                t = by_order.get(order)
+                out(f"| {key} | {order} | {_ms(_get(t, 'ttft_ns', 'p50'))} "
+                    f"| {_ms(_get(t, 'ttft_ns', 'p99'))} |")
     out("")
     out("## Targets (ratios within this run)")
     out("")
@@ -405,6 +417,12 @@ def targets(results: dict[str, Any], clk: int) -> list[tuple[str, str, bool | No
         d = (shared - local) / 1e6
         rows.append(("Redis-shared admission and budgets: TTFT p50 ≤ +1 ms over in-process",
                      f"{d:+.2f} ms", d <= 1))
+    headers = ph.get("headers", {}).get("ttft", {}).get("C.go", {})
+    late, early = (_get(headers, k, "ttft_ns", "p50") for k in ("first-token", "early"))
+    if late is not None and early is not None:
+        d = (late - early) / 1e6
+        rows.append(("headers with the first token: TTFT p50 ≤ +0.5 ms over early (Go reader)",
+                     f"{d:+.2f} ms", d <= 0.5))
     return rows
 
 

@@ -603,13 +603,40 @@ class Bench:
             del self.servers["redis"]
         self.results["phases"]["limits"] = runs
 
+    def phase_headers(self) -> None:
+        """Issue #13: time to first token of the two --initial-metadata orders, headers with
+        the first Token (which lets a client retry a call that failed before it) against
+        headers while the upstream request is made, with the Go and the Python reader
+        (alternating rounds, gateway restarted each time, the median of each stands)."""
+        s = self.sizes
+        self._gateway_argv = list(self.servers["gateway"].argv)
+        runs: dict[str, Any] = {}
+        try:
+            for order in ("first-token", "early") * 3:
+                self.servers["gateway"].argv = [*self._gateway_argv, "--initial-metadata",
+                                                order]
+                self.restart("gateway")
+                for key in ("C.go", "C.py"):
+                    self.log(f"time to first token, --initial-metadata {order}, {key}")
+                    out = self.read(key, "ttft", tokens=8, requests=s.ttft_requests,
+                                    warmup_requests=s.ttft_warmup)
+                    runs.setdefault("rounds", {}).setdefault(key, {}).setdefault(
+                        order, []).append(out)
+            runs["ttft"] = {key: {order: sorted(rounds, key=lambda r: r["ttft_ns"]["p50"])[
+                len(rounds) // 2] for order, rounds in by_order.items()}
+                for key, by_order in runs["rounds"].items()}
+        finally:
+            self.servers["gateway"].argv = self._gateway_argv
+            self.restart("gateway")
+        self.results["phases"]["headers"] = runs
+
     def run(self) -> dict[str, Any]:
         self.results["meta"] = meta(self.args)
         self.start_all()
         try:
             phases = self.args.phases.split(",")
             for name in ("throughput", "ttft", "cancel", "paced", "curve", "workers",
-                         "backends", "resume", "limits"):
+                         "backends", "resume", "limits", "headers"):
                 if "all" in phases or name in phases:
                     getattr(self, f"phase_{name}")()
         finally:
@@ -664,7 +691,7 @@ def main() -> None:
                         help="also write bench/results/<date>-<machine>.{json,md} to commit")
     parser.add_argument("--phases", default="all",
                         help="comma list of throughput,ttft,cancel,paced,curve,workers,"
-                             "backends,resume (default all)")
+                             "backends,resume,limits,headers (default all)")
     parser.add_argument("--server-cmd", default=str(Path(sys.executable).with_name(
         "tokenwire-server")), help="tokenwire server command (default: the venv's)")
     parser.add_argument("--server-pythonpath", default="",

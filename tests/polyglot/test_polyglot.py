@@ -20,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.struct_pb2 import ListValue, Struct, Value
 
+from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama
 from tests.tcpproxy import tcp_proxy
 from tokenwire.service import Runtime
@@ -373,6 +375,29 @@ async def test_start_and_cancel(program: Program, runtime: Runtime, fake: FakeOl
     assert fake.streams[-1].chunks_sent <= 2
     sent = SCENARIOS["start_and_cancel"]["request"]["generate"]["prompt"]
     assert [b["prompt"] for b in _generate_bodies(fake)] == [sent]
+
+
+SERVICE_CONFIG = ROOT / "client" / "tokenwire" / "client" / "service_config.json"
+
+
+async def test_retry_replicas(program: Program, runtime: Runtime, make_runtime: MakeRuntime,
+                              fake: FakeOllama, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each language's channel, with the service config the Python client applies by
+    default, over two replicas, one without an engine: every call succeeds on the other."""
+    with socket.socket() as sock:  # a port nobody listens on: the bad replica's engine
+        sock.bind(("127.0.0.1", 0))
+        nowhere = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    bad = await make_runtime(ollama_url=nowhere)
+    monkeypatch.setenv("TOKENWIRE_SERVICE_CONFIG", str(SERVICE_CONFIG))
+    report = await _scenario(program, runtime, "retry_replicas",
+                             f"ipv4:{bad.target},{runtime.target}")
+    assert report["calls_ok"] == 4
+    assert report["texts"] == ["".join(fake.tokens)] * 4
+    assert len(_generate_bodies(fake)) == 4  # one generation per call, none repeated
+    # The bad replica did refuse calls, which gRPC then retried on the good one.
+    refused = bad.metrics.registry.get_sample_value(
+        "tokenwire_rpcs_total", {"method": "Generate", "code": "UNAVAILABLE"})
+    assert refused is not None and refused >= 1, refused
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,12 @@ from __future__ import annotations
 
 from tokenwire.client._async import AsyncClient, AsyncTokenStream
 from tokenwire.client._base import DEFAULT_CHANNEL_OPTIONS, DEFAULT_TARGET, TARGET_ENV, OnToken
+from tokenwire.client._channel import (
+    DEFAULT_SERVICE_CONFIG,
+    ServiceConfigLike,
+    TargetLike,
+    channel_target,
+)
 from tokenwire.client._errors import (
     CallbackError,
     Cancelled,
@@ -57,6 +63,7 @@ from tokenwire.client._types import (
 
 __all__ = [
     "DEFAULT_CHANNEL_OPTIONS",
+    "DEFAULT_SERVICE_CONFIG",
     "DEFAULT_TARGET",
     "TARGET_ENV",
     "USE_DEFAULT",
@@ -81,9 +88,11 @@ __all__ = [
     "OtherError",
     "PermissionDenied",
     "ResourceExhausted",
+    "ServiceConfigLike",
     "ThinkLike",
     "TimeoutLike",
     "TokenStream",
+    "TargetLike",
     "TokenwireError",
     "ToolLike",
     "Unauthenticated",
@@ -96,5 +105,6 @@ __all__ = [
     "build_options",
     "build_tool",
     "build_tool_call",
+    "channel_target",
     "from_rpc_error",
 ]

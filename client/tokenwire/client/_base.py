@@ -16,6 +16,13 @@ import grpc
 from google.protobuf.message import Message as ProtoMessage
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tokenwire.client._channel import (
+    DEFAULT_SERVICE_CONFIG,
+    ServiceConfigLike,
+    TargetLike,
+    channel_target,
+    service_config_option,
+)
 from tokenwire.client._errors import (
     CallbackError,
     TokenwireError,
@@ -88,7 +95,7 @@ class _BaseClient(ABC, Generic[_StreamT]):
 
     def __init__(
         self,
-        target: str | None = None,
+        target: TargetLike | None = None,
         *,
         credentials: grpc.ChannelCredentials | None = None,
         tls: bool = False,
@@ -96,8 +103,10 @@ class _BaseClient(ABC, Generic[_StreamT]):
         metadata: MetadataLike = (),
         timeout: float | None = None,
         options: Sequence[tuple[str, Any]] = (),
+        service_config: ServiceConfigLike = DEFAULT_SERVICE_CONFIG,
     ) -> None:
-        self.target = target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET
+        #: The gRPC target string (a list of addresses becomes an ipv4:/ipv6: URI).
+        self.target = channel_target(target or os.environ.get(TARGET_ENV) or DEFAULT_TARGET)
         if credentials is None and (tls or root_certificates is not None):
             credentials = grpc.ssl_channel_credentials(root_certificates)
         #: ``None`` means a plaintext (insecure) channel.
@@ -105,7 +114,8 @@ class _BaseClient(ABC, Generic[_StreamT]):
         self.metadata = _metadata(metadata)
         self.timeout = timeout
         overridden = {key for key, _ in options}
-        self.options = [o for o in DEFAULT_CHANNEL_OPTIONS if o[0] not in overridden]
+        defaults = (*DEFAULT_CHANNEL_OPTIONS, *service_config_option(service_config))
+        self.options = [o for o in defaults if o[0] not in overridden]
         self.options.extend(options)
         self._channel = self._make_channel()
         # The generated stub is untyped; both channel kinds build the same stub.

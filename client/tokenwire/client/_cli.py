@@ -14,6 +14,7 @@ from typing import Any, TextIO
 
 from google.protobuf import json_format
 
+from tokenwire.client._channel import DEFAULT_SERVICE_CONFIG, ServiceConfigLike
 from tokenwire.client._errors import TokenwireError
 from tokenwire.client._sync import Client, TokenStream
 from tokenwire.client._types import Completion, FormatLike, MessageLike
@@ -58,13 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help, or a usage error argparse already reported
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
-        with Client(
-            args.target,
-            tls=args.tls,
-            root_certificates=_read_bytes(args.ca_file),
-            metadata=args.metadata,
-            timeout=args.timeout,
-        ) as client:
+        with _client(args) as client:
             handler: Handler = args.handler
             return handler(client, args)
     except TokenwireError as exc:
@@ -249,6 +244,21 @@ def _format(value: str | None) -> FormatLike | None:
     return generation_pb2.Format(json_schema_text=text)
 
 
+def _client(args: argparse.Namespace) -> Client:
+    config: ServiceConfigLike = DEFAULT_SERVICE_CONFIG
+    if args.service_config == "none":
+        config = None
+    elif args.service_config is not None:
+        config = (_read_bytes(args.service_config) or b"").decode("utf-8", "replace")
+    try:
+        return Client(args.target, tls=args.tls, root_certificates=_read_bytes(args.ca_file),
+                      metadata=args.metadata, timeout=args.timeout, service_config=config)
+    except json.JSONDecodeError as exc:
+        raise _UsageError(f"--service-config {args.service_config}: not JSON ({exc})") from None
+    except ValueError as exc:  # a list of addresses gRPC cannot resolve
+        raise _UsageError(f"--target: {exc}") from None
+
+
 def _read_bytes(path: str | None) -> bytes | None:
     if path is None:
         return None
@@ -323,7 +333,15 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--target", help="server host:port (default: $TOKENWIRE_TARGET, else 127.0.0.1:50051)"
+        "--target", help="server host:port, a gRPC target (dns:///name:port: every address "
+        "of the name), or replicas' IP:port addresses separated by commas (default: "
+        "$TOKENWIRE_TARGET, else 127.0.0.1:50051)"
+    )
+    parser.add_argument(
+        "--service-config", metavar="FILE|none",
+        help="gRPC service config (JSON file) of the channel; none: gRPC's defaults "
+             "(default: the client's: round robin over the target's addresses, retry of "
+             "calls that failed UNAVAILABLE before their first token)"
     )
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument(

@@ -103,8 +103,10 @@ class Client(_BaseClient[TokenStream]):
     """Blocking tokenwire client; ``with Client() as client: ...``.
 
     Args:
-        target: ``host:port`` of the server; default ``$TOKENWIRE_TARGET``, else
-            ``127.0.0.1:50051``.
+        target: ``host:port`` of the server, any gRPC target URI (``dns:///name:port``
+            gets every address the name resolves to), or several replicas' addresses (a
+            list of ``IP:port``, or one string with commas); default
+            ``$TOKENWIRE_TARGET``, else ``127.0.0.1:50051``.
         credentials: channel credentials; ``None`` (default) is a plaintext channel
             unless ``tls`` or ``root_certificates`` is given.
         tls: use TLS with the system's root certificates (or ``root_certificates``).
@@ -112,6 +114,11 @@ class Client(_BaseClient[TokenStream]):
         metadata: metadata sent with every call, e.g. ``{"authorization": "Bearer ..."}``.
         timeout: default deadline of every call, in seconds; ``None`` (default): none.
         options: gRPC channel options, overriding ``DEFAULT_CHANNEL_OPTIONS`` key by key.
+        service_config: the channel's gRPC service config (a mapping or JSON text).
+            The default, ``DEFAULT_SERVICE_CONFIG``, spreads calls over the target's
+            addresses (``round_robin``) and retries, on another one, a call that failed
+            UNAVAILABLE before its first token (3 attempts at most, backoff from 0.1 s);
+            ``None``: gRPC's defaults (one address at a time, no retries).
 
     Every method takes ``timeout=`` (seconds; ``None``: no deadline; default: the
     client's) and ``metadata=`` (added to the client's).

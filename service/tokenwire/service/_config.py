@@ -150,6 +150,13 @@ class Settings:
                 "(MAX_CONNECTION_AGE_GRACE): long enough for a generation; a stream still "
                 "running then ends UNAVAILABLE (resumable ones resume on a new connection); "
                 "0 = as long as they run"})
+    initial_metadata: str = field(default="first-token", metadata={
+        "help": "when a call's response headers (initial metadata, x-request-id) go out: "
+                "first-token = with its first message (a model call's first Token), and a "
+                "call that fails before it ends with its status alone (trailers-only), "
+                "which a gRPC client's retry policy may send to another replica; early = "
+                "while the upstream request is made (no client retry can follow: gRPC "
+                "commits a call when its headers arrive)"})
     workers: int = field(default=1, metadata={
         "help": "server processes sharing the port (SO_REUSEPORT, Linux); 0 = one per usable "
                 "CPU; the admission limits apply per worker unless --redis-url shares them"})
@@ -397,6 +404,9 @@ def parse_settings(argv: Sequence[str] | None = None,
             parser.error(f"--{name.replace('_', '-')} must be local, open or closed, not "
                          f"{getattr(settings, name)!r}")
     settings = _tracing_settings(parser, settings, env)
+    if settings.initial_metadata not in ("first-token", "early"):
+        parser.error(f"--initial-metadata must be first-token or early, not "
+                     f"{settings.initial_metadata!r}")
     if settings.upstreams_file and settings.ollama_url:
         parser.error("--ollama-url and --upstreams-file: set one (the file names every "
                      "upstream, Ollama hosts included)")

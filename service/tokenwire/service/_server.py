@@ -190,6 +190,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         tracing=tracing,
         load=LoadMeter(settings.max_streams, horizon=settings.load_report_window)
         if settings.load_reports else None,
+        early_headers=settings.initial_metadata == "early",
     )
     _warn_unused_caller_limits(settings, identifies=registry.enabled or bool(
         settings.tls_client_ca))

@@ -27,6 +27,7 @@ from ._status import (
     ResponseTooLarge,
     ShuttingDown,
     map_errors,
+    send_early_metadata,
     send_initial_metadata,
     status_for,
 )
@@ -218,9 +219,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._prepare(request)
         if request.HasField("resumable"):
             stream = self._start(request, started, method)
+            # Its id is its first message, whatever the order: with it, a caller that
+            # loses the connection (even while the model loads) resumes the stream.
             await send_initial_metadata(context)
             await sink(pb.Token(stream_id=stream.id))
-            await self._read(stream, 0, sink, delivery, method)
+            await self._read(stream, 0, sink, delivery, method, context)
             return
         first_token_wait = self._stream.first_token_timeout
         remaining = context.time_remaining()
@@ -247,9 +250,11 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._relays.add(relay)
         failure: BaseException | None = None
         try:
-            # The reader task sends the upstream request while this goes out.
-            await send_initial_metadata(context)
-            await self._pump(next_batch, sink, method, request.model, relay, call, started)
+            # Early order: the reader task sends the upstream request while this goes
+            # out; first-token order: the pump sends it with the first Token.
+            await send_early_metadata(context)
+            await self._pump(next_batch, sink, method, request.model, relay, call, started,
+                             context)
         except BaseException as exc:
             failure = exc
             raise
@@ -273,12 +278,15 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def _pump(self, next_batch: Callable[[], Awaitable[list[Event] | None]], sink: _Sink,
                     method: str, model: str, relay: Relay | None, call: Call | None,
-                    started: float, *, figures: Callable[[Final], pb.Token] | None = None,
+                    started: float, context: grpc.aio.ServicerContext | None, *,
+                    figures: Callable[[Final], pb.Token] | None = None,
                     position: int | None = None) -> None:
         """Turns batches of events into Tokens until the final one. For a resumable
         stream, each Token gets its position (``position`` is the first batch's) and
         the final Token's fields are the stream's (``figures``), the same for every
-        reader; otherwise the relay's figures make them."""
+        reader; otherwise the relay's figures make them. The call's initial metadata
+        goes out (on ``context``) just before the first Token; a failure before it
+        ends the call with its status alone, which a client may retry."""
         first_sent: float | None = None
         carried = 0  # events folded into no message yet (empty pieces)
         budget = self._stream.message_budget
@@ -295,6 +303,9 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 continue
             count = token.chunk_count = len(batch) + carried
             carried = 0
+            if context is not None and (has_content or final is None or final.error is None):
+                await send_initial_metadata(context)  # once, before the first Token
+                context = None
             if position is not None:
                 token.position = position
                 position += count
@@ -374,7 +385,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return stream
 
     async def _read(self, stream: ResumableStream, after: int, sink: _Sink,
-                    delivery: pb.Delivery, method: str) -> None:
+                    delivery: pb.Delivery, method: str,
+                    context: grpc.aio.ServicerContext | None) -> None:
         """Streams ``stream`` from chunk ``after`` on to its end, as one of its readers;
         leaving early (the caller went away) detaches, which does not stop it."""
         streams = self._require_streams()
@@ -385,6 +397,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             # The caller has every chunk: the final Token again, with nothing in it.
             token = pb.Token(position=after)
             token.MergeFrom(stream.figures_of(events[-1][3]))
+            if context is not None:
+                await send_initial_metadata(context)
             await sink(token)
             return
         cursor = Cursor(log, after, max_items=self._stream.max_pending_chunks,
@@ -393,12 +407,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         streams.attach(stream)
         try:
             await self._pump(next_batch, sink, method, stream.model, log, stream.call,
-                             stream.started, figures=stream.figures_of, position=after)
+                             stream.started, context, figures=stream.figures_of,
+                             position=after)
         finally:
             streams.detach(stream)
 
     async def _read_remote(self, remote: RemoteStream, after: int, sink: _Sink,
-                           delivery: pb.Delivery, method: str) -> None:
+                           delivery: pb.Delivery, method: str,
+                           context: grpc.aio.ServicerContext) -> None:
         """Streams a stream another replica generates (or generated), from Redis."""
         redis = self._require_streams().redis
         assert redis is not None
@@ -406,6 +422,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                               max_bytes=self._stream.max_pending_bytes)
         everything = await cursor.prelude()
         if everything is not None:  # the caller has every chunk: the final Token again
+            await send_initial_metadata(context)
             await sink(everything)
             return
 
@@ -414,7 +431,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             return cursor.figures
 
         next_batch = _batches(cursor, delivery)
-        await self._pump(next_batch, sink, method, remote.model, None, None, 0.0,
+        await self._pump(next_batch, sink, method, remote.model, None, None, 0.0, context,
                          figures=figures, position=after)
 
     def _figures(self, stream: ResumableStream, final: Final, method: str) -> pb.Token:
@@ -479,9 +496,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         if stream is None and streams.redis is not None:  # generated by another replica?
             remote = await streams.redis.find(request.stream_id, owner)
             _link(remote.trace)
-            await send_initial_metadata(context)
             await self._read_remote(remote, request.after, context.write, request.delivery,
-                                    "Resume")
+                                    "Resume", context)
             return
         stream = stream or streams.get(request.stream_id, owner)
         _link(stream.trace)
@@ -490,7 +506,8 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
             raise PositionOutOfRange(
                 f"after is {request.after}, but the stream has produced {produced} chunk(s) "
                 "so far; pass the position plus the chunk_count of the last Token received")
-        await self._read(stream, request.after, context.write, request.delivery, "Resume")
+        await self._read(stream, request.after, context.write, request.delivery, "Resume",
+                         context)
 
     @map_errors
     async def Cancel(self, request: pb.CancelRequest,

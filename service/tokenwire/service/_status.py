@@ -64,25 +64,43 @@ from .resume._errors import (
 
 __all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ResponseTooLarge", "ShuttingDown",
            "Undecodable", "error_reason_var", "initial_metadata_var", "map_errors",
-           "request_id_trailer", "request_id_var", "send_initial_metadata", "status_for"]
+           "request_id_trailer", "request_id_var", "send_early_metadata", "send_initial_metadata",
+           "status_for"]
 
 
 class InitialMetadata:
-    """A call's initial metadata (``x-request-id``), sent once. Model calls send it when
-    the upstream request is already under way, so the two round trips overlap instead
-    of adding up before the first token; every other path sends it before its first
-    response or its error status."""
+    """A call's initial metadata (``x-request-id``), sent once, before the call's first
+    response message. When tokenwire's own calls send it is ``--initial-metadata``'s choice:
 
-    __slots__ = ("_pairs", "_sent")
+    - ``first-token`` (``early=False``): with the first message (a model call's first
+      Token, a unary call's answer), and not at all when the call fails before it: the
+      status then goes out alone (trailers-only, ``x-request-id`` in the trailers). gRPC
+      clients commit a call when headers arrive, so only this lets their retry policy send
+      a call that failed before its first token (a replica without an engine) to another
+      replica.
+    - ``early``: a model call's as soon as its upstream request is under way, so the two
+      overlap, any other call's at once, and before any error status. No client retry can
+      follow.
 
-    def __init__(self, pairs: tuple[tuple[str, str], ...]) -> None:
+    Health and reflection calls send it at once."""
+
+    __slots__ = ("_pairs", "_sent", "early")
+
+    def __init__(self, pairs: tuple[tuple[str, str], ...], *, early: bool = True) -> None:
         self._pairs = pairs
         self._sent = False
+        self.early = early
 
     async def send(self, context: grpc.aio.ServicerContext) -> None:
         if not self._sent:
             self._sent = True
             await context.send_initial_metadata(self._pairs)
+
+    async def send_early(self, context: grpc.aio.ServicerContext) -> None:
+        """Sends it now if this call's headers go early (before a status, or while the
+        upstream request is made); in the first-token order, nothing."""
+        if self.early:
+            await self.send(context)
 
 
 initial_metadata_var: contextvars.ContextVar[InitialMetadata | None] = contextvars.ContextVar(
@@ -90,10 +108,19 @@ initial_metadata_var: contextvars.ContextVar[InitialMetadata | None] = contextva
 
 
 async def send_initial_metadata(context: grpc.aio.ServicerContext) -> None:
-    """Sends the call's initial metadata unless that was done already."""
+    """Sends the call's initial metadata unless that was done already (before a first
+    response message)."""
     pending = initial_metadata_var.get()
     if pending is not None:
         await pending.send(context)
+
+
+async def send_early_metadata(context: grpc.aio.ServicerContext) -> None:
+    """Sends the call's initial metadata where the early order sends it (see
+    ``InitialMetadata``): while the upstream request is made, and before an error status."""
+    pending = initial_metadata_var.get()
+    if pending is not None:
+        await pending.send_early(context)
 
 
 class ShuttingDown(Exception):
@@ -296,12 +323,12 @@ def map_errors(handler: _Handler) -> _Handler:
             status = status_for(exc)
             log.info("request failed rid=%s code=%s reason=%s", request_id_var.get(),
                      status.code.name, error_reason_var.get())
-            await send_initial_metadata(context)
+            await send_early_metadata(context)
             await context.abort(status.code, status.details, status.trailing_metadata)
         except Exception as exc:
             log.exception("unexpected error rid=%s", request_id_var.get())
             status = status_for(exc)
-            await send_initial_metadata(context)
+            await send_early_metadata(context)
             await context.abort(status.code, status.details, status.trailing_metadata)
 
     return wrapper  # type: ignore[return-value]

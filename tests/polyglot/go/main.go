@@ -24,6 +24,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/types/known/durationpb"
@@ -51,6 +53,7 @@ var scenarios = map[string]scenario{
 	"list_models":       {codes.OK, listModels},
 	"resume_after_drop": {codes.OK, resumeAfterDrop},
 	"start_and_cancel":  {codes.OK, startAndCancel},
+	"retry_replicas":    {codes.OK, retryReplicas},
 }
 
 func main() {
@@ -71,7 +74,7 @@ func main() {
 	if !known {
 		fail(fmt.Errorf("unknown scenario %q", name))
 	}
-	conn, err := grpc.NewClient(target, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := grpc.NewClient(channelTarget(target), channelOptions(target)...)
 	if err != nil {
 		fail(err)
 	}
@@ -92,6 +95,67 @@ func main() {
 	if os.Getenv("TOKENWIRE_POLYGLOT_HOLD") == "1" {
 		_, _ = io.Copy(io.Discard, os.Stdin) // keep the channel open until told
 	}
+}
+
+// channelTarget and channelOptions: the target as given, except an ipv4: list
+// (ipv4:ADDR,ADDR...), which grpc-go has no resolver for: a manual resolver gives
+// its addresses instead. With TOKENWIRE_SERVICE_CONFIG (a file), the channel uses
+// that service config, the one the Python client applies by default.
+func channelTarget(target string) string {
+	if strings.HasPrefix(target, "ipv4:") {
+		return "replicas:///tokenwire"
+	}
+	return target
+}
+
+func channelOptions(target string) []grpc.DialOption {
+	opts := []grpc.DialOption{grpc.WithTransportCredentials(insecure.NewCredentials())}
+	if path := os.Getenv("TOKENWIRE_SERVICE_CONFIG"); path != "" {
+		config, err := os.ReadFile(path)
+		if err != nil {
+			fail(err)
+		}
+		opts = append(opts, grpc.WithDefaultServiceConfig(string(config)))
+	}
+	if list, ok := strings.CutPrefix(target, "ipv4:"); ok {
+		replicas := manual.NewBuilderWithScheme("replicas")
+		var addresses []resolver.Address
+		for _, address := range strings.Split(list, ",") {
+			addresses = append(addresses, resolver.Address{Addr: address})
+		}
+		replicas.InitialState(resolver.State{Addresses: addresses})
+		opts = append(opts, grpc.WithResolvers(replicas))
+	}
+	return opts
+}
+
+// retryReplicas: the target lists a replica that cannot reach its engine and good
+// ones; the service config retries what failed before a token, so each call
+// succeeds.
+func retryReplicas(ctx context.Context, conn *grpc.ClientConn, r report) error {
+	var texts []string
+	defer func() { r["calls_ok"], r["texts"] = len(texts), texts }()
+	for i := 0; i < 4; i++ {
+		stream, err := client(conn).Generate(ctx, &tokenwirev1.GenerateRequest{
+			Model: "tiny", Prompt: "Why is the sky blue?",
+		})
+		if err != nil {
+			return err
+		}
+		text := ""
+		for {
+			token, err := stream.Recv()
+			if errors.Is(err, io.EOF) {
+				break
+			}
+			if err != nil {
+				return err
+			}
+			text += token.GetText()
+		}
+		texts = append(texts, text)
+	}
+	return nil
 }
 
 func fail(err error) {

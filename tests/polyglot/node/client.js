@@ -8,6 +8,7 @@
 //   node client.js golden                   hex of the golden GenerateRequest
 'use strict';
 
+const fs = require('node:fs');
 const path = require('node:path');
 const { performance } = require('node:perf_hooks');
 const grpc = require('@grpc/grpc-js');
@@ -157,7 +158,27 @@ async function resumeToEnd(client, streamId) {
   }
 }
 
+/** Channel options: with TOKENWIRE_SERVICE_CONFIG (a file), the service config the
+ * Python client applies by default. grpc-js resolves ipv4:ADDR,ADDR... targets itself. */
+function channelOptions() {
+  const file = process.env.TOKENWIRE_SERVICE_CONFIG;
+  return file ? { 'grpc.service_config': fs.readFileSync(file, 'utf8') } : {};
+}
+
 const scenarios = {
+  // The target lists a replica that cannot reach its engine and good ones; the service
+  // config retries what failed before a token, so each call succeeds.
+  retry_replicas: ['OK', async (client, report) => {
+    report.texts = [];
+    for (let i = 0; i < 4; i += 1) {
+      let text = '';
+      for await (const token of client.Generate({ model: 'tiny', prompt: 'Why is the sky blue?' })) {
+        text += token.text || '';
+      }
+      report.texts.push(text);
+    }
+    report.calls_ok = report.texts.length;
+  }],
   generate_stream: ['OK', async (client, report) => {
     const started = performance.now();
     const call = client.Generate({ model: 'tiny', prompt: 'Why is the sky blue?' });
@@ -312,7 +333,8 @@ async function main(argv) {
   const [target, name] = argv;
   if (!(name in scenarios)) throw new Error(`unknown scenario ${JSON.stringify(name)}`);
   const [expect, run] = scenarios[name];
-  const client = new tokenwire.GenerationService(target, grpc.credentials.createInsecure());
+  const client = new tokenwire.GenerationService(target, grpc.credentials.createInsecure(),
+    channelOptions());
   const report = { scenario: name, lang: 'node' };
   let code = 'OK';
   try {

@@ -223,7 +223,11 @@ class _Call:
         request_id_var.set(plan.rid)
         error_reason_var.set(None)
         context.set_trailing_metadata(request_id_trailer())
-        self.initial = InitialMetadata((("x-request-id", plan.rid),))
+        # First-token order: every tokenwire call sends its headers with its first message
+        # (a model call's first Token, a unary call's answer), so that its failures before
+        # it are trailers-only; health and reflection send them at once.
+        self.initial = InitialMetadata((("x-request-id", plan.rid),), early=(
+            plan.guard._early_headers or not plan.method.startswith(_SERVICE)))
         initial_metadata_var.set(self.initial)
         self.started = time.perf_counter()
         self.outcome = "OK"
@@ -245,7 +249,7 @@ class _Call:
         Returns the request for the handler (a request stream is passed as it is)."""
         plan, context, guard = self.plan, self.context, self.plan.guard
         if not plan.model_call:  # model calls send it once their upstream request is out
-            await self.initial.send(context)
+            await self.initial.send_early(context)
         caller = guard._authenticate(context, plan.metadata) if plan.needs_auth else None
         self.who = caller.name if caller else _peer_host(context.peer())
         if self.span is not None:
@@ -280,7 +284,7 @@ class _Call:
                       | ValidationFailed):
             status = status_for(exc)
             self.outcome = status.code.name
-            await self.initial.send(self.context)
+            await self.initial.send_early(self.context)  # first-token order: trailers-only
             await self.context.abort(status.code, status.details, status.trailing_metadata)
         elif isinstance(exc, asyncio.CancelledError):
             self.outcome = "CANCELLED"
@@ -360,8 +364,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         metrics: Metrics | None = None,
         tracing: Tracing | None = None,
         load: LoadMeter | None = None,
+        early_headers: bool = False,
     ) -> None:
         self._tracing = tracing
+        #: --initial-metadata early: model calls send their headers before the first
+        #: token and before an error status (see ``InitialMetadata``).
+        self._early_headers = early_headers
         self._gate = admission if isinstance(admission, Gate) else Gate(admission)
         self._metrics = metrics
         #: Per-call load reports (ORCA) in the trailers of model calls; None: off.

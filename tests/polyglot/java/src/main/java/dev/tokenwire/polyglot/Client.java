@@ -31,10 +31,15 @@ import dev.tokenwire.v1.Think;
 import dev.tokenwire.v1.Token;
 import io.grpc.ConnectivityState;
 import io.grpc.Context;
+import io.grpc.EquivalentAddressGroup;
 import io.grpc.Grpc;
 import io.grpc.InsecureChannelCredentials;
 import io.grpc.ManagedChannel;
+import io.grpc.ManagedChannelBuilder;
 import io.grpc.Metadata;
+import io.grpc.NameResolver;
+import io.grpc.NameResolverProvider;
+import io.grpc.NameResolverRegistry;
 import io.grpc.Status;
 import io.grpc.StatusRuntimeException;
 import io.grpc.health.v1.HealthCheckRequest;
@@ -47,7 +52,11 @@ import java.io.FileOutputStream;
 import java.io.IOException;
 import java.io.InputStream;
 import java.io.PrintStream;
+import java.net.InetSocketAddress;
+import java.net.URI;
 import java.nio.charset.StandardCharsets;
+import java.nio.file.Files;
+import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.HexFormat;
 import java.util.Iterator;
@@ -83,17 +92,19 @@ public final class Client {
     void run(ManagedChannel channel, Map<String, Object> report);
   }
 
-  private static final Map<String, Scenario> SCENARIOS = Map.of(
-      "generate_stream", new Scenario(Status.Code.OK, Client::generateStream),
-      "chat_history", new Scenario(Status.Code.OK, Client::chatHistory),
-      "cancel_after_2", new Scenario(Status.Code.CANCELLED, Client::cancelAfter2),
-      "deadline", new Scenario(Status.Code.DEADLINE_EXCEEDED, Client::deadline),
-      "not_found", new Scenario(Status.Code.NOT_FOUND, Client::notFound),
-      "invalid_argument", new Scenario(Status.Code.INVALID_ARGUMENT, Client::invalidArgument),
-      "health", new Scenario(Status.Code.OK, Client::health),
-      "list_models", new Scenario(Status.Code.OK, Client::listModels),
-      "resume_after_drop", new Scenario(Status.Code.OK, Client::resumeAfterDrop),
-      "start_and_cancel", new Scenario(Status.Code.OK, Client::startAndCancel));
+  private static final Map<String, Scenario> SCENARIOS = Map.ofEntries(
+      Map.entry("generate_stream", new Scenario(Status.Code.OK, Client::generateStream)),
+      Map.entry("chat_history", new Scenario(Status.Code.OK, Client::chatHistory)),
+      Map.entry("cancel_after_2", new Scenario(Status.Code.CANCELLED, Client::cancelAfter2)),
+      Map.entry("deadline", new Scenario(Status.Code.DEADLINE_EXCEEDED, Client::deadline)),
+      Map.entry("not_found", new Scenario(Status.Code.NOT_FOUND, Client::notFound)),
+      Map.entry("invalid_argument",
+          new Scenario(Status.Code.INVALID_ARGUMENT, Client::invalidArgument)),
+      Map.entry("health", new Scenario(Status.Code.OK, Client::health)),
+      Map.entry("list_models", new Scenario(Status.Code.OK, Client::listModels)),
+      Map.entry("resume_after_drop", new Scenario(Status.Code.OK, Client::resumeAfterDrop)),
+      Map.entry("start_and_cancel", new Scenario(Status.Code.OK, Client::startAndCancel)),
+      Map.entry("retry_replicas", new Scenario(Status.Code.OK, Client::retryReplicas)));
 
   private Client() {}
 
@@ -111,8 +122,7 @@ public final class Client {
       ERR.println("polyglot-java: unknown scenario \"" + args[1] + "\"");
       System.exit(1);
     }
-    ManagedChannel channel =
-        Grpc.newChannelBuilder(args[0], InsecureChannelCredentials.create()).build();
+    ManagedChannel channel = channel(args[0]);
     Map<String, Object> report = new LinkedHashMap<>();
     report.put("scenario", args[1]);
     report.put("lang", "java");
@@ -132,6 +142,94 @@ public final class Client {
       }
     }
     channel.shutdownNow().awaitTermination(5, TimeUnit.SECONDS);
+  }
+
+  /**
+   * The channel to the target; with TOKENWIRE_SERVICE_CONFIG (a file), it uses that service
+   * config, the one the Python client applies by default.
+   */
+  @SuppressWarnings("unchecked")
+  private static ManagedChannel channel(String target) throws IOException {
+    if (target.startsWith("ipv4:")) {
+      NameResolverRegistry.getDefaultRegistry().register(new AddressList());
+    }
+    ManagedChannelBuilder<?> builder =
+        Grpc.newChannelBuilder(target, InsecureChannelCredentials.create());
+    String file = System.getenv("TOKENWIRE_SERVICE_CONFIG");
+    if (file != null && !file.isEmpty()) {
+      // Gson reads JSON numbers as Double, the type grpc-java's service config wants.
+      Map<String, ?> config = GSON.fromJson(Files.readString(Path.of(file)), Map.class);
+      builder.defaultServiceConfig(config).enableRetry();
+    }
+    return builder.build();
+  }
+
+  /**
+   * Resolves ipv4:ADDR,ADDR... targets, a list of replicas, to their addresses (gRPC core and
+   * grpc-js do it themselves; grpc-java has no resolver for them).
+   */
+  private static final class AddressList extends NameResolverProvider {
+    @Override
+    public String getDefaultScheme() {
+      return "ipv4";
+    }
+
+    @Override
+    protected boolean isAvailable() {
+      return true;
+    }
+
+    @Override
+    protected int priority() {
+      return 3; // below DNS (5), so that DNS stays the default scheme
+    }
+
+    @Override
+    public NameResolver newNameResolver(URI target, NameResolver.Args args) {
+      if (!"ipv4".equals(target.getScheme())) {
+        return null;
+      }
+      List<EquivalentAddressGroup> groups = new ArrayList<>();
+      for (String address : target.getSchemeSpecificPart().split(",")) {
+        int colon = address.lastIndexOf(':');
+        groups.add(new EquivalentAddressGroup(new InetSocketAddress(
+            address.substring(0, colon), Integer.parseInt(address.substring(colon + 1)))));
+      }
+      return new NameResolver() {
+        @Override
+        public String getServiceAuthority() {
+          return "tokenwire";
+        }
+
+        @Override
+        public void start(Listener2 listener) {
+          listener.onResult(ResolutionResult.newBuilder().setAddresses(groups).build());
+        }
+
+        @Override
+        public void shutdown() {}
+      };
+    }
+  }
+
+  /**
+   * The target lists a replica that cannot reach its engine and good ones; the service config
+   * retries what failed before a token, so each call succeeds.
+   */
+  private static void retryReplicas(ManagedChannel channel, Map<String, Object> report) {
+    List<String> texts = new ArrayList<>();
+    report.put("texts", texts);
+    try {
+      for (int i = 0; i < 4; i++) {
+        StringBuilder text = new StringBuilder();
+        stub(channel).generate(GenerateRequest.newBuilder()
+            .setModel("tiny").setPrompt("Why is the sky blue?").build())
+            .forEachRemaining(token -> text.append(token.getText()));
+        texts.add(text.toString());
+      }
+    } finally {
+      report.put("calls_ok", texts.size());
+    }
   }
 
   private static GenerationServiceBlockingStub stub(ManagedChannel channel) {
