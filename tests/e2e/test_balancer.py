@@ -15,7 +15,9 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama
 from tests.helpers import ServerProcess, server_process
 from tests.parts import (
@@ -93,6 +95,36 @@ async def _until(what: str, check: Callable[[], object]) -> None:
 def test_the_health_check_bytes_in_the_config_are_the_recipe() -> None:
     """deploy/haproxy.cfg's raw HTTP/2 health check is the one tests/parts.py builds."""
     assert f"send-binary {health_check_bytes().hex()}\n" in HAPROXY_CFG.read_text()
+
+
+async def test_drain_delay_serves_new_calls_while_not_serving(
+        make_runtime: MakeRuntime, fake: FakeOllama) -> None:
+    """In process: for --drain-delay after stop begins, readiness is NOT_SERVING and new
+    calls are still served; the stop takes that long, and no longer than the grace."""
+    fake.tokens = ["a", "b"]
+    runtime = await make_runtime(health_listen="127.0.0.1:0", drain_delay=0.6,
+                                 shutdown_grace=5.0)
+    assert runtime.health_target is not None
+    async with grpc.aio.insecure_channel(runtime.health_target) as probe, \
+            grpc.aio.insecure_channel(runtime.target) as channel:
+        stub = GenerationServiceStub(channel)
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        stopping = asyncio.create_task(_when(runtime.stop()))
+        await asyncio.sleep(0.1)
+        answer = await health_pb2_grpc.HealthStub(probe).Check(
+            health_pb2.HealthCheckRequest(service="readiness"), timeout=5)
+        assert answer.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        got: list[str] = []
+        await _read(stub, _request(), _rid(), got)
+        assert "".join(got) == "ab"
+        assert not stopping.done()
+        assert 0.6 <= await stopping - began < 3.0
+    # A delay longer than the grace is cut to it.
+    runtime = await make_runtime(drain_delay=30.0, shutdown_grace=0.3)
+    began = loop.time()
+    await runtime.stop()
+    assert loop.time() - began < 3.0
 
 
 async def test_calls_spread_over_the_replicas(fake: FakeOllama, tmp_path: Path) -> None:
