@@ -24,6 +24,10 @@ def _cluster(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str
                           capture_output=True, text=True, timeout=180)
 
 
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -65,8 +69,18 @@ def _stat(env: dict[str, str]) -> dict[str, tuple[str, int]]:
 
 
 async def test_start_limits_across_replicas_drain_stop(
-        cluster: tuple[dict[str, str], str]) -> None:
+        cluster: tuple[dict[str, str], str], tool_bin: Path) -> None:
     env, target = cluster
+    # The two calls it prints, as printed: the CLI and grpcurl (reflection through HAProxy).
+    cli = _run(str(ROOT / ".venv" / "bin" / "tokenwire"), "--target", target, "--metadata",
+               "authorization=Bearer bob-token", "generate", "-q", "smollm2:135m",
+               "Why is the sky blue?")
+    assert cli.returncode == 0 and cli.stdout.strip() == WHOLE.strip(), cli.stderr
+    grpcurl = _run(str(tool_bin / "grpcurl"), "-plaintext", "-H",
+                   "authorization: Bearer bob-token", "-d",
+                   '{"model":"smollm2:135m","prompt":"Hello"}', target,
+                   "tokenwire.v1.GenerationService/Generate")
+    assert grpcurl.returncode == 0 and '"done": true' in grpcurl.stdout, grpcurl.stderr
     assert {name: status for name, (status, _) in _stat(env).items()} == {
         "r1": "UP", "r2": "UP", "r3": "UP"}
     alice = AsyncClient(target, metadata=[("authorization", "Bearer alice-token")])
