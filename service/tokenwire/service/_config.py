@@ -131,8 +131,8 @@ class Settings:
         "help": "seconds, at the start of the shutdown grace, during which a replica that "
                 "got SIGTERM/SIGINT already reports NOT_SERVING but still takes new calls, "
                 "so that a load balancer's health checks take it out before it stops "
-                "accepting them (calls that reach a stopping gRPC server wait for the end of "
-                "the grace and are then cancelled); set it to the balancer's detection time "
+                "accepting them (calls that reach a stopping gRPC server are held until the "
+                "drain is over, then cancelled); set it to the balancer's detection time "
                 "(deploy/haproxy.cfg: 2); 0 = stop taking calls at once"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     log_format: str = field(default="text", metadata={

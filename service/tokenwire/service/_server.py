@@ -88,7 +88,7 @@ class Runtime:
         await self.health.shutdown()
         # --drain-delay: new calls are still served while balancers see NOT_SERVING and
         # take this replica out; a call that reaches the stopped gRPC server below is not
-        # refused but held, and cancelled at the end of the grace.
+        # refused but held until the drain is over, then cancelled.
         delay = min(self.settings.drain_delay, grace)
         if delay > 0:
             log.info("still taking new calls for %gs (--drain-delay)", delay)
