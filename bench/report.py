@@ -269,10 +269,11 @@ def render(results: dict[str, Any]) -> str:
             "| TTFT p50 / p99, ms |")
         out("|---|---|---|---|---|---|---|")
         for key, name in (("D.go", "one replica, direct"),
-                          ("L.go", "HAProxy + three replicas (deploy/haproxy.cfg)")):
+                          ("L.go", "HAProxy + three replicas (deploy/haproxy.cfg)"),
+                          ("S.go", "HAProxy + the one replica of the direct row")):
             run = balancer.get("paced", {}).get(key)
             t = balancer.get("ttft", {}).get(key)
-            lb = _balancer_cpu(run, clk, "haproxy") if key == "L.go" else None
+            lb = _balancer_cpu(run, clk, "haproxy") if key != "D.go" else None
             out(f"| {name} | {_num(_get(run, 'tokens_per_s'))} | {_num(_get(run, 'errors'))} "
                 f"| {_ms(_get(run, 'latency_ns', 'p50'))} / {_ms(_get(run, 'latency_ns', 'p99'))} "
                 f"| {_num(_balancer_cpu(run, clk), '{:.1f}')} | {_num(lb, '{:.1f}')} "
@@ -434,14 +435,16 @@ def targets(results: dict[str, Any], clk: int) -> list[tuple[str, str, bool | No
         rows.append(("Redis-shared admission and budgets: TTFT p50 ≤ +1 ms over in-process",
                      f"{d:+.2f} ms", d <= 1))
     balancer = ph.get("balancer", {})
-    direct, through = (_balancer_cpu(balancer.get("paced", {}).get(k), clk)
-                       for k in ("D.go", "L.go"))
-    r = _ratio(through, direct)
-    if r is not None and through is not None and direct is not None:
-        alone = _balancer_cpu(balancer["paced"]["L.go"], clk, "haproxy") or 0.0
-        rows.append(("through HAProxy + 3 replicas: CPU/token ≤ 1.3× one replica direct, "
-                     "300 × 30 tokens/s", f"{r:.2f}× ({through:.1f} against {direct:.1f} µs; "
-                     f"HAProxy alone {alone:.1f} µs, {alone / direct:.2f}×)", r <= 1.3))
+    for key, what in (("L.go", "HAProxy + 3 replicas"), ("S.go", "HAProxy + the same replica")):
+        direct, through = (_balancer_cpu(balancer.get("paced", {}).get(k), clk)
+                           for k in ("D.go", key))
+        r = _ratio(through, direct)
+        if r is not None and through is not None and direct is not None:
+            alone = _balancer_cpu(balancer["paced"][key], clk, "haproxy") or 0.0
+            rows.append((f"through {what}: CPU/token ≤ 1.3× one replica direct, "
+                         "300 × 30 tokens/s", f"{r:.2f}× ({through:.1f} against "
+                         f"{direct:.1f} µs; HAProxy alone {alone:.1f} µs, "
+                         f"{alone / direct:.2f}×)", r <= 1.3))
     direct, through = (_get(balancer.get("ttft", {}), k, "ttft_ns", "p50")
                        for k in ("D.go", "L.go"))
     if direct is not None and through is not None:

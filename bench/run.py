@@ -56,8 +56,9 @@ CURVE_STREAMS = (250, 500, 750)  # the curve phase, 30 tokens/s each (1000: the 
 #: with no upstream: the floor of one Python grpc.aio process.
 FLOOR_READER = ("G.go", "G", "go", "grpc")
 #: The balancer phase: D, one replica read directly; L, HAProxy (deploy/haproxy.cfg) in front
-#: of three replicas (D's among them).
-BALANCER_READERS = (("D.go", "D", "go", "grpc"), ("L.go", "L", "go", "grpc"))
+#: of three replicas (D's among them); S, a second HAProxy with D's replica as its only one.
+BALANCER_READERS = (("D.go", "D", "go", "grpc"), ("L.go", "L", "go", "grpc"),
+                    ("S.go", "S", "go", "grpc"))
 PATH_NAMES = {
     "A": "A: httpx → upstream (floor)",
     "B": "B: FastAPI SSE peer",
@@ -246,7 +247,7 @@ class Bench:
     def target(self, path: str) -> tuple[str, int]:
         """(host:port, server pid) for a path; A has no server in between."""
         name = {"A": "upstream", "B": "peer", "C": "gateway", "G": "floor", "D": "replica1",
-                "L": "balancer"}[path]
+                "L": "balancer", "S": "balancer1"}[path]
         server = self.servers[name]
         return f"127.0.0.1:{server.port}", (server.pid if path != "A" else 0)
 
@@ -609,10 +610,11 @@ class Bench:
     def phase_balancer(self) -> None:
         """Issue #13's balancer figures, compiled reader: the same paced load (300 streams
         × 30 tokens/s over 4 connections; HAProxy's default of 100 streams per client
-        connection) and a TTFT series, read from one replica directly (D) and through
-        HAProxy running deploy/haproxy.cfg in front of three (L), alternating rounds, the
-        median of each. CPU is sampled at the window's edges for every process: the
-        replicas and HAProxy (L), the one replica (D)."""
+        connection) and a TTFT series, read from one replica directly (D), through
+        HAProxy running deploy/haproxy.cfg in front of three (L), and through a second one
+        in front of D's replica alone (S: the balancer's own cost, with the load on the
+        same process as D), alternating rounds, the median of each. CPU is sampled at the
+        window's edges for every process on the path."""
         s = self.sizes
         haproxy_bin = subprocess.run(
             [str(ROOT / "scripts" / "debian-tools"), "haproxy"], check=True,
@@ -629,20 +631,30 @@ class Bench:
             replicas.append(replica)
             lb_env[f"TOKENWIRE_REPLICA_{n}"] = f"127.0.0.1:{replica.port}"
             lb_env[f"TOKENWIRE_HEALTH_{n}"] = str(health)
-        balancer = Server("balancer", [haproxy_bin, "-db", "-f",
-                                       str(ROOT / "deploy" / "haproxy.cfg")], lb_env,
-                          port=free_port())
-        lb_env["TOKENWIRE_LB_LISTEN"] = f"127.0.0.1:{balancer.port}"
-        self.start(balancer)
+        single_env = dict(lb_env, TOKENWIRE_LB_ADMIN=str(self.logs / "haproxy1.sock"))
+        for n in (2, 3):
+            single_env[f"TOKENWIRE_REPLICA_{n}"] = lb_env["TOKENWIRE_REPLICA_1"]
+            single_env[f"TOKENWIRE_HEALTH_{n}"] = lb_env["TOKENWIRE_HEALTH_1"]
+        balancers = []
+        for name, env_of in (("balancer", lb_env), ("balancer1", single_env)):
+            balancer = Server(name, [haproxy_bin, "-db", "-f",
+                                     str(ROOT / "deploy" / "haproxy.cfg")], env_of,
+                              port=free_port())
+            env_of["TOKENWIRE_LB_LISTEN"] = f"127.0.0.1:{balancer.port}"
+            self.start(balancer)
+            balancers.append(balancer)
         time.sleep(2.5)  # every replica's first health probe, and HAProxy's checks UP
         streams = 300
         window = min(s.paced_window, 5.0)
         tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + window + 3))
         runs: dict[str, Any] = {}
         try:
-            for key in ("D.go", "L.go") * (2 if self.args.quick else 3):
-                pids = ({"replica1": replicas[0].pid} if key == "D.go" else
-                        {**{r.name: r.pid for r in replicas}, "haproxy": balancer.pid})
+            for key in ("D.go", "L.go", "S.go") * (2 if self.args.quick else 3):
+                pids = {"D.go": {"replica1": replicas[0].pid},
+                        "L.go": {**{r.name: r.pid for r in replicas},
+                                 "haproxy": balancers[0].pid},
+                        "S.go": {"replica1": replicas[0].pid,
+                                 "haproxy": balancers[1].pid}}[key]
                 self.log(f"{streams} streams × 30 tokens/s, 4 connections, {key}")
                 self.settle()
                 edges: list[dict[str, int]] = []
@@ -675,7 +687,7 @@ class Bench:
             runs["haproxy"] = subprocess.run([haproxy_bin, "-v"], capture_output=True,
                                              text=True).stdout.splitlines()[0]
         finally:
-            for server in (balancer, *replicas):
+            for server in (*balancers, *replicas):
                 self.stop(server)
                 del self.servers[server.name]
         self.results["phases"]["balancer"] = runs
