@@ -34,7 +34,6 @@ from tokenwire.v1.generation_pb2_grpc import GenerationServiceStub
 
 WORDS = [f"w{i} " for i in range(40)]
 WHOLE = "".join(WORDS)
-GENERATE = "method=/tokenwire.v1.GenerationService/Generate"
 
 
 def _rid() -> str:
