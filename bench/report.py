@@ -270,6 +270,27 @@ def render(results: dict[str, Any]) -> str:
                 t = by_order.get(order)
                 out(f"| {key} | {order} | {_ms(_get(t, 'ttft_ns', 'p50'))} "
                     f"| {_ms(_get(t, 'ttft_ns', 'p99'))} |")
+
+    balancer = ph.get("balancer", {})
+    if balancer:
+        out("")
+        out(f"## Through a load balancer (issue #13), compiled reader, back to back "
+            f"({balancer.get('haproxy', 'HAProxy')})")
+        out("")
+        out("| 300 streams × 30 tokens/s, 4 connections | tokens/s | errors "
+            "| token latency p50 / p99, ms | CPU µs/token, all servers | of which HAProxy "
+            "| TTFT p50 / p99, ms |")
+        out("|---|---|---|---|---|---|---|")
+        for key, name in (("D.go", "one replica, direct"),
+                          ("L.go", "HAProxy + three replicas (deploy/haproxy.cfg)"),
+                          ("S.go", "HAProxy + the one replica of the direct row")):
+            run = balancer.get("paced", {}).get(key)
+            t = balancer.get("ttft", {}).get(key)
+            lb = _balancer_cpu(run, clk, "haproxy") if key != "D.go" else None
+            out(f"| {name} | {_num(_get(run, 'tokens_per_s'))} | {_num(_get(run, 'errors'))} "
+                f"| {_ms(_get(run, 'latency_ns', 'p50'))} / {_ms(_get(run, 'latency_ns', 'p99'))} "
+                f"| {_num(_balancer_cpu(run, clk), '{:.1f}')} | {_num(lb, '{:.1f}')} "
+                f"| {_ms(_get(t, 'ttft_ns', 'p50'))} / {_ms(_get(t, 'ttft_ns', 'p99'))} |")
     out("")
     out("## Targets (ratios within this run)")
     out("")
@@ -302,6 +323,15 @@ def _calls(run: dict[str, Any]) -> int:
 
 def cpu_us_per_call(run: dict[str, Any] | None, clk: int) -> float | None:
     return None if run is None else run["server_cpu_ticks"] / clk / _calls(run) * 1e6
+
+
+def _balancer_cpu(run: dict[str, Any] | None, clk: int, only: str = "") -> float | None:
+    """CPU µs per token of the balancer phase's processes (or of one of them)."""
+    if not run or not run.get("tokens"):
+        return None
+    ticks = run.get("cpu_ticks_by_process", {})
+    total = ticks.get(only, 0) if only else sum(ticks.values())
+    return float(total) / clk * 1e6 / run["tokens"]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -423,6 +453,23 @@ def targets(results: dict[str, Any], clk: int) -> list[tuple[str, str, bool | No
         d = (late - early) / 1e6
         rows.append(("headers with the first token: TTFT p50 ≤ +0.5 ms over early (Go reader)",
                      f"{d:+.2f} ms", d <= 0.5))
+
+    balancer = ph.get("balancer", {})
+    for key, what in (("L.go", "HAProxy + 3 replicas"), ("S.go", "HAProxy + the same replica")):
+        direct, through = (_balancer_cpu(balancer.get("paced", {}).get(k), clk)
+                           for k in ("D.go", key))
+        r = _ratio(through, direct)
+        if r is not None and through is not None and direct is not None:
+            alone = _balancer_cpu(balancer["paced"][key], clk, "haproxy") or 0.0
+            rows.append((f"through {what}: CPU/token ≤ 1.3× one replica direct, "
+                         "300 × 30 tokens/s", f"{r:.2f}× ({through:.1f} against "
+                         f"{direct:.1f} µs; HAProxy alone {alone:.1f} µs, "
+                         f"{alone / direct:.2f}×)", r <= 1.3))
+    direct, through = (_get(balancer.get("ttft", {}), k, "ttft_ns", "p50")
+                       for k in ("D.go", "L.go"))
+    if direct is not None and through is not None:
+        d = (through - direct) / 1e6
+        rows.append(("through HAProxy: TTFT overhead p50 ≤ 1 ms", f"{d:+.2f} ms", d <= 1))
     return rows
 
 

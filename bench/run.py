@@ -55,6 +55,10 @@ CURVE_STREAMS = (250, 500, 750)  # the curve phase, 30 tokens/s each (1000: the 
 #: Path G, 1000 × 30 only: bench/floor_grpc.py, a grpc.aio server that writes timed tokens
 #: with no upstream: the floor of one Python grpc.aio process.
 FLOOR_READER = ("G.go", "G", "go", "grpc")
+#: The balancer phase: D, one replica read directly; L, HAProxy (deploy/haproxy.cfg) in front
+#: of three replicas (D's among them); S, a second HAProxy with D's replica as its only one.
+BALANCER_READERS = (("D.go", "D", "go", "grpc"), ("L.go", "L", "go", "grpc"),
+                    ("S.go", "S", "go", "grpc"))
 PATH_NAMES = {
     "A": "A: httpx → upstream (floor)",
     "B": "B: FastAPI SSE peer",
@@ -242,7 +246,8 @@ class Bench:
 
     def target(self, path: str) -> tuple[str, int]:
         """(host:port, server pid) for a path; A has no server in between."""
-        name = {"A": "upstream", "B": "peer", "C": "gateway", "G": "floor"}[path]
+        name = {"A": "upstream", "B": "peer", "C": "gateway", "G": "floor", "D": "replica1",
+                "L": "balancer", "S": "balancer1"}[path]
         server = self.servers[name]
         return f"127.0.0.1:{server.port}", (server.pid if path != "A" else 0)
 
@@ -269,7 +274,8 @@ class Bench:
              **flags: Any) -> dict[str, Any]:
         """Runs one reader process and returns its JSON figures (``settled``: the caller
         waited for the servers to be idle already)."""
-        _, path, reader, proto = next(r for r in (*READERS, FLOOR_READER) if r[0] == key)
+        _, path, reader, proto = next(r for r in (*READERS, FLOOR_READER, *BALANCER_READERS)
+                                      if r[0] == key)
         target, pid = self.target(path)
         opts = {"mode": mode, "proto": proto, "target": target, "server-pid": pid, **flags}
         if reader == "go":
@@ -630,18 +636,108 @@ class Bench:
             self.restart("gateway")
         self.results["phases"]["headers"] = runs
 
+    def phase_balancer(self) -> None:
+        """Issue #13's balancer figures, compiled reader: the same paced load (300 streams
+        × 30 tokens/s over 4 connections; HAProxy's default of 100 streams per client
+        connection) and a TTFT series, read from one replica directly (D), through
+        HAProxy running deploy/haproxy.cfg in front of three (L), and through a second one
+        in front of D's replica alone (S: the balancer's own cost, with the load on the
+        same process as D), alternating rounds, the median of each. CPU is sampled at the
+        window's edges for every process on the path."""
+        s = self.sizes
+        haproxy_bin = subprocess.run(
+            [str(ROOT / "scripts" / "debian-tools"), "haproxy"], check=True,
+            capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        argv = list(self.servers["gateway"].argv)
+        env = dict(self.servers["gateway"].env)
+        lb_env = dict(os.environ, TOKENWIRE_LB_ADMIN=str(self.logs / "haproxy.sock"))
+        replicas = []
+        for n in (1, 2, 3):
+            health = free_port()
+            replica = Server(f"replica{n}", [*argv, "--health-listen", f"127.0.0.1:{health}"],
+                             env)
+            self.start(replica)
+            replicas.append(replica)
+            lb_env[f"TOKENWIRE_REPLICA_{n}"] = f"127.0.0.1:{replica.port}"
+            lb_env[f"TOKENWIRE_HEALTH_{n}"] = str(health)
+        single_env = dict(lb_env, TOKENWIRE_LB_ADMIN=str(self.logs / "haproxy1.sock"))
+        for n in (2, 3):
+            single_env[f"TOKENWIRE_REPLICA_{n}"] = lb_env["TOKENWIRE_REPLICA_1"]
+            single_env[f"TOKENWIRE_HEALTH_{n}"] = lb_env["TOKENWIRE_HEALTH_1"]
+        balancers = []
+        for name, env_of in (("balancer", lb_env), ("balancer1", single_env)):
+            balancer = Server(name, [haproxy_bin, "-db", "-f",
+                                     str(ROOT / "deploy" / "haproxy.cfg")], env_of,
+                              port=free_port())
+            env_of["TOKENWIRE_LB_LISTEN"] = f"127.0.0.1:{balancer.port}"
+            self.start(balancer)
+            balancers.append(balancer)
+        time.sleep(2.5)  # every replica's first health probe, and HAProxy's checks UP
+        streams = 300
+        window = min(s.paced_window, 5.0)
+        tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + window + 3))
+        runs: dict[str, Any] = {}
+        try:
+            for key in ("D.go", "L.go", "S.go") * (2 if self.args.quick else 3):
+                pids = {"D.go": {"replica1": replicas[0].pid},
+                        "L.go": {**{r.name: r.pid for r in replicas},
+                                 "haproxy": balancers[0].pid},
+                        "S.go": {"replica1": replicas[0].pid,
+                                 "haproxy": balancers[1].pid}}[key]
+                self.log(f"{streams} streams × 30 tokens/s, 4 connections, {key}")
+                self.settle()
+                edges: list[dict[str, int]] = []
+                timers = [threading.Timer(at, _sample_cpu, (pids, edges))
+                          for at in (s.paced_ramp + s.paced_warmup,
+                                     s.paced_ramp + s.paced_warmup + window)]
+                for timer in timers:
+                    timer.start()
+                out = self.read(key, "throughput", streams=streams, tokens=tokens,
+                                interval_us=f"{PACE_US:.3f}", ramp=s.paced_ramp,
+                                warmup=s.paced_warmup, window=window, conns=4, settled=True)
+                for timer in timers:
+                    timer.join()
+                out["cpu_ticks_by_process"] = {name: edges[1][name] - edges[0][name]
+                                               for name in pids}
+                runs.setdefault("paced_rounds", {}).setdefault(key, []).append(out)
+                lat = out.get("latency_ns", {})
+                self.log(f"  {out['tokens_per_s']:,.0f} tokens/s, errors {out['errors']}, "
+                         f"p50 {lat.get('p50', 0) / 1e6:.2f} ms, CPU "
+                         f"{sum(out['cpu_ticks_by_process'].values())} ticks")
+                self.log(f"time to first token, {key}")
+                runs.setdefault("ttft_rounds", {}).setdefault(key, []).append(self.read(
+                    key, "ttft", tokens=8, requests=s.ttft_requests,
+                    warmup_requests=s.ttft_warmup))
+            runs["paced"] = {key: sorted(rounds, key=lambda r: sum(
+                r["cpu_ticks_by_process"].values()) / max(r["tokens"], 1))[len(rounds) // 2]
+                for key, rounds in runs["paced_rounds"].items()}
+            runs["ttft"] = {key: sorted(rounds, key=lambda r: r["ttft_ns"]["p50"])[
+                len(rounds) // 2] for key, rounds in runs["ttft_rounds"].items()}
+            runs["haproxy"] = subprocess.run([haproxy_bin, "-v"], capture_output=True,
+                                             text=True).stdout.splitlines()[0]
+        finally:
+            for server in (*balancers, *replicas):
+                self.stop(server)
+                del self.servers[server.name]
+        self.results["phases"]["balancer"] = runs
+
     def run(self) -> dict[str, Any]:
         self.results["meta"] = meta(self.args)
         self.start_all()
         try:
             phases = self.args.phases.split(",")
             for name in ("throughput", "ttft", "cancel", "paced", "curve", "workers",
-                         "backends", "resume", "limits", "headers"):
+                         "backends", "resume", "limits", "headers", "balancer"):
                 if "all" in phases or name in phases:
                     getattr(self, f"phase_{name}")()
         finally:
             self.stop_all()
         return self.results
+
+
+def _sample_cpu(pids: dict[str, int], into: list[dict[str, int]]) -> None:
+    """CPU ticks of each named process now, appended to ``into``."""
+    into.append({name: cpu_ticks(pid) for name, pid in pids.items()})
 
 
 def _version(dist: str) -> str:
@@ -691,7 +787,7 @@ def main() -> None:
                         help="also write bench/results/<date>-<machine>.{json,md} to commit")
     parser.add_argument("--phases", default="all",
                         help="comma list of throughput,ttft,cancel,paced,curve,workers,"
-                             "backends,resume,limits,headers (default all)")
+                             "backends,resume,limits,headers,balancer (default all)")
     parser.add_argument("--server-cmd", default=str(Path(sys.executable).with_name(
         "tokenwire-server")), help="tokenwire server command (default: the venv's)")
     parser.add_argument("--server-pythonpath", default="",

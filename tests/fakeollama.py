@@ -1272,3 +1272,40 @@ class FakeOllama:
         if record is not None:
             record._end(True)
         return await self._reply(conn, 200, obj, keep)
+
+
+# --------------------------------------------------------------------------------------------
+# As a process: `python -m tests.fakeollama --port 0 --token-delay 0.05` (scripts/cluster
+# uses it when no real Ollama is at hand). Prints its URL on stdout, serves until SIGTERM.
+
+
+async def _serve(port: int, token_delay: float, models: list[str]) -> None:
+    import signal
+
+    fake = FakeOllama(models=models, tokens=[f"w{i} " for i in range(40)],
+                      token_delay=token_delay)
+    await fake._listen(port)
+    fake._started = True
+    print(fake.url, flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    while not stop.is_set():  # the records are for tests; a long-lived process drops them
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 10)
+        del fake.requests[:], fake.streams[:], fake.errors[:]
+    await fake._shutdown()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="the test Ollama as a process, on 127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token-delay", type=float, default=0.05, help="seconds per token")
+    parser.add_argument("--model", action="append", help="installed model (repeatable; "
+                        "default: tiny:latest and smollm2:135m)")
+    args = parser.parse_args()
+    asyncio.run(_serve(args.port, args.token_delay, args.model or ["tiny:latest",
+                                                                    "smollm2:135m"]))

@@ -101,6 +101,11 @@ class ServerProcess:
         line = await self.wait_for("metrics on")
         return int(line.rsplit(":", 1)[1].split("/")[0])
 
+    async def health_target(self) -> str:
+        """The ``host:port`` of its ``--health-listen`` server, as it logged it."""
+        line = await self.wait_for("health checks on")
+        return line.split("health checks on ")[1].split()[0]
+
     async def stop(self, sig: int = signal.SIGTERM) -> int:
         """Sends ``sig``; returns the exit code once the process and its output ended."""
         self.proc.send_signal(sig)

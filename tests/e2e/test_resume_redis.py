@@ -286,13 +286,15 @@ async def test_client_resumes_on_another_replica_by_itself(fake: FakeOllama,
 
 async def test_through_haproxy_streams_resume_on_whichever_replica(
         fake: FakeOllama, redis: RedisServer, tmp_path: Path) -> None:
-    """A real balancer (HAProxy, each call to the next replica): Resumes land on both
+    """A real balancer (HAProxy, deploy/haproxy.cfg): Resumes land on both
     replicas and read streams the other one generates; the balancer killed and restarted
     mid-stream, the Python client resumes through it by itself."""
     from tokenwire.client import AsyncClient
     fake.tokens = WORDS
     fake.token_delay = 0.03
-    async with _pair(fake, redis) as (a, b), haproxy(tmp_path, [a.target, b.target]) as lb:
+    async with _pair(fake, redis, "--health-listen", "127.0.0.1:0") as (a, b), \
+            haproxy(tmp_path, [(a.target, await a.health_target()),
+                               (b.target, await b.health_target())]) as lb:
         ch, stub = _stub(lb.target)
         async with ch:
             ids = [(await stub.Start(START, timeout=10)).stream_id for _ in range(4)]
@@ -300,7 +302,7 @@ async def test_through_haproxy_streams_resume_on_whichever_replica(
                 got = await _read(stub.Resume(pb.ResumeRequest(stream_id=stream_id),
                                               timeout=20), Got())
                 assert got.text == WHOLE
-        # Both replicas served Starts and Resumes (round robin, call by call).
+        # Both replicas served Starts and Resumes (balanced call by call).
         for replica in (a, b):
             assert "method=/tokenwire.v1.GenerationService/Start" in replica.output
             assert "method=/tokenwire.v1.GenerationService/Resume" in replica.output

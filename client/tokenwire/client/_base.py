@@ -340,6 +340,10 @@ class Resumer:
 #: lost Redis for a moment. A status of the stream itself (even UNAVAILABLE) is final: a
 #: Resume would only say it again.
 _RESUMABLE_REASONS = frozenset({"RESUME_STORE_UNAVAILABLE"})
+#: UNKNOWN without a tokenwire reason: the HTTP/2 stream ended with no gRPC status at all
+#: ("Stream removed"), which is how HAProxy ends a client's stream when the replica behind
+#: it dies mid-answer; a Resume then says what really happened.
+_RESUME_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN})
 
 
 class _BaseTokenStream:
@@ -437,7 +441,7 @@ class _BaseTokenStream:
         """Seconds to wait before resuming after ``err``; None: do not resume."""
         resumer = self._resumer
         if (resumer is None or self.stream_id is None or self._cancel_requested
-                or err.code() != grpc.StatusCode.UNAVAILABLE):
+                or err.code() not in _RESUME_CODES):
             return None
         info = from_rpc_error(err).error_info
         if info is not None and info.reason not in _RESUMABLE_REASONS:

@@ -130,6 +130,14 @@ class Settings:
         "help": "seconds between upstream health probes"})
     shutdown_grace: float = field(default=30.0, metadata={
         "help": "seconds in-flight calls get to finish on SIGTERM/SIGINT"})
+    # -- behind a load balancer ----------------------------------------------------
+    drain_delay: float = field(default=0.0, metadata={
+        "help": "seconds, at the start of the shutdown grace, during which a replica that "
+                "got SIGTERM/SIGINT already reports NOT_SERVING but still takes new calls, "
+                "so that a load balancer's health checks take it out before it stops "
+                "accepting them (calls that reach a stopping gRPC server are held until the "
+                "drain is over, then cancelled); set it to the balancer's detection time "
+                "(deploy/haproxy.cfg: 2); 0 = stop taking calls at once"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     log_format: str = field(default="text", metadata={
         "help": "text (one readable line per event) or json (one JSON object per line)"})
@@ -374,7 +382,8 @@ def parse_settings(argv: Sequence[str] | None = None,
         name for name in ("rate", "rate_per_peer", "max_streams_per_peer", "queue_timeout",
                           "max_connection_age", "max_connection_age_grace",
                           "max_output_tokens", "upstream_retries",
-                          "retry_backoff", "breaker_threshold", "breaker_cooldown", "workers")
+                          "retry_backoff", "breaker_threshold", "breaker_cooldown", "workers",
+                          "drain_delay")
         if getattr(settings, name) < 0
     ]
     if problems:

@@ -84,17 +84,26 @@ class Runtime:
         return f"{self.settings.listen.rpartition(':')[0]}:{self.port}"
 
     async def stop(self, grace: float | None = None) -> None:
-        """Drains: NOT_SERVING first (readiness and liveness); new calls refused;
+        """Drains: NOT_SERVING first (readiness and liveness); new calls still served for
+        ``--drain-delay`` (within the grace), then no longer taken;
         in-flight model calls get ``grace`` seconds to finish; the ones still running
         then end with UNAVAILABLE (SHUTTING_DOWN) and keep what they already received;
         whatever is left (health watchers, reflection) is cancelled. The health port
         answers NOT_SERVING throughout and closes last."""
         grace = self.settings.shutdown_grace if grace is None else grace
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
         await self.health.shutdown()
-        # Refuses new calls at once; the stop below with no grace ends the rest.
-        stopping = asyncio.create_task(self.server.stop(grace + 2.0))
-        if not await self._model_calls_done(loop.time() + grace):
+        # --drain-delay: new calls are still served while balancers see NOT_SERVING and
+        # take this replica out; a call that reaches the stopped gRPC server below is not
+        # refused but held until the drain is over, then cancelled.
+        delay = min(self.settings.drain_delay, grace)
+        if delay > 0:
+            log.info("still taking new calls for %gs (--drain-delay)", delay)
+            await asyncio.sleep(delay)
+        # Takes no new call from here; the stop below with no grace ends the rest.
+        stopping = asyncio.create_task(self.server.stop(max(deadline - loop.time(), 0) + 2.0))
+        if not await self._model_calls_done(deadline):
             log.warning("grace period over: ending %d call(s) with UNAVAILABLE",
                         self.admission.in_use)
             self.servicer.interrupt_all()
