@@ -57,8 +57,8 @@ CURVE_STREAMS = (250, 500, 750)  # the curve phase, 30 tokens/s each (1000: the 
 FLOOR_READER = ("G.go", "G", "go", "grpc")
 #: The balancer phase: D, one replica read directly; L, HAProxy (deploy/haproxy.cfg) in front
 #: of three replicas (D's among them); S, a second HAProxy with D's replica as its only one.
-BALANCER_READERS = (("D.go", "D", "go", "grpc"), ("L.go", "L", "go", "grpc"),
-                    ("S.go", "S", "go", "grpc"))
+BALANCER_READERS = (("D.go", "D", "go", "grpc"), ("R.go", "R", "go", "grpc"),
+                    ("L.go", "L", "go", "grpc"), ("S.go", "S", "go", "grpc"))
 PATH_NAMES = {
     "A": "A: httpx → upstream (floor)",
     "B": "B: FastAPI SSE peer",
@@ -246,6 +246,9 @@ class Bench:
 
     def target(self, path: str) -> tuple[str, int]:
         """(host:port, server pid) for a path; A has no server in between."""
+        if path == "R":  # the balancer phase's three replicas, each read directly
+            replicas = [self.servers[f"replica{n}"] for n in (1, 2, 3)]
+            return ",".join(f"127.0.0.1:{r.port}" for r in replicas), replicas[0].pid
         name = {"A": "upstream", "B": "peer", "C": "gateway", "G": "floor", "D": "replica1",
                 "L": "balancer", "S": "balancer1"}[path]
         server = self.servers[name]
@@ -639,10 +642,13 @@ class Bench:
     def phase_balancer(self) -> None:
         """Issue #13's balancer figures, compiled reader: the same paced load (300 streams
         × 30 tokens/s over 4 connections; HAProxy's default of 100 streams per client
-        connection) and a TTFT series, read from one replica directly (D), through
-        HAProxy running deploy/haproxy.cfg in front of three (L), and through a second one
-        in front of D's replica alone (S: the balancer's own cost, with the load on the
-        same process as D), alternating rounds, the median of each. CPU is sampled at the
+        connection) and a TTFT series, read from one replica directly (D), from the three
+        replicas directly (R: one connection to each, as a client's round-robin channel
+        keeps, 100 streams on each), through HAProxy running deploy/haproxy.cfg in front
+        of the three (L), and through a second one in front of D's replica alone (S),
+        alternating rounds, the median of each. L against R and S against D are the
+        balancer's own cost on the same replicas; L against D adds what splitting one
+        load over three processes costs. CPU is sampled at the
         window's edges for every process on the path."""
         s = self.sizes
         haproxy_bin = subprocess.run(
@@ -678,13 +684,15 @@ class Bench:
         tokens = math.ceil(30 * (s.paced_ramp + s.paced_warmup + window + 3))
         runs: dict[str, Any] = {}
         try:
-            for key in ("D.go", "L.go", "S.go") * (2 if self.args.quick else 3):
+            for key in ("D.go", "R.go", "L.go", "S.go") * (2 if self.args.quick else 3):
                 pids = {"D.go": {"replica1": replicas[0].pid},
+                        "R.go": {r.name: r.pid for r in replicas},
                         "L.go": {**{r.name: r.pid for r in replicas},
                                  "haproxy": balancers[0].pid},
                         "S.go": {"replica1": replicas[0].pid,
                                  "haproxy": balancers[1].pid}}[key]
-                self.log(f"{streams} streams × 30 tokens/s, 4 connections, {key}")
+                conns = 3 if key == "R.go" else 4
+                self.log(f"{streams} streams × 30 tokens/s, {conns} connections, {key}")
                 self.settle()
                 edges: list[dict[str, int]] = []
                 timers = [threading.Timer(at, _sample_cpu, (pids, edges))
@@ -694,7 +702,8 @@ class Bench:
                     timer.start()
                 out = self.read(key, "throughput", streams=streams, tokens=tokens,
                                 interval_us=f"{PACE_US:.3f}", ramp=s.paced_ramp,
-                                warmup=s.paced_warmup, window=window, conns=4, settled=True)
+                                warmup=s.paced_warmup, window=window, conns=conns,
+                                settled=True)
                 for timer in timers:
                     timer.join()
                 out["cpu_ticks_by_process"] = {name: edges[1][name] - edges[0][name]

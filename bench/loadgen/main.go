@@ -524,19 +524,27 @@ func main() {
 	flag.IntVar(&cfg.serverPID, "server-pid", 0, "pid whose CPU time is sampled at the window edges")
 	flag.Parse()
 
-	host, _, err := net.SplitHostPort(cfg.target)
-	if err != nil {
-		fail(err)
+	// A comma-separated list of targets (gRPC only): connection i goes to target i mod n,
+	// as a round-robin channel keeps one connection per backend.
+	targets := strings.Split(cfg.target, ",")
+	for _, target := range targets {
+		host, _, err := net.SplitHostPort(target)
+		if err != nil {
+			fail(err)
+		}
+		if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+			fail(fmt.Errorf("refusing target %s: the benchmark is loopback-only", target))
+		}
 	}
-	if ip := net.ParseIP(host); host != "localhost" && (ip == nil || !ip.IsLoopback()) {
-		fail(fmt.Errorf("refusing target %s: the benchmark is loopback-only", cfg.target))
+	if len(targets) > 1 && cfg.proto != "grpc" {
+		fail(fmt.Errorf("a list of targets is for -proto=grpc only"))
 	}
 	var op opener
 	switch cfg.proto {
 	case "grpc":
 		g := &grpcOpener{model: cfg.model}
 		for i := 0; i < cfg.conns; i++ {
-			conn, err := grpc.NewClient(cfg.target,
+			conn, err := grpc.NewClient(targets[i%len(targets)],
 				grpc.WithTransportCredentials(insecure.NewCredentials()),
 				grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(32<<20)))
 			if err != nil {
