@@ -287,7 +287,7 @@ def render(results: dict[str, Any]) -> str:
                           ("S.go", "HAProxy + the one replica of the direct row")):
             run = balancer.get("paced", {}).get(key)
             t = balancer.get("ttft", {}).get(key)
-            lb = _balancer_cpu(run, clk, "haproxy") if key != "D.go" else None
+            lb = _balancer_cpu(run, clk, "haproxy") if key in ("L.go", "S.go") else None
             out(f"| {name} | {_num(_get(run, 'tokens_per_s'))} | {_num(_get(run, 'errors'))} "
                 f"| {_ms(_get(run, 'latency_ns', 'p50'))} / {_ms(_get(run, 'latency_ns', 'p99'))} "
                 f"| {_num(_balancer_cpu(run, clk), '{:.1f}')} | {_num(lb, '{:.1f}')} "
