@@ -95,6 +95,16 @@ async def test_ids_differ(stub: GenerationServiceStub, fake: FakeOllama) -> None
     assert len(ids) == 20
 
 
+async def test_ids_never_start_with_a_dash(stub: GenerationServiceStub, fake: FakeOllama,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tokenwire resume ID` would read such an id as an option: one is drawn again."""
+    drawn = iter(["-starts-with-a-dash-xyz", "ok-after-the-dash-xyz12"])
+    monkeypatch.setattr("secrets.token_urlsafe", lambda _n: next(drawn))
+    fake.tokens = ["a"]
+    got = await _read(stub.Generate(_gen()), Got())
+    assert got.stream_id == "ok-after-the-dash-xyz12"
+
+
 async def test_drop_then_resume_from_position_each_chunk_once(
         runtime: Runtime, stub: GenerationServiceStub, fake: FakeOllama) -> None:
     fake.tokens = WORDS

@@ -40,6 +40,16 @@ log = logging.getLogger("tokenwire.service")
 
 #: URL-safe base64 of 18 random bytes: 144 bits.
 _ID_BYTES = 18
+
+
+def new_stream_id() -> str:
+    """A new stream id: 18 random bytes in URL-safe base64, never starting with ``-``,
+    which a command line would read as an option (``tokenwire resume ID``): 1 id in 64
+    is drawn again, so the first character has 63 values (143.98 bits in all)."""
+    while True:
+        stream_id = secrets.token_urlsafe(_ID_BYTES)
+        if not stream_id.startswith("-"):
+            return stream_id
 #: Ids of streams that are gone, remembered to say why (FIFO).
 _TOMBSTONES = 10_000
 
@@ -128,7 +138,7 @@ class Streams:
                 f"stream may need {bounds.max_stream_bytes} (--resume-max-stream-bytes); "
                 "retry later, or without resumable")
         wanted = bounds.detach_grace if not grace or grace <= 0 else grace
-        stream = ResumableStream(secrets.token_urlsafe(_ID_BYTES), owner, model,
+        stream = ResumableStream(new_stream_id(), owner, model,
                                  min(wanted, bounds.detach_grace), started, call)
         stream.log = StreamLog(opener, max_bytes=bounds.max_stream_bytes, budget=self.budget,
                                on_done=lambda _: self._done(stream), **relay)
