@@ -108,7 +108,11 @@ async def test_a_list_target_retries_what_failed_before_a_token_on_another_repli
                     pass
             assert caught.value.partial_text == "".join(DEFAULT_TOKENS[:2])
             assert sum(r.served()) == before + 1
-            # Complete too: its headers go out when its first token is generated.
+            # Complete too: its headers go out when its first token is generated. Armed
+            # again on both engines: the stream used one of them, and round robin may send
+            # this call to either.
+            for fake in r.fakes:
+                fake.set_fault(Fault(drop_after=2, times=1))
             with pytest.raises(Unavailable):
                 await client.complete("tiny", "p")
             assert sum(r.served()) == before + 2
