@@ -7,7 +7,11 @@ minutes apart on the same cores:
 - the Go upstream (``bench/upstream``): Ollama-compatible NDJSON, zero delay or 30 tokens/s;
 - path A: readers straight to the upstream (the floor);
 - path B: the FastAPI + SSE peer (``bench/peer_fastapi.py``);
-- path C: ``tokenwire-server``.
+- path C: ``tokenwire-server``;
+- path P: nginx as a plain reverse proxy of the upstream (byte forwarding: the floor of a
+  proxy), when ``--nginx`` names its binary (``scripts/bench`` installs Debian's nginx-light);
+- path O: ``tokenwire-server`` from another git revision (``--baseline REV``), for the
+  side-by-side check that a change keeps the figures of the code before it.
 
 Each path is read by a Python reader (``bench/pyload.py``: httpx for A and B, the tokenwire
 ``AsyncClient`` for C) and by the compiled reader (``bench/loadgen``), each in its own
@@ -57,6 +61,15 @@ CURVE_STREAMS = (250, 500, 750)  # the curve phase, 30 tokens/s each (1000: the 
 FLOOR_READER = ("G.go", "G", "go", "grpc")
 #: The balancer phase: D, one replica read directly; L, HAProxy (deploy/haproxy.cfg) in front
 #: of three replicas (D's among them); S, a second HAProxy with D's replica as its only one.
+#: The hot-path phase (issue #14): P, nginx in front of the upstream (read like A); O, the
+#: baseline revision's tokenwire (read like C).
+PROXY_READER = ("P.go", "P", "go", "ndjson")
+BASELINE_READER = ("O.go", "O", "go", "grpc")
+#: Path F: bench/floorgo, grpc-go writing timed tokens with no upstream: the floor of a
+#: compiled gRPC server, beside G's grpc.aio floor.
+GO_FLOOR_READER = ("F.go", "F", "go", "grpc")
+#: Streams of the hot-path phase's paced comparison (30 tokens/s each).
+HOTPATH_STREAMS = 300
 BALANCER_READERS = (("D.go", "D", "go", "grpc"), ("R.go", "R", "go", "grpc"),
                     ("L.go", "L", "go", "grpc"), ("S.go", "S", "go", "grpc"))
 PATH_NAMES = {
@@ -82,16 +95,17 @@ class Sizes:
     paced_ramp: float
     paced_warmup: float
     paced_window: float
+    hotpath_rounds: int
 
 
 FULL = Sizes(single_tokens=2000, single_window=4, levels=(10, 100, 1000), agg_tokens=256,
              warmup=2, warmup_1000=6, window=5, ttft_requests=200, ttft_warmup=20,
              cancel_requests=100, cancel_warmup=10, paced_ramp=2, paced_warmup=3,
-             paced_window=10)
+             paced_window=10, hotpath_rounds=3)
 QUICK = Sizes(single_tokens=1000, single_window=1.5, levels=(10, 100, 1000), agg_tokens=256,
               warmup=0.5, warmup_1000=3, window=1.5, ttft_requests=60, ttft_warmup=10,
               cancel_requests=20, cancel_warmup=5, paced_ramp=1, paced_warmup=1.5,
-              paced_window=3)
+              paced_window=3, hotpath_rounds=2)
 
 
 def free_port() -> int:
@@ -238,7 +252,66 @@ class Bench:
         self.start(gateway)
         self.start(Server("floor", [self.py, str(BENCH / "floor_grpc.py"), "--listen",
                                     "127.0.0.1:{port}"], env))
+        self.start(Server("gofloor", [str(self.bin / "floorgo"), "-listen", "127.0.0.1:{port}"],
+                          env))
+        if self.args.nginx:
+            self.start(self._nginx(env))
+        if self.args.baseline:
+            old = self._baseline_tree()
+            base_env = dict(gw_env)
+            base_env["PYTHONPATH"] = os.pathsep.join(
+                [str(old / "service"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            self.start(Server("baseline", [self.args.server_cmd, *gateway.argv[1:]], base_env))
         time.sleep(1.0)  # first health probe done, caches warm
+
+    def _nginx(self, env: dict[str, str]) -> Server:
+        """Path P: nginx as a plain HTTP/1.1 reverse proxy of the upstream, unbuffered (each
+        chunk is forwarded as it arrives), keep-alive to the upstream, one process (no
+        master), no access log: the least a proxy does per token."""
+        port = free_port()
+        home = self.logs / "nginx"
+        home.mkdir(parents=True, exist_ok=True)
+        upstream = self.upstream_url.removeprefix("http://")
+        temps = "\n".join(f"  {k}_temp_path {home}/{k};"
+                          for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+        (home / "nginx.conf").write_text(f"""daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile 65536;
+pid {home}/nginx.pid;
+error_log {home}/error.log warn;
+events {{ worker_connections 16384; }}
+http {{
+  access_log off;
+{temps}
+  upstream engine {{ server {upstream}; keepalive 2048; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass http://engine;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_read_timeout 360s;
+    }}
+  }}
+}}
+""")
+        return Server("proxy", [self.args.nginx, "-p", str(home), "-e", str(home / "error.log"),
+                                "-c", str(home / "nginx.conf")], env, port=port)
+
+    def _baseline_tree(self) -> Path:
+        """``service/`` of the baseline revision, exported from git into the log dir."""
+        out = self.logs / "baseline"
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        archive = subprocess.run(["git", "archive", self.args.baseline, "service"], cwd=ROOT,
+                                 capture_output=True, check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+        return out
 
     def stop_all(self) -> None:
         for server in reversed(list(self.servers.values())):
@@ -250,7 +323,8 @@ class Bench:
             replicas = [self.servers[f"replica{n}"] for n in (1, 2, 3)]
             return ",".join(f"127.0.0.1:{r.port}" for r in replicas), replicas[0].pid
         name = {"A": "upstream", "B": "peer", "C": "gateway", "G": "floor", "D": "replica1",
-                "L": "balancer", "S": "balancer1"}[path]
+                "L": "balancer", "S": "balancer1", "P": "proxy", "O": "baseline",
+                "F": "gofloor"}[path]
         server = self.servers[name]
         return f"127.0.0.1:{server.port}", (server.pid if path != "A" else 0)
 
@@ -277,7 +351,9 @@ class Bench:
              **flags: Any) -> dict[str, Any]:
         """Runs one reader process and returns its JSON figures (``settled``: the caller
         waited for the servers to be idle already)."""
-        _, path, reader, proto = next(r for r in (*READERS, FLOOR_READER, *BALANCER_READERS)
+        _, path, reader, proto = next(r for r in (*READERS, FLOOR_READER, PROXY_READER,
+                                                  BASELINE_READER, GO_FLOOR_READER,
+                                                  *BALANCER_READERS)
                                       if r[0] == key)
         target, pid = self.target(path)
         opts = {"mode": mode, "proto": proto, "target": target, "server-pid": pid, **flags}
@@ -378,6 +454,56 @@ class Bench:
                 out["vm_hwm_kb"] = proc_status(self.servers[name].pid, "VmHWM")
             runs[key] = out
         self.results["phases"]["paced_1000x30"] = runs
+
+    def phase_hotpath(self) -> None:
+        """Issue #14: the per-token path at a realistic pace, against a byte-forwarding proxy.
+
+        1. 300 streams × 30 tokens/s, Go reader: A (direct), P (nginx), C (tokenwire), G
+           (the grpc.aio floor), F (the grpc-go floor) and O (the baseline revision, with
+           --baseline), in alternating rounds; the median round of each by CPU stands.
+        2. 1000 streams × 30 tokens/s, once each: A, P and C.
+        3. Time to first token, Go reader: A, C (and O).
+        4. Zero delay, C against O, single stream and 100 streams, alternating rounds."""
+        s = self.sizes
+        keys = ["A.go", "P.go", "C.go", "G.go", "F.go"]
+        if "proxy" not in self.servers:
+            self.log("no nginx (--nginx): the hot-path phase has no proxy floor P")
+            keys.remove("P.go")
+        baseline = "baseline" in self.servers
+        if baseline:
+            keys.append("O.go")
+        rounds: dict[str, list[dict[str, Any]]] = {}
+        window = min(s.paced_window, 5.0)
+        for n in range(s.hotpath_rounds):
+            for key in keys if n % 2 == 0 else reversed(keys):
+                self.log(f"{HOTPATH_STREAMS} streams × 30 tokens/s, {key}, round {n + 1}")
+                rounds.setdefault(key, []).append(self.read_paced(key, HOTPATH_STREAMS, window))
+        runs: dict[str, Any] = {"paced": {key: _median_round(key, outs)
+                                          for key, outs in rounds.items()},
+                                "paced_rounds": rounds}
+        for key in [k for k in ("A.go", "P.go", "C.go") if k in keys]:
+            self.log(f"1000 streams × 30 tokens/s, {key}")
+            runs.setdefault("paced_1000", {})[key] = self.read_paced(key, 1000, s.paced_window)
+        for key in ("A.go", "C.go", "O.go") if baseline else ("A.go", "C.go"):
+            self.log(f"time to first token, {key}")
+            runs.setdefault("ttft", {})[key] = self.read(key, "ttft", tokens=8,
+                                                         requests=s.ttft_requests,
+                                                         warmup_requests=s.ttft_warmup)
+        if baseline:
+            zero: dict[str, dict[str, list[dict[str, Any]]]] = {}
+            for n in range(s.hotpath_rounds):
+                for label, streams, tokens in (("single", 1, s.single_tokens),
+                                               ("c100", 100, s.agg_tokens)):
+                    for key in ("C.go", "O.go") if n % 2 == 0 else ("O.go", "C.go"):
+                        self.log(f"zero delay, {streams} stream(s), {key}, round {n + 1}")
+                        out = self.read(key, "throughput", streams=streams, tokens=tokens,
+                                        warmup=s.warmup, window=s.window)
+                        self.log(f"  {out['tokens_per_s']:,.0f} tokens/s, errors {out['errors']}")
+                        zero.setdefault(label, {}).setdefault(key, []).append(out)
+            runs["zero"] = {label: {key: sorted(outs, key=lambda o: o["tokens_per_s"])[
+                len(outs) // 2] for key, outs in by_key.items()} for label, by_key in zero.items()}
+            runs["baseline"] = self.args.baseline
+        self.results["phases"]["hotpath"] = runs
 
     def phase_curve(self) -> None:
         """Latency against load at 30 tokens/s per stream, compiled reader: where each
@@ -735,13 +861,22 @@ class Bench:
         self.start_all()
         try:
             phases = self.args.phases.split(",")
-            for name in ("throughput", "ttft", "cancel", "paced", "curve", "workers",
+            for name in ("throughput", "ttft", "cancel", "paced", "hotpath", "curve", "workers",
                          "backends", "resume", "limits", "headers", "balancer"):
                 if "all" in phases or name in phases:
                     getattr(self, f"phase_{name}")()
         finally:
             self.stop_all()
         return self.results
+
+
+def _median_round(key: str, outs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of a path's rounds: by CPU per token, or by latency for A (no server)."""
+    if key == "A.go":
+        ordered = sorted(outs, key=lambda o: o.get("latency_ns", {}).get("p50", 0))
+    else:
+        ordered = sorted(outs, key=lambda o: o["server_cpu_ticks"] / max(o["tokens"], 1))
+    return ordered[len(ordered) // 2]
 
 
 def _sample_cpu(pids: dict[str, int], into: list[dict[str, int]]) -> None:
@@ -795,8 +930,14 @@ def main() -> None:
     parser.add_argument("--save", action="store_true",
                         help="also write bench/results/<date>-<machine>.{json,md} to commit")
     parser.add_argument("--phases", default="all",
-                        help="comma list of throughput,ttft,cancel,paced,curve,workers,"
-                             "backends,resume,limits,headers,balancer (default all)")
+                        help="comma list of throughput,ttft,cancel,paced,hotpath,curve,"
+                             "workers,backends,resume,limits,headers,balancer (default all)")
+    parser.add_argument("--nginx", default="",
+                        help="nginx binary: path P, the proxy floor of the hot-path phase "
+                             "(scripts/bench passes Debian's nginx-light)")
+    parser.add_argument("--baseline", default="",
+                        help="git revision whose tokenwire-server runs beside this one as "
+                             "path O (hot-path phase), e.g. the commit before a change")
     parser.add_argument("--server-cmd", default=str(Path(sys.executable).with_name(
         "tokenwire-server")), help="tokenwire server command (default: the venv's)")
     parser.add_argument("--server-pythonpath", default="",

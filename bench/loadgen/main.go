@@ -47,6 +47,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/protobuf/encoding/protowire"
+
+	"github.com/tokenwire/tokenwire/bench/rawcodec"
 )
 
 const tokenWidth = 17
@@ -65,18 +67,6 @@ type opener interface {
 
 // -- gRPC ----------------------------------------------------------------------
 
-type rawCodec struct{}
-
-func (rawCodec) Name() string { return "proto" }
-func (rawCodec) Marshal(v any) ([]byte, error) {
-	return *(v.(*[]byte)), nil
-}
-func (rawCodec) Unmarshal(data []byte, v any) error {
-	p := v.(*[]byte)
-	*p = append((*p)[:0], data...)
-	return nil
-}
-
 type grpcOpener struct {
 	conns []*grpc.ClientConn
 	next  atomic.Uint64
@@ -90,7 +80,7 @@ func (g *grpcOpener) run(ctx context.Context, prompt string, fn onText) (bool, e
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	st, err := conn.NewStream(ctx, generateDesc, "/tokenwire.v1.GenerationService/Generate",
-		grpc.ForceCodec(rawCodec{}))
+		grpc.ForceCodec(rawcodec.Codec{}))
 	if err != nil {
 		return false, err
 	}
