@@ -1,10 +1,9 @@
-"""User code type-checked with ``mypy --strict`` against the installed wheel
-(tests/wheel/test_wheel.py): the README's streaming snippet with the sync and the async
-client. Not collected by pytest; the wheel test also runs it against a live server."""
+"""User code that ``mypy --strict`` checks against the installed wheel, outside the
+repository (tests/wheel/test_wheel.py): the README's streaming snippet with the sync and the
+async client, a unary call and an error. Type-checked only, never run."""
 
 from __future__ import annotations
 
-import asyncio
 import sys
 
 from tokenwire.client import AsyncClient, Client, Completion, TokenwireError
@@ -45,9 +44,3 @@ def whole_answer(target: str, model: str, prompt: str) -> Completion:
         print(f"failed: {exc.code.name}, partial: {exc.partial_text!r}", file=sys.stderr)
         raise
 
-
-if __name__ == "__main__":
-    target, model, prompt = sys.argv[1:4]
-    print(stream_sync(target, model, prompt))
-    print(asyncio.run(stream_async(target, model, prompt)))
-    print(whole_answer(target, model, prompt).text)

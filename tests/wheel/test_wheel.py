@@ -2,11 +2,12 @@
 installed without extras into a fresh venv (its dependencies from the package index).
 
 Checked there: none of the gateway's dependencies came with it; the installed ``tokenwire``
-CLI and a user's script stream from a tokenwire server (run by the test from the dev venv,
-over the test Ollama); ``tokenwire-server`` says in one line to install the ``server``
-extra and exits 2; and ``mypy --strict`` passes on ``tests/typing/user_code.py`` from the
-installed wheel alone (run outside the repository, so the source tree is not on any path),
-while the same wheel without ``tokenwire/v1/py.typed`` fails it with ``import-untyped``.
+CLI and a user's script (``user_stream.py``) stream from a tokenwire server (run by the test
+from the dev venv, over the test Ollama); ``tokenwire-server`` says in one line to install
+the ``server`` extra and exits 2; and ``mypy --strict`` passes on
+``tests/typing/user_code.py`` from the installed wheel alone (run outside the repository, so
+the source tree is not on any path), while the same wheel without ``tokenwire/v1/py.typed``
+fails it with ``import-untyped``.
 
 The wheel is built once per session (pip wheel --no-deps: hatchling, as pip builds it) and
 the venv made once (``--without-pip``; the dev venv's pip installs into it with
@@ -38,6 +39,7 @@ pytestmark = pytest.mark.timeout(600)  # a cold pip cache downloads grpcio, prot
 
 ROOT = Path(__file__).resolve().parents[2]
 USER_CODE = ROOT / "tests" / "typing" / "user_code.py"
+USER_STREAM = Path(__file__).with_name("user_stream.py")
 ANSWER = "".join(DEFAULT_TOKENS)
 # The gateway's dependencies the issue names, by import name: none may come with the client.
 SERVER_ONLY_MODULES = ("httpx", "orjson", "uvloop", "prometheus_client", "grpc_reflection",
@@ -157,14 +159,15 @@ async def test_installed_cli_and_user_code_stream_from_a_server(
                                            runtime.target, "health")
     assert code == 0, err
 
-    script = client_venv.work / "user_code.py"
-    shutil.copy(USER_CODE, script)
+    script = client_venv.work / USER_STREAM.name
+    shutil.copy(USER_STREAM, script)
     code, out, err = await client_venv.run(client_venv.python, str(script), runtime.target,
                                            "tiny:latest", "Why is the sky blue?")
     assert code == 0, err
     # The sync stream, the async stream and the unary Complete each print the answer.
-    assert out.splitlines() == [ANSWER, ANSWER, ANSWER]
-    assert f"{len(DEFAULT_TOKENS)} tokens, first one after" in err
+    assert out.splitlines() == [ANSWER, ANSWER, ANSWER,
+                                "embedder:latest think-model:latest tiny:latest"]
+    assert err == f"{len(DEFAULT_TOKENS)} tokens\n"
 
 
 @pytest.mark.parametrize("argv", [(), ("--help",), ("--listen", "127.0.0.1:0")])
