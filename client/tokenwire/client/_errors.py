@@ -20,8 +20,8 @@ Every failed call surfaces as a ``TokenwireError`` subclass chosen by its gRPC s
 
 Errors raised while streaming carry ``partial_text``: the answer text received before the
 failure, so nothing already delivered is lost. All carry ``request_id`` when the server sent
-one (quote it when reporting a problem) and ``error_info.reason``, tokenwire's word for the
-cause (``MODEL_NOT_FOUND``, ``UPSTREAM_UNREACHABLE``...: the README's Errors table).
+one (quote it when reporting a problem) and ``reason``, tokenwire's word for the cause
+(``MODEL_NOT_FOUND``, ``UPSTREAM_UNREACHABLE``...: the README's Errors table).
 """
 
 from __future__ import annotations
@@ -105,6 +105,14 @@ class TokenwireError(Exception):
         if info is None or not info.HasField("retry_delay"):
             return None
         return float(info.retry_delay.ToTimedelta().total_seconds())
+
+    @property
+    def reason(self) -> str:
+        """tokenwire's word for the cause, from the ``ErrorInfo`` detail
+        (``"MODEL_NOT_FOUND"``, ``"UPSTREAM_UNREACHABLE"``...; the README's Errors table);
+        "" when the server sent none."""
+        info = self.error_info
+        return info.reason if info is not None else ""
 
     @property
     def error_info(self) -> error_details_pb2.ErrorInfo | None:
