@@ -12,6 +12,7 @@ mypy then cannot read the messages, and the client's signatures must hold all th
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -116,3 +117,18 @@ def test_awaited_results_are_typed_even_when_tokenwire_v1_is_unreadable(
     code, errors = _mypy(tmp_path, "[mypy]\nstrict = True\n", "--python-executable",
                          python, awaited)
     assert code == 0, "\n".join(errors)
+
+
+def test_user_code_uses_every_public_name_and_method() -> None:
+    import tokenwire.client as tw
+
+    text = USER_CODE.read_text()
+    missing = [name for name in tw.__all__ if not re.search(rf"\b{name}\b", text)]
+    for cls in (tw.Client, tw.AsyncClient, tw.TokenStream, tw.AsyncTokenStream,
+                tw.Completion, tw.Usage, tw.TokenwireError):
+        for name in dir(cls):
+            if name.startswith("_") or name in dir(Exception):
+                continue
+            if not re.search(rf"\.{name}\b", text):
+                missing.append(f"{cls.__name__}.{name}")
+    assert not missing, f"user_code.py does not use: {missing}"

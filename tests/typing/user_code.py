@@ -36,20 +36,31 @@ from tokenwire.client import (
     Completion,
     DeadlineExceeded,
     FinishReason,
+    FormatLike,
     GenerateParams,
     Internal,
     InvalidArgument,
+    KeepAliveLike,
     MessageLike,
+    MetadataLike,
     NotFound,
+    OnToken,
+    OptionsLike,
     OtherError,
     PermissionDenied,
     ResourceExhausted,
     Role,
+    ServiceConfigLike,
+    TargetLike,
+    ThinkLike,
+    TimeoutLike,
     TokenStream,
     TokenwireError,
+    ToolLike,
     Unauthenticated,
     Unavailable,
     Usage,
+    UseDefault,
     build_chat_request,
     build_embed_request,
     build_generate_request,
@@ -102,7 +113,45 @@ def check_completion(done: Completion) -> str:
     assert_type(done.to_message(), generation_pb2.Message)
     if done.finish_reason == "length" or done.finish_reason is FinishReason.LENGTH:
         return "cut short"
-    return f"{done.finish_reason}: {done.usage.completion_tokens} tokens"
+    usage = done.usage
+    return f"{done.finish_reason}: {usage.completion_tokens} tokens, {describe_usage(usage)}"
+
+
+def describe_usage(usage: Usage) -> str:
+    seconds: list[float] = [
+        usage.total_duration, usage.load_duration, usage.prompt_eval_duration,
+        usage.eval_duration, usage.time_to_first_token, usage.gateway_duration]
+    rates: list[float] = [usage.eval_tokens_per_second, usage.tokens_per_second]
+    return f"{sum(seconds):.3f} s, {max(rates):.1f} tokens/s, {usage.engine_finish_reason}"
+
+
+def connect(target: TargetLike, config: ServiceConfigLike = DEFAULT_SERVICE_CONFIG) -> Client:
+    return Client(target, service_config=config)
+
+
+def ask(
+    client: Client,
+    prompt: str,
+    *,
+    options: OptionsLike | None = None,
+    format: FormatLike | None = None,
+    think: ThinkLike | None = None,
+    keep_alive: KeepAliveLike | None = None,
+    timeout: TimeoutLike = USE_DEFAULT,
+    metadata: MetadataLike | None = None,
+    on_token: OnToken | None = None,
+) -> Completion:
+    """A user's own wrapper, typed with the client's aliases."""
+    if isinstance(timeout, UseDefault):
+        timeout = client.timeout
+    return client.generate_text(MODEL, prompt, options=options, format=format, think=think,
+                                keep_alive=keep_alive, timeout=timeout, metadata=metadata,
+                                on_token=on_token)
+
+
+def ask_with_tools(client: Client, messages: Sequence[MessageLike],
+                   tools: Sequence[ToolLike]) -> Completion:
+    return client.chat_text(MODEL, messages, tools=tools)
 
 
 def check_stream_state(stream: TokenStream | AsyncTokenStream) -> None:
@@ -124,6 +173,8 @@ def check_error(exc: TokenwireError) -> None:
     assert_type(exc.retry_after, float | None)
     assert_type(exc.field_violations, list[tuple[str, str]])
     assert_type(exc.reason, str)
+    if exc.error_info is not None:  # google.rpc's message: typed where its stubs are installed
+        print(exc.error_info)
     if exc.reason == "MODEL_NOT_FOUND" and exc.resource_info is not None:
         print(f"pull {exc.resource_info.resource_name} first")
 
@@ -135,6 +186,10 @@ def translate(err: Any) -> TokenwireError:
 
 def print_token(token: generation_pb2.Token) -> None:
     print(token.text, end="", flush=True)
+
+
+def stop_early(token: generation_pb2.Token) -> None:
+    raise RuntimeError(f"enough after {token.text!r}")
 
 
 def sync_api(target: str) -> None:
@@ -196,6 +251,18 @@ def sync_api(target: str) -> None:
             client.complete("no-such-model", "hi")
         except NotFound as exc:
             check_error(exc)
+        try:
+            client.generate_text(MODEL, "hi", on_token=stop_early)
+        except CallbackError as exc:
+            assert_type(exc.partial_text, str)
+            assert_type(exc.request_id, str | None)
+            assert isinstance(exc.__cause__, RuntimeError)
+        check_completion(ask(client, "hi", options={"max_tokens": 5}, keep_alive=60.0))
+        check_completion(ask_with_tools(client, [{"role": "user", "content": "Oslo?"}],
+                                        [WEATHER_TOOL]))
+    spare = connect([target], None)
+    assert_type(repr(spare), str)
+    spare.close()
 
 
 async def async_api(target: str) -> None:
@@ -265,6 +332,9 @@ def plain_api() -> None:
     assert_type(Usage.from_proto(generation_pb2.Usage()), Usage)
     response = generation_pb2.CompleteResponse(text="hi")
     check_completion(Completion.from_response(response, request_id=None))
+    final = generation_pb2.Token(done=True, finish_reason=generation_pb2.FINISH_REASON_STOP)
+    check_completion(Completion.from_final(final, text="hi", thinking="", tool_calls=(),
+                                           request_id="req-1"))
     errors: Sequence[type[TokenwireError]] = (
         InvalidArgument, NotFound, Unavailable, DeadlineExceeded, Cancelled,
         ResourceExhausted, Unauthenticated, PermissionDenied, Internal, OtherError)
