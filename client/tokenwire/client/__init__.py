@@ -7,7 +7,10 @@
             print(token.text, end="", flush=True)
 
 ``AsyncClient`` is the asyncio twin with the same methods (``async with``/``async for``).
-Failures raise ``TokenwireError`` subclasses (see ``tokenwire.client._errors``).
+A whole answer is a ``Completion``: ``finish_reason`` a ``FinishReason`` (a ``str`` enum,
+``"stop"``), ``usage`` a ``Usage`` (durations in ``float`` seconds); ``stream.completion``
+gives it once a stream has ended. Failures raise ``TokenwireError`` subclasses (the tree is
+drawn in ``tokenwire.client._errors``).
 """
 
 from __future__ import annotations
