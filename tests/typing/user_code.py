@@ -19,8 +19,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, assert_type
 
-from google.protobuf import duration_pb2
-
 from tokenwire.client import (
     DEFAULT_CHANNEL_OPTIONS,
     DEFAULT_SERVICE_CONFIG,
@@ -316,7 +314,7 @@ def plain_api() -> None:
     assert_type(channel_target(["10.0.0.1:50051", "10.0.0.2:50051"]), str)
     request = build_generate_request(
         MODEL, "hi", options={"temperature": 0.2}, format={"type": "object"},
-        keep_alive=duration_pb2.Duration(seconds=60), think="low")
+        keep_alive=datetime.timedelta(seconds=60), think="low")
     assert_type(request, generation_pb2.GenerateRequest)
     assert_type(build_chat_request(MODEL, [{"role": "user", "content": "hi"}]),
                 generation_pb2.ChatRequest)
