@@ -84,7 +84,7 @@ async def _snippet(gateway: Runtime, name: str) -> str:
 async def test_streaming_snippets_print_the_answer_and_its_figures(gateway: Runtime) -> None:
     out = await _snippet(gateway, "readme_python_client")
     assert re.fullmatch(re.escape(ANSWER) + r"\n12 tokens, finish stop, first one after "
-                        r"0\.\d{3} s\n", out), out
+                        r"\d+\.\d{3} s\n", out), out
     assert await _snippet(gateway, "readme_stream_a_completion") == ANSWER
     out = await _snippet(gateway, "readme_asyncio")
     assert out == f"{ANSWER}\n12 tokens, finish stop\n"
@@ -102,6 +102,7 @@ async def test_chat_and_complete_snippets(gateway: Runtime, engine: FakeOllama) 
 
 async def test_cancellation_snippet_stops_the_engine(gateway: Runtime,
                                                      engine: FakeOllama) -> None:
+    engine.token_delay = 0.2  # the rest of the answer would take 1.4 s: time to see the cancel
     out = await _snippet(gateway, "readme_cancellation")
     assert len(out) >= 20 and ANSWER.startswith(out) and out != ANSWER
     await engine.wait_for_disconnect()
