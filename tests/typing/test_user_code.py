@@ -34,6 +34,7 @@ WRONG = '''\
 from typing import assert_type
 
 from tokenwire.client import AsyncClient, Client, Completion, FinishReason
+from tokenwire.v1 import generation_pb2
 
 
 async def wrong(client: AsyncClient, sync: Client) -> None:
@@ -42,13 +43,13 @@ async def wrong(client: AsyncClient, sync: Client) -> None:
     stream = sync.generate("m", "p")
     print(stream.final.usage)
     done: Completion = sync.complete("m", "p")
-    if done.finish_reason == 1:
+    if done.finish_reason == generation_pb2.FINISH_REASON_STOP:
         pass
     print(FinishReason.STOP.proto + "")
 '''
 #: Line of WRONG -> the error code mypy must give there.
-WRONG_ERRORS = {7: "assert-type", 8: "assert-type", 10: "union-attr", 12: "comparison-overlap",
-                14: "operator"}
+WRONG_ERRORS = {8: "assert-type", 9: "assert-type", 11: "union-attr", 13: "comparison-overlap",
+                15: "operator"}
 
 AWAITED = '''\
 from typing import assert_type
