@@ -7,7 +7,10 @@
             print(token.text, end="", flush=True)
 
 ``AsyncClient`` is the asyncio twin with the same methods (``async with``/``async for``).
-Failures raise ``TokenwireError`` subclasses (see ``tokenwire.client._errors``).
+A whole answer is a ``Completion``: ``finish_reason`` a ``FinishReason`` (a ``str`` enum,
+``"stop"``), ``usage`` a ``Usage`` (durations in ``float`` seconds); ``stream.completion``
+gives it once a stream has ended. Failures raise ``TokenwireError`` subclasses (the tree is
+drawn in ``tokenwire.client._errors``).
 """
 
 from __future__ import annotations
@@ -49,15 +52,18 @@ from tokenwire.client._types import (
     USE_DEFAULT,
     ChatParams,
     Completion,
+    FinishReason,
     FormatLike,
     GenerateParams,
     KeepAliveLike,
     MessageLike,
     MetadataLike,
     OptionsLike,
+    Role,
     ThinkLike,
     TimeoutLike,
     ToolLike,
+    Usage,
     UseDefault,
 )
 
@@ -75,6 +81,7 @@ __all__ = [
     "Client",
     "Completion",
     "DeadlineExceeded",
+    "FinishReason",
     "FormatLike",
     "GenerateParams",
     "Internal",
@@ -88,6 +95,7 @@ __all__ = [
     "OtherError",
     "PermissionDenied",
     "ResourceExhausted",
+    "Role",
     "ServiceConfigLike",
     "ThinkLike",
     "TimeoutLike",
@@ -97,6 +105,7 @@ __all__ = [
     "ToolLike",
     "Unauthenticated",
     "Unavailable",
+    "Usage",
     "UseDefault",
     "build_chat_request",
     "build_embed_request",

@@ -10,7 +10,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar, Unpack
+from typing import Any, Generic, TypeAlias, TypeVar, Unpack
 
 import grpc
 from google.protobuf.message import Message as ProtoMessage
@@ -66,7 +66,7 @@ DEFAULT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 _T = TypeVar("_T")
 _StreamT = TypeVar("_StreamT")
 #: Called with each Token as it arrives (see ``generate_text``).
-OnToken = Callable[[generation_pb2.Token], object]
+OnToken: TypeAlias = Callable[[generation_pb2.Token], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -392,17 +392,16 @@ class _BaseTokenStream:
 
     @property
     def completion(self) -> Completion:
-        """The whole answer; only once the stream has ended successfully."""
+        """The whole answer, once the stream has ended successfully (``RuntimeError``
+        before). Unlike ``final`` it is never None, so it needs no check under mypy."""
         final = self.final
         if final is None:
             raise RuntimeError("the stream has not finished")
-        return Completion(
+        return Completion.from_final(
+            final,
             text=self.text,
             thinking=self.thinking,
             tool_calls=tuple(self._tool_calls),
-            finish_reason=final.finish_reason,
-            usage=final.usage if final.HasField("usage") else None,
-            model=final.model,
             request_id=self.request_id,
         )
 

@@ -18,16 +18,16 @@ import json
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeAlias
 
 __all__ = ["DEFAULT_SERVICE_CONFIG", "SERVICE_CONFIG_OPTION", "ServiceConfigLike",
            "TargetLike", "channel_target", "service_config_option"]
 
 #: One address, a gRPC target URI, or several addresses.
-TargetLike = str | Sequence[str]
+TargetLike: TypeAlias = str | Sequence[str]
 #: A service config as a mapping or JSON text; None: gRPC's defaults (pick_first, no
 #: retry policy).
-ServiceConfigLike = Mapping[str, Any] | str | None
+ServiceConfigLike: TypeAlias = Mapping[str, Any] | str | None
 
 SERVICE_CONFIG_OPTION = "grpc.service_config"
 DEFAULT_SERVICE_CONFIG: Mapping[str, Any] = MappingProxyType(json.loads(

@@ -272,10 +272,10 @@ def _read_bytes(path: str | None) -> bytes | None:
 def _stats(completion: Completion) -> str:
     parts = []
     usage = completion.usage
-    if usage is not None:
+    if usage.proto.ByteSize():
         parts.append(f"{usage.completion_tokens} tokens")
-        if usage.HasField("time_to_first_token"):
-            parts.append(f"first token {usage.time_to_first_token.ToMilliseconds()} ms")
+        if usage.proto.HasField("time_to_first_token"):
+            parts.append(f"first token {usage.time_to_first_token * 1000:.0f} ms")
         rate = usage.eval_tokens_per_second or usage.tokens_per_second
         if rate:
             parts.append(f"{rate:.1f} tokens/s")

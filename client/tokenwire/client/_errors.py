@@ -1,25 +1,27 @@
-"""Exceptions raised by the client.
+"""Exceptions raised by the client: the one drawing of their tree.
 
-Every failed call surfaces as a ``TokenwireError`` chosen by its gRPC status code, with the
-server's rich details (google.rpc.Status from the ``grpc-status-details-bin`` trailer)
-already unpacked:
+Every failed call surfaces as a ``TokenwireError`` subclass chosen by its gRPC status code
+(right: the codes it maps from), with the server's rich details (google.rpc.Status from the
+``grpc-status-details-bin`` trailer) already unpacked:
 
     TokenwireError               a call ended with a non-OK gRPC status
-    ├── InvalidArgument            INVALID_ARGUMENT: see .field_violations
-    ├── NotFound                   NOT_FOUND: e.g. the model is not installed
-    ├── Unavailable                UNAVAILABLE: server or engine unreachable (retryable)
-    ├── DeadlineExceeded           DEADLINE_EXCEEDED: the call's timeout passed
-    ├── Cancelled                  CANCELLED: the call was cancelled (by either side)
-    ├── ResourceExhausted          RESOURCE_EXHAUSTED: limits reached (retryable)
-    ├── Unauthenticated            UNAUTHENTICATED
-    ├── PermissionDenied           PERMISSION_DENIED
-    ├── Internal                   INTERNAL, UNKNOWN, DATA_LOSS
-    └── OtherError                 any other code (FAILED_PRECONDITION, UNIMPLEMENTED...)
+    ├── InvalidArgument          INVALID_ARGUMENT: the request is wrong; see .field_violations
+    ├── NotFound                 NOT_FOUND: e.g. the model is not installed; see .resource_info
+    ├── Unavailable              UNAVAILABLE: server or engine unreachable (retryable)
+    ├── DeadlineExceeded         DEADLINE_EXCEEDED: a deadline passed (the call's or the server's)
+    ├── Cancelled                CANCELLED: the call was cancelled (by either side)
+    ├── ResourceExhausted        RESOURCE_EXHAUSTED: a limit or budget is reached (retryable)
+    ├── Unauthenticated          UNAUTHENTICATED: no or wrong credentials
+    ├── PermissionDenied         PERMISSION_DENIED: the credentials do not allow this call
+    ├── Internal                 INTERNAL, UNKNOWN, DATA_LOSS: a fault of the server or engine
+    └── OtherError               any other code (FAILED_PRECONDITION, OUT_OF_RANGE...)
 
-    CallbackError                an ``on_token`` callback raised (the cause is chained)
+    CallbackError                an ``on_token`` callback raised (not a gRPC status)
 
 Errors raised while streaming carry ``partial_text``: the answer text received before the
-failure, so nothing already delivered is lost.
+failure, so nothing already delivered is lost. All carry ``request_id`` when the server sent
+one (quote it when reporting a problem) and ``reason``, tokenwire's word for the cause
+(``MODEL_NOT_FOUND``, ``UPSTREAM_UNREACHABLE``...: the README's Errors table).
 """
 
 from __future__ import annotations
@@ -105,6 +107,14 @@ class TokenwireError(Exception):
         return float(info.retry_delay.ToTimedelta().total_seconds())
 
     @property
+    def reason(self) -> str:
+        """tokenwire's word for the cause, from the ``ErrorInfo`` detail
+        (``"MODEL_NOT_FOUND"``, ``"UPSTREAM_UNREACHABLE"``...; the README's Errors table);
+        "" when the server sent none."""
+        info = self.error_info
+        return info.reason if info is not None else ""
+
+    @property
     def error_info(self) -> error_details_pb2.ErrorInfo | None:
         """The ``ErrorInfo`` detail (``reason``, ``domain``, ``metadata``), if any."""
         return self._detail(error_details_pb2.ErrorInfo)
@@ -116,43 +126,56 @@ class TokenwireError(Exception):
 
 
 class InvalidArgument(TokenwireError):
-    pass
+    """The server refused the request as written (INVALID_ARGUMENT): fix it before sending
+    again. ``field_violations`` lists each bad field with what to do."""
 
 
 class NotFound(TokenwireError):
-    pass
+    """Something the request names does not exist (NOT_FOUND): a model that is not
+    installed (``resource_info`` names it), or a resumable stream id that is unknown."""
 
 
 class Unavailable(TokenwireError):
+    """The server or its engine could not be reached or failed (UNAVAILABLE). Retryable:
+    ``retry_after`` says when, if the server said."""
+
     retryable = True
 
 
 class DeadlineExceeded(TokenwireError):
-    pass
+    """A deadline passed (DEADLINE_EXCEEDED): the call's ``timeout``, or one of the
+    server's own waits (first token, idle gap; ``error_info.reason`` says which)."""
 
 
 class Cancelled(TokenwireError):
-    pass
+    """The call was cancelled (CANCELLED): by this client (``stream.cancel()``), or by the
+    server (a resumable stream stopped by Cancel)."""
 
 
 class ResourceExhausted(TokenwireError):
+    """A limit was reached (RESOURCE_EXHAUSTED): concurrency, request rate, token budget,
+    message size. Retryable; ``retry_after`` says when, if the server said."""
+
     retryable = True
 
 
 class Unauthenticated(TokenwireError):
-    pass
+    """The call carried no credentials or wrong ones (UNAUTHENTICATED): set the
+    ``authorization`` metadata the server expects."""
 
 
 class PermissionDenied(TokenwireError):
-    pass
+    """The credentials are valid but do not allow this call (PERMISSION_DENIED)."""
 
 
 class Internal(TokenwireError):
-    pass
+    """A fault in the server or its engine (INTERNAL, UNKNOWN, DATA_LOSS): not the
+    request's doing; ``request_id`` helps whoever runs the server find it."""
 
 
 class OtherError(TokenwireError):
-    pass
+    """Any other status (FAILED_PRECONDITION, OUT_OF_RANGE, UNIMPLEMENTED...): ``code``
+    says which."""
 
 
 class CallbackError(Exception):

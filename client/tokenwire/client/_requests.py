@@ -24,6 +24,7 @@ from tokenwire.client._types import (
     KeepAliveLike,
     MessageLike,
     OptionsLike,
+    Role,
     ThinkLike,
     ToolLike,
 )
@@ -44,12 +45,7 @@ _THINK_LEVELS: dict[str, generation_pb2.Think] = {
     "medium": generation_pb2.THINK_MEDIUM,
     "high": generation_pb2.THINK_HIGH,
 }
-_ROLES: dict[str, generation_pb2.Role] = {
-    "system": generation_pb2.ROLE_SYSTEM,
-    "user": generation_pb2.ROLE_USER,
-    "assistant": generation_pb2.ROLE_ASSISTANT,
-    "tool": generation_pb2.ROLE_TOOL,
-}
+_ROLES: dict[str, generation_pb2.Role] = {role.value: role.proto for role in Role}
 _OPTION_NAMES = frozenset(generation_pb2.Options.DESCRIPTOR.fields_by_name)
 _MESSAGE_KEYS = frozenset(generation_pb2.Message.DESCRIPTOR.fields_by_name)
 
