@@ -261,6 +261,9 @@ class Bench:
             base_env = dict(gw_env)
             base_env["PYTHONPATH"] = os.pathsep.join(
                 [str(old / "service"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            # grpcio's own defaults, as before tokenwire-server chose its GRPC_EXPERIMENTS
+            # (so `--baseline HEAD` measures that choice alone).
+            base_env["GRPC_EXPERIMENTS"] = ""
             self.start(Server("baseline", [self.args.server_cmd, *gateway.argv[1:]], base_env))
         time.sleep(1.0)  # first health probe done, caches warm
 
