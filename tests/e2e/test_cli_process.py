@@ -112,3 +112,29 @@ def test_every_help_shows_defaults_one_can_type() -> None:
         argv = [value] if value.startswith("--") else [flag, *shlex.split(value)]
         typed = parse_settings(argv, {})
         assert getattr(typed, field.name) == getattr(defaults, field.name), (argv, typed)
+
+
+async def test_server_on_a_port_in_use_says_so_in_one_line(fake: FakeOllama) -> None:
+    """`tokenwire-server --listen ADDR` with ADDR held by another process: exit 2 and one
+    line that names the address and the process, no traceback, nothing else."""
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import socket, sys\n"
+        "s = socket.create_server(('127.0.0.1', 0))\n"
+        "print(s.getsockname()[1], flush=True)\n"
+        "sys.stdin.read()\n",  # holds the port until its stdin closes
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        port = int(await asyncio.wait_for(holder.stdout.readline(), 30))
+        for flag in ("--listen", "--metrics-listen"):
+            code, out, err = await _run(str(BIN / "tokenwire-server"), "--ollama-url", fake.url,
+                                        "--listen", "127.0.0.1:0", flag, f"127.0.0.1:{port}")
+            assert (code, out) == (2, ""), err
+            line, = err.splitlines()  # one line (the holder's command line made one)
+            assert line.startswith(
+                f"tokenwire-server: error: cannot listen on 127.0.0.1:{port} ({flag}): the "
+                f"address is in use by pid {holder.pid} ({sys.executable} -c import socket")
+            assert line.endswith("; stop that process or choose another port")
+    finally:
+        holder.stdin.close()
+        await holder.wait()
