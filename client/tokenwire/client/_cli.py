@@ -112,8 +112,7 @@ def _generate(client: Client, args: argparse.Namespace) -> int:
 
 def _load(client: Client, args: argparse.Namespace) -> int:
     """An empty prompt: the server loads the model (keep_alive 0: unloads it)."""
-    keep_alive = 0.0 if args.unload else args.keep_alive
-    stream = client.generate(args.model, "", keep_alive=keep_alive)
+    stream = client.generate(args.model, "", keep_alive=args.keep_alive)
     out = _TokenPrinter(args.json)
     out.show(stream)
     if not args.json:
@@ -503,12 +502,12 @@ def _parser() -> argparse.ArgumentParser:
                                       "an empty prompt asks of the server)")
     cmd.add_argument("model")
     cmd.add_argument("--keep-alive", type=float, metavar="SECONDS",
-                     help="how long it stays loaded (<0: forever); not given: the server's")
-    cmd.set_defaults(unload=False)
+                     help="how long it stays loaded (<0: forever, 0: unload it); not given: "
+                          "the server's")
 
     cmd = command("unload", _load, help="unload a model from memory (as soon as it is idle)")
     cmd.add_argument("model")
-    cmd.set_defaults(unload=True, keep_alive=0.0)
+    cmd.set_defaults(keep_alive=0.0)
 
     cmd = command("chat", _chat, parents=(generation,), help="interactive chat",
                   description=_CHAT_HELP)
