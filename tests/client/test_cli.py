@@ -220,3 +220,65 @@ def test_usage_errors_exit_2(run: Run, tmp_path: Path) -> None:
 def test_unreachable_server(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--target", "127.0.0.1:1", "--timeout", "5", "models"]) == 1
     assert capsys.readouterr().err.startswith("tokenwire: UNAVAILABLE")
+
+
+def test_options_work_after_the_command(sync_server: Served,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`tokenwire generate --target HOST:PORT MODEL PROMPT`: the options of every command
+    mean the same after its name; metadata given on both sides is all sent."""
+    argv = ["--metadata", "a=before", "generate", "--target", sync_server.target, "--json",
+            "--timeout", "30", "--metadata", "x-request-id=after-1", "tiny", "hi"]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert '"text": "echo: "' in out.splitlines()[0]  # --json after the command
+    assert "request id after-1" in err
+    assert sync_server.seen.metadata[-1]["a"] == "before"
+    assert main(["models", "--target", sync_server.target]) == 0
+    assert "tiny:latest" in capsys.readouterr().out
+    # an option given before the command is kept when the command gives others
+    assert main(["--target", sync_server.target, "health", "--timeout", "5"]) == 0
+
+
+def test_errors_after_the_command_blame_that_option(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["generate", "--timeout", "soon", "tiny", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tokenwire generate ")
+    assert "tokenwire generate: error: argument --timeout: invalid float value: 'soon'" in err
+    assert main(["models", "--metadata", "novalue"]) == 2
+    assert "argument --metadata: expected KEY=VALUE, got 'novalue'" in capsys.readouterr().err
+    assert main(["generate", "tiny", "hi", "--target"]) == 2
+    assert "argument --target: expected one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how", ["argument", "stdin", "dash", "blank"])
+def test_an_empty_prompt_is_a_usage_error(run: Run, sync_server: Served, how: str) -> None:
+    calls = len(sync_server.seen.requests)
+    code, out, err = {
+        "argument": lambda: run("generate", "tiny", ""),
+        "stdin": lambda: run("generate", "tiny", stdin=""),
+        "dash": lambda: run("generate", "tiny", "-", stdin=""),
+        "blank": lambda: run("generate", "tiny", " \n\t"),
+    }[how]()
+    assert (code, out) == (2, "")
+    assert err.startswith("usage: tokenwire generate ")
+    assert "tokenwire generate: error: the prompt " in err
+    assert "run `tokenwire load tiny`" in err  # how to load the model on purpose
+    assert len(sync_server.seen.requests) == calls  # nothing was sent
+
+
+def test_json_uses_the_proto_field_names(run: Run) -> None:
+    """As grpcurl prints them (protojson's UseProtoNames), so a jq script reads both."""
+    code, out, _ = run("--json", "generate", "tiny", "hi")
+    assert code == 0
+    final = json.loads(out.splitlines()[-1])
+    assert final["finish_reason"] == "FINISH_REASON_STOP"
+    assert final["usage"]["completion_tokens"] == 2
+    assert "chunkCount" not in out and "finishReason" not in out
+    code, out, _ = run("models", "--json")
+    models = json.loads(out)["models"]
+    assert models[0]["name"] == "tiny:latest"
+    assert models[0]["size_bytes"] == "91000000"  # int64 as a string, as in protojson
+    assert models[0]["quantization_level"] == "Q4_1"
+    assert json.loads(run("health", "--json")[1]) == {"status": "SERVING"}
+    assert json.loads(run("embed", "--json", "emb", "ab")[1]) == {
+        "embeddings": [{"values": [2.0, 0.5]}]}

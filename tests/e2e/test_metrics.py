@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import os
 import socket
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
+from grpc_health.v1.health_pb2_grpc import HealthStub
 
 from tests.conftest import MakeRuntime
 from tests.fakeollama import FakeOllama
@@ -110,6 +115,46 @@ async def test_a_metrics_port_in_use_stops_the_start_with_a_clear_error(
         port = taken.getsockname()[1]
         async with server_process(fake.url, "--metrics-listen", f"127.0.0.1:{port}",
                                   ready=False) as server:
-            assert await server.exited() == 1
-    assert "cannot start" in server.output and "address already in use" in server.output
+            assert await server.exited() == 2
+    assert (f"cannot listen on 127.0.0.1:{port} (--metrics-listen): the address is in use by "
+            f"pid {os.getpid()}") in server.output
     assert "Traceback" not in server.output
+
+
+async def test_logs_and_metrics_name_a_call_alike(make_runtime: MakeRuntime,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The access log and the metrics use one vocabulary: the bare method name, the status
+    code's name and the ErrorInfo reason (not a Python class name)."""
+    with socket.socket() as closed:  # a port nothing listens on: the engine is down
+        closed.bind(("127.0.0.1", 0))
+        down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    runtime = await make_runtime(metrics_listen="127.0.0.1:0", ollama_url=down)
+    assert runtime.metrics_port is not None
+    caplog.set_level("INFO", "tokenwire")
+    async with grpc.aio.insecure_channel(runtime.target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError):
+            _ = [t async for t in GenerationServiceStub(channel).Generate(
+                pb.GenerateRequest(model="tiny", prompt="p"),
+                metadata=(("x-request-id", "vocab-1"),))]
+        health = HealthStub(channel)
+        await health.Check(health_pb2.HealthCheckRequest())
+
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "tokenwire.access"
+                and getattr(r, "fields", {}).get("request_id") == "vocab-1"]
+
+    for _ in range(500):  # the access line is written as the handler ends, after the status
+        if logged():
+            break
+        await asyncio.sleep(0.01)
+    [access] = logged()
+    fields = access.fields  # type: ignore[attr-defined]
+    assert {k: fields[k] for k in ("method", "outcome", "reason")} == {
+        "method": "Generate", "outcome": "UNAVAILABLE", "reason": "UPSTREAM_UNREACHABLE"}
+    assert ("method=Generate rid=vocab-1 caller=peer:127.0.0.1 outcome=UNAVAILABLE "
+            "reason=UPSTREAM_UNREACHABLE ms=") in access.getMessage()
+    found = samples((await scrape(runtime.metrics_port)).text)
+    assert value(found, "tokenwire_rpc_errors_total", method="Generate",
+                 reason="UPSTREAM_UNREACHABLE") == 1
+    assert value(found, "tokenwire_rpcs_total", method="Check", code="OK") == 1
+    assert not [key for key in found if any(k == "method" and "/" in v for k, v in key[1])]

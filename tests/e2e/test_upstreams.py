@@ -165,7 +165,7 @@ async def test_an_upstream_that_refuses_connections_fails_over_before_the_first_
         await gpu1.go_down()
         with caplog.at_level(logging.INFO, "tokenwire.service"):
             tokens = await _generate(stub)
-    assert ("upstream gpu1 failed before the first token (UpstreamConnectError); 1 other "
+    assert ("upstream gpu1 failed before the first token (UPSTREAM_UNREACHABLE); 1 other "
             "upstream(s) left for this call") in caplog.text
     assert joined(tokens) == ANSWER  # one answer: nothing twice
     assert sum(t.chunk_count for t in tokens) == gpu2.streams[-1].chunks_sent  # each once

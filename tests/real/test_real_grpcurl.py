@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -75,3 +77,37 @@ async def test_grpcurl_shows_a_real_upstream_error(tool_bin: Path,
                                  "tokenwire.v1.GenerationService/Generate")
     assert code != 0
     assert "Code: InvalidArgument" in err and "does not support thinking" in err
+
+
+def _readme_generate_example() -> tuple[list[str], dict[str, Any]]:
+    """The README's grpcurl Generate call (its argv) and the final message it shows (the
+    JSON object holding "done", with its elisions dropped)."""
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    [block] = [b for b in re.findall(r"```sh\n(.*?)```", readme, flags=re.S)
+               if "GenerationService/Generate" in b and "$ grpcurl" in b]
+    command, _, shown = block.partition("GenerationService/Generate\n")
+    argv = shlex.split(command.split("$ grpcurl", 2)[-1].replace("\\\n", " ")
+                       + "GenerationService/Generate")
+    final_text = shown[shown.rindex("{\n  \"done\": true"):]
+    final_text = final_text[:final_text.index("\n}\n") + 3]
+    final_text = re.sub(r",\n\s*\.\.\.\n", "\n", final_text)  # "..." stands for more fields
+    return argv, json.loads(final_text)
+
+
+async def test_the_readme_grpcurl_example_shows_what_the_real_model_gives(
+        tool_bin: Path, real_runtime: Runtime) -> None:
+    """Its figures are one run's, but what does not change from run to run (the prompt's
+    token count, the model, the fields shown) is what this model gives. (The answer is cut
+    at 8 tokens: unbounded, it can run for minutes on busy cores.)"""
+    argv, shown = _readme_generate_example()
+    assert argv[0] == "-plaintext" and argv[1] == "-d" and "localhost:50051" in argv
+    body = json.loads(argv[2]) | {"options": {"max_tokens": 8}}
+    args = ["-d", json.dumps(body),
+            *(a.replace("localhost:50051", real_runtime.target) for a in argv[3:])]
+    code, out, err = await grpcurl(tool_bin, *args)
+    assert code == 0, err
+    final = json_stream(out)[-1]
+    assert final["usage"]["prompt_tokens"] == shown["usage"]["prompt_tokens"]
+    assert final["model"] == shown["model"]
+    assert final["finish_reason"] in (shown["finish_reason"], "FINISH_REASON_LENGTH")
+    assert set(shown) <= set(final) and set(shown["usage"]) <= set(final["usage"])

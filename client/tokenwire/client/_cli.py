@@ -1,11 +1,15 @@
 """The ``tokenwire`` command: a thin shell over ``tokenwire.client.Client``.
 
 It parses flags, calls the client, and prints; every behaviour it has is the library's.
+The options of every command (``--target``, TLS, metadata, ``--json``...) may come before
+or after the command's name, with the same meaning. ``--json`` prints messages as grpcurl
+does (proto field names, enum names), so one ``jq`` script reads both.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import sys
@@ -13,6 +17,8 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from google.protobuf import json_format
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
 
 from tokenwire.client._channel import DEFAULT_SERVICE_CONFIG, ServiceConfigLike
 from tokenwire.client._errors import TokenwireError
@@ -27,6 +33,10 @@ EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NOT_SERVING = 3
 EXIT_INTERRUPTED = 130
+#: What a shell shows for a process that SIGPIPE ended (128 + 13), as ``cat`` or ``grep``
+#: end when the reader of their output goes away: a pipeline under ``set -o pipefail``
+#: treats the CLI as it treats them, and the status differs from a failed call's (1).
+EXIT_BROKEN_PIPE = 141
 
 _EPILOG = f"""\
 exit codes:
@@ -35,6 +45,10 @@ exit codes:
   {EXIT_USAGE}    usage error (bad flag, unreadable file)
   {EXIT_NOT_SERVING}    health: the service is not SERVING
   {EXIT_INTERRUPTED}  generate was interrupted (Ctrl-C); the call is cancelled
+  {EXIT_BROKEN_PIPE}  the reader of stdout went away (e.g. `| head -1`); the call is cancelled
+
+The options above (--target ... --json) work after the command too:
+  tokenwire generate --target host:50051 --json MODEL PROMPT
 """
 _CHAT_HELP = """\
 Interactive chat: one user turn per line, the answer streams back; the conversation
@@ -54,10 +68,12 @@ class _UsageError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code."""
+    parser = _parser()
     try:
-        args = _parser().parse_args(argv)
-    except SystemExit as exc:  # --help, or a usage error argparse already reported
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, or a usage error argparse reported
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    args.metadata += args.metadata_after
     try:
         with _client(args) as client:
             handler: Handler = args.handler
@@ -65,22 +81,45 @@ def main(argv: list[str] | None = None) -> int:
     except TokenwireError as exc:
         _print_error(exc)
         return EXIT_FAILED
-    except _UsageError as exc:
-        print(f"tokenwire: {exc}", file=sys.stderr)
+    except _UsageError as exc:  # as argparse words its own: usage, then the error
+        command: argparse.ArgumentParser = args.command_parser
+        command.print_usage(sys.stderr)
+        print(f"{command.prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # stdout closed early (e.g. `| head`): stop quietly
+    except BrokenPipeError:
+        # The reader of stdout went away (`| head -1`). The stream's `with` has cancelled
+        # the call and the channel is closed; what is still buffered goes to /dev/null,
+        # so that Python's flush at exit cannot print a traceback of its own.
         _silence_stdout()
-        return EXIT_FAILED
+        return EXIT_BROKEN_PIPE
 
 
 def _generate(client: Client, args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt in (None, "-") else args.prompt
+    if not prompt.strip():
+        where = "on stdin" if args.prompt in (None, "-") else "as its argument"
+        raise _UsageError(
+            f"the prompt {where} is empty; give the text to complete. (An empty prompt asks "
+            f"the server only to load the model: to do that on purpose, run "
+            f"`tokenwire load {args.model}`.)")
     stream = client.generate(args.model, prompt, system=args.system, **_request_params(args),
                              resumable=args.resumable)
     return _print_stream(stream, args)
+
+
+def _load(client: Client, args: argparse.Namespace) -> int:
+    """An empty prompt: the server loads the model (keep_alive 0: unloads it)."""
+    stream = client.generate(args.model, "", keep_alive=args.keep_alive)
+    out = _TokenPrinter(args.json)
+    out.show(stream)
+    if not args.json:
+        reason = stream.completion.finish_reason_name
+        print({"LOAD": f"loaded {args.model}", "UNLOAD": f"unloaded {args.model}"}.get(
+            reason, f"{args.model}: finish {reason}"))
+    return EXIT_OK
 
 
 def _resume(client: Client, args: argparse.Namespace) -> int:
@@ -89,7 +128,10 @@ def _resume(client: Client, args: argparse.Namespace) -> int:
 
 def _cancel(client: Client, args: argparse.Namespace) -> int:
     stopped = client.cancel(args.stream_id)
-    print("stopped" if stopped else "already ended (finished, failed or cancelled before)")
+    if args.json:
+        _print_json(generation_pb2.CancelResponse(stopped=stopped))
+    else:
+        print("stopped" if stopped else "already ended (finished, failed or cancelled before)")
     return EXIT_OK
 
 
@@ -139,6 +181,9 @@ def _chat(client: Client, args: argparse.Namespace) -> int:
 
 
 def _models(client: Client, args: argparse.Namespace) -> int:
+    if args.json:
+        _print_json(generation_pb2.ListModelsResponse(models=client.list_models()))
+        return EXIT_OK
     rows = [("NAME", "SIZE", "FAMILY", "PARAMS", "QUANTIZATION", "UPSTREAMS")]
     rows += [
         (m.name, _size(m.size_bytes), m.family, m.parameter_size, m.quantization_level,
@@ -155,13 +200,21 @@ def _models(client: Client, args: argparse.Namespace) -> int:
 
 def _health(client: Client, args: argparse.Namespace) -> int:
     status = client.health(args.service)
-    print(status)
+    if args.json:
+        _print_json(health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.ServingStatus.Value(status)))
+    else:
+        print(status)
     return EXIT_OK if status == "SERVING" else EXIT_NOT_SERVING
 
 
 def _embed(client: Client, args: argparse.Namespace) -> int:
     vectors = client.embed(args.model, args.texts, dimensions=args.dimensions)
-    print(json.dumps(vectors))
+    if args.json:  # the EmbedResponse's embeddings (the client returns the vectors alone)
+        _print_json(generation_pb2.EmbedResponse(
+            embeddings=[generation_pb2.Embedding(values=v) for v in vectors]))
+    else:
+        print(json.dumps(vectors))
     return EXIT_OK
 
 
@@ -187,7 +240,7 @@ class _TokenPrinter:
 
     def _token(self, token: generation_pb2.Token) -> None:
         if self.as_json:
-            _write(sys.stdout, json_format.MessageToJson(token, indent=None) + "\n")
+            _write(sys.stdout, _json(token) + "\n")
             return
         if token.thinking:
             dim = sys.stderr.isatty()
@@ -200,6 +253,17 @@ class _TokenPrinter:
         if self.open_line:
             _write(sys.stdout, "\n")
             self.open_line = False
+
+
+def _json(message: Message) -> str:
+    """One line of JSON as grpcurl prints a message: proto field names (``chunk_count``,
+    not ``chunkCount``), enum names, fields left at their zero value omitted."""
+    return json_format.MessageToJson(message, indent=None, preserving_proto_field_name=True,
+                                     ensure_ascii=False)
+
+
+def _print_json(message: Message) -> None:
+    _write(sys.stdout, _json(message) + "\n")
 
 
 def _write(stream: TextIO, text: str) -> None:
@@ -325,6 +389,49 @@ def _metadata_pair(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tokenwire")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
+
+
+def _add_call_options(parser: argparse.ArgumentParser, *, after: bool) -> None:
+    """The options of every command, on the main parser and (``after``) on each
+    command's: given there they mean the same, and those not given leave what was
+    given before the command (argparse copies only what a command's parser set)."""
+    group = parser.add_argument_group("options of every command (before or after its name)")
+
+    def default(value: object) -> object:
+        return argparse.SUPPRESS if after else value
+
+    group.add_argument(
+        "--target", default=default(None),
+        help="server host:port, a gRPC target (dns:///name:port: every address of the "
+             "name), or replicas' IP:port addresses separated by commas (default: "
+             "$TOKENWIRE_TARGET, else 127.0.0.1:50051)")
+    group.add_argument(
+        "--service-config", metavar="FILE|none", default=default(None),
+        help="gRPC service config (JSON file) of the channel; none: gRPC's defaults. Not "
+             "given: the client's own (round robin over the target's addresses, retry of "
+             "calls that failed UNAVAILABLE before their first token)")
+    group.add_argument("--tls", action="store_true", default=default(False),
+                       help="connect with TLS")
+    group.add_argument("--ca-file", default=default(None),
+                       help="PEM root certificates to verify the server (implies --tls)")
+    group.add_argument("--timeout", type=float, default=default(None),
+                       help="deadline of each call, in seconds")
+    group.add_argument(
+        "--metadata", action="append", type=_metadata_pair, metavar="KEY=VALUE",
+        dest="metadata_after" if after else "metadata", default=default([]),
+        help="metadata sent with every call, e.g. 'authorization=Bearer TOKEN' (repeatable)")
+    group.add_argument(
+        "--json", action="store_true", default=default(False),
+        help="print replies as JSON with the proto field names, as grpcurl does: one Token "
+             "per line (generate, chat, resume, load), or the reply message (models, health, "
+             "embed, cancel)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenwire",
@@ -332,31 +439,17 @@ def _parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--target", help="server host:port, a gRPC target (dns:///name:port: every address "
-        "of the name), or replicas' IP:port addresses separated by commas (default: "
-        "$TOKENWIRE_TARGET, else 127.0.0.1:50051)"
-    )
-    parser.add_argument(
-        "--service-config", metavar="FILE|none",
-        help="gRPC service config (JSON file) of the channel; none: gRPC's defaults "
-             "(default: the client's: round robin over the target's addresses, retry of "
-             "calls that failed UNAVAILABLE before their first token)"
-    )
-    parser.add_argument("--tls", action="store_true", help="connect with TLS")
-    parser.add_argument(
-        "--ca-file", help="PEM root certificates to verify the server (implies --tls)"
-    )
-    parser.add_argument("--timeout", type=float, help="deadline of each call, in seconds")
-    parser.add_argument(
-        "--metadata",
-        action="append",
-        type=_metadata_pair,
-        default=[],
-        metavar="KEY=VALUE",
-        help="metadata sent with every call (repeatable)",
-    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    _add_call_options(parser, after=False)
+    parser.set_defaults(metadata_after=[], command_parser=parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Handler, *, parents: tuple[argparse.ArgumentParser, ...]
+                = (), **kwargs: Any) -> argparse.ArgumentParser:
+        cmd = commands.add_parser(name, parents=list(parents), **kwargs)
+        _add_call_options(cmd, after=True)
+        cmd.set_defaults(handler=handler, command_parser=cmd)
+        return cmd
 
     generation = argparse.ArgumentParser(add_help=False)
     group = generation.add_argument_group("generation options")
@@ -379,52 +472,58 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument(
         "--think-level", dest="think", choices=("low", "medium", "high"), help="thinking effort"
     )
-    group.add_argument("--keep-alive", type=float, metavar="SECONDS", help="<0: forever")
-    group.add_argument("--json", action="store_true", help="print each Token as a JSON line")
+    group.add_argument("--keep-alive", type=float, metavar="SECONDS",
+                       help="how long the model stays loaded after the call (<0: forever, "
+                            "0: unload it when idle); not given: the server's")
 
-    cmd = commands.add_parser("generate", parents=[generation], help="complete one prompt")
+    cmd = command("generate", _generate, parents=(generation,), help="complete one prompt")
     cmd.add_argument("model")
-    cmd.add_argument("prompt", nargs="?", help="prompt text; '-' or omitted: read stdin")
+    cmd.add_argument("prompt", nargs="?",
+                     help="prompt text, not empty; '-' or omitted: read stdin")
     cmd.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
     cmd.add_argument(
         "--resumable", action="store_true",
         help="make the stream resumable: its id goes to stderr; it survives this command "
              "being killed for the server's detach grace, and resumes by itself when the "
              "connection drops")
-    cmd.set_defaults(handler=_generate)
 
-    cmd = commands.add_parser("resume", help="continue a resumable stream")
+    cmd = command("resume", _resume, help="continue a resumable stream")
     cmd.add_argument("stream_id", metavar="ID")
     cmd.add_argument(
         "--after", type=int, default=0, metavar="N",
         help="chunks already received (position + chunk_count of the last Token; default "
              "0: replay from the start)")
-    cmd.add_argument("--json", action="store_true", help="print each Token as a JSON line")
     cmd.add_argument("-q", "--quiet", action="store_true", help="no stats line on stderr")
-    cmd.set_defaults(handler=_resume)
 
-    cmd = commands.add_parser("cancel", help="stop a resumable stream")
+    cmd = command("cancel", _cancel, help="stop a resumable stream")
     cmd.add_argument("stream_id", metavar="ID")
-    cmd.set_defaults(handler=_cancel)
 
-    cmd = commands.add_parser(
-        "chat", parents=[generation], help="interactive chat", description=_CHAT_HELP
-    )
+    cmd = command("load", _load, help="load a model into memory without generating (what "
+                                      "an empty prompt asks of the server)")
     cmd.add_argument("model")
-    cmd.set_defaults(handler=_chat)
+    cmd.add_argument("--keep-alive", type=float, metavar="SECONDS",
+                     help="how long it stays loaded (<0: forever, 0: unload it); not given: "
+                          "the server's")
 
-    cmd = commands.add_parser("models", help="list models and the upstreams that serve them")
-    cmd.set_defaults(handler=_models)
+    cmd = command("unload", _load, help="unload a model from memory (as soon as it is idle)")
+    cmd.add_argument("model")
+    cmd.set_defaults(keep_alive=0.0)
 
-    cmd = commands.add_parser("health", help="check serving status (exit 0 only if SERVING)")
-    cmd.add_argument("service", nargs="?", default="", help="service name (default: server)")
-    cmd.set_defaults(handler=_health)
+    cmd = command("chat", _chat, parents=(generation,), help="interactive chat",
+                  description=_CHAT_HELP)
+    cmd.add_argument("model")
 
-    cmd = commands.add_parser("embed", help="print embedding vectors as JSON")
+    command("models", _models, help="list models and the upstreams that serve them")
+
+    cmd = command("health", _health, help="check serving status (exit 0 only if SERVING)")
+    cmd.add_argument("service", nargs="?", default="",
+                     help="service name, e.g. tokenwire.v1.GenerationService (default '': "
+                          "the whole server)")
+
+    cmd = command("embed", _embed, help="print embedding vectors as JSON")
     cmd.add_argument("model")
     cmd.add_argument("texts", nargs="+", metavar="TEXT")
     cmd.add_argument("--dimensions", type=int, help="truncate vectors to this many dimensions")
-    cmd.set_defaults(handler=_embed)
     return parser
 
 

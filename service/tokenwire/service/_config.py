@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import importlib.util
 import ipaddress
 import os
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -341,6 +343,24 @@ def _tracing_settings(parser: argparse.ArgumentParser, settings: Settings,
     return dataclasses.replace(settings, otlp_endpoint=endpoint)
 
 
+def _typed(flag: str, value: object) -> str:
+    """A built-in default as one would type it: ``--no-insecure`` for a boolean flag,
+    ``''`` for an empty string, ``30`` for 30.0. (The built-in one, not what a TOKENWIRE_*
+    variable set: --help never shows a value taken from the environment.)"""
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag.removeprefix("--")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return shlex.quote(str(value))
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("tokenwire")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "unknown (not installed)"
+
+
 def parse_settings(argv: Sequence[str] | None = None,
                    environ: Mapping[str, str] | None = None) -> Settings:
     """Flags win over TOKENWIRE_* variables, which win over defaults."""
@@ -349,8 +369,10 @@ def parse_settings(argv: Sequence[str] | None = None,
         prog="tokenwire-server",
         description="gRPC gateway that streams LLM tokens from Ollama.",
         epilog="Each flag can also be set by its TOKENWIRE_* environment variable, "
-               "e.g. --idle-timeout by TOKENWIRE_IDLE_TIMEOUT.",
+               "e.g. --idle-timeout by TOKENWIRE_IDLE_TIMEOUT. The defaults shown are the "
+               "built-in ones; the values in effect are printed at start.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     defaults = Settings()
     for f in dataclasses.fields(Settings):
         env_name = _ENV_PREFIX + f.name.upper()
@@ -361,7 +383,8 @@ def parse_settings(argv: Sequence[str] | None = None,
         except ValueError:
             parser.error(f"{env_name}={raw!r} is not a valid {kind.__name__}")
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [env {env_name}; default %(default)s]"
+        shown = _typed(flag, getattr(defaults, f.name)).replace("%", "%%")
+        help_text = f"{f.metadata['help']} [env {env_name}; default {shown}]"
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
                                 help=help_text)

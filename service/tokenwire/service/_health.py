@@ -30,6 +30,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from ._address import describe_bind_failure
 from ._metrics import Metrics
 from .backends._router import Router
 
@@ -169,7 +170,10 @@ class HealthEndpoint:
         self.host = ""
 
     def bind(self, listen: str) -> None:
-        self.port = int(self._server.add_insecure_port(listen))
+        try:
+            self.port = int(self._server.add_insecure_port(listen))
+        except RuntimeError:  # gRPC's "Failed to bind", without the cause: find it
+            raise describe_bind_failure(listen, "--health-listen") from None
         if self.port == 0:
             raise OSError(f"cannot listen on {listen} (--health-listen)")
         self.host = listen.rpartition(":")[0]

@@ -2,8 +2,9 @@
 
 JSON lines carry ``time`` (UTC, ISO 8601, ms), ``level``, ``logger``, ``message``, the
 ``worker`` index under ``--workers``, and the structured fields a record was given with
-``extra={"fields": {...}}`` (the access log gives method, request id, caller, outcome and
-ms; the configuration record gives the settings). Neither format ever holds prompt or
+``extra={"fields": {...}}`` (the access log gives the bare method name, request id, caller,
+outcome, the ErrorInfo reason of a failed call and ms, named as the metrics name them; the
+configuration record gives the settings). Neither format ever holds prompt or
 answer text: nothing logs it.
 """
 

@@ -8,7 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 
-from ._config import parse_settings
+from ._address import AddressUnusable, check_listen
+from ._config import Settings, parse_settings
 from ._logging import setup_logging
 from ._server import serve, upstreams_of
 from ._workers import WorkerLink, supervise
@@ -24,8 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                   None if worker is None else worker.index)
     if worker is None:  # workers have the supervisor's settings; it printed them
         try:
+            _check_addresses(settings)
             upstreams, _ = upstreams_of(settings)
-        except UpstreamsFileError as exc:
+        except (AddressUnusable, UpstreamsFileError) as exc:
             print(f"tokenwire-server: error: {exc}", file=sys.stderr, flush=True)
             return 2
         if settings.log_format == "json":
@@ -43,6 +45,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux/macOS
         return asyncio.run(serve(settings, worker))
     return uvloop.run(serve(settings, worker))
+
+
+def _check_addresses(settings: Settings) -> None:
+    """One clear line, before anything starts, when an address cannot be listened on (in
+    use, and by which process), rather than gRPC's "Failed to bind" and a traceback."""
+    for address, flag in ((settings.listen, "--listen"),
+                          (settings.health_listen, "--health-listen"),
+                          (settings.metrics_listen, "--metrics-listen")):
+        if address:
+            check_listen(address, flag)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ What is measured (all names start with ``tokenwire_``):
     upstream_up{upstream}                        1 when the last health probe reached that
                                                  upstream and its circuit is closed
 
+``method`` is the bare method name (``Generate``, ``Check``, ``ServerReflectionInfo``), the
+access log's ``method`` too; ``reason`` is the ErrorInfo reason of the failed call's status,
+which the access log gives as ``reason``.
+
 Labels are bounded: method names, status codes and reasons come from fixed tables, and
 upstream names from the server's configuration (never from a request). The
 model name is a caller's string and is never a label; prompt and answer text are never
@@ -38,17 +42,10 @@ log = logging.getLogger("tokenwire.service")
 
 #: prometheus_client's own variable: set, it keeps every figure in files under it.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-_PREFIX = "/tokenwire.v1.GenerationService/"
 # Seconds: from a few ms (a warm model's first token) to a cold load of many minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                     60.0, 120.0, 300.0, 600.0)
 _RATE_BUCKETS = (1.0, 5.0, 10.0, 20.0, 30.0, 50.0, 75.0, 100.0, 150.0, 250.0, 500.0, 1000.0)
-
-
-def _short(method: str) -> str:
-    """``/tokenwire.v1.GenerationService/Generate`` -> ``Generate``; other services keep
-    their full name (``/grpc.health.v1.Health/Check``)."""
-    return method[len(_PREFIX):] if method.startswith(_PREFIX) else method
 
 
 class Metrics:
@@ -117,11 +114,12 @@ class Metrics:
         return child
 
     def call_ended(self, method: str, code: str, reason: str | None, seconds: float) -> None:
-        name = _short(method)
-        self._child(self._rpcs, name, code).inc()
+        """``method``: the bare method name (``Generate``, ``Check``), as the access log
+        writes it."""
+        self._child(self._rpcs, method, code).inc()
         if reason is not None:
-            self._child(self._errors, name, reason).inc()
-        self._child(self._duration, name).observe(seconds)
+            self._child(self._errors, method, reason).inc()
+        self._child(self._duration, method).observe(seconds)
 
     def stream_finished(self, method: str, ttft: float | None, tokens_per_second: float,
                         prompt_tokens: int, completion_tokens: int) -> None:

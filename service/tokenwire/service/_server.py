@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from tokenwire.v1 import generation_pb2, generation_pb2_grpc
 
+from ._address import AddressUnusable, describe_bind_failure
 from ._config import Settings, redact_url
 from ._health import HealthEndpoint, HealthMonitor
 from ._metrics import Metrics, MetricsEndpoint
@@ -257,7 +258,10 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME), server)
-    port = _bind(server, settings)
+    try:
+        port = _bind(server, settings)
+    except RuntimeError:  # gRPC's "Failed to bind", without the cause: find it
+        raise describe_bind_failure(settings.listen, "--listen") from None
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     monitor = HealthMonitor(health_servicer, router, (SERVICE_NAME,),
@@ -351,7 +355,10 @@ async def serve(settings: Settings, worker: WorkerLink | None = None) -> int:
     then drains. Returns the exit code."""
     try:
         runtime = await build_server(settings, reuse_port=worker is not None)
-    except (OSError, UpstreamsFileError) as exc:  # a port in use, a file missing or bad
+    except AddressUnusable as exc:  # taken since main() checked it
+        log.error("cannot start: %s", exc)
+        return 2
+    except (OSError, UpstreamsFileError) as exc:  # a file missing or bad
         log.error("cannot start: %s", exc)
         return 1
     _settle_gc()

@@ -63,7 +63,7 @@ from .resume._errors import (
 )
 
 __all__ = ["DOMAIN", "STATUS_TABLE", "InitialMetadata", "ResponseTooLarge", "ShuttingDown",
-           "Undecodable", "error_reason_var", "initial_metadata_var", "map_errors",
+           "Undecodable", "error_reason_var", "initial_metadata_var", "map_errors", "reason_of",
            "request_id_trailer", "request_id_var", "send_early_metadata", "send_initial_metadata",
            "status_for"]
 
@@ -209,16 +209,24 @@ def _pack(message: Any) -> any_pb2.Any:
     return packed
 
 
+def _entry(exc: BaseException) -> tuple[grpc.StatusCode, str, float | None]:
+    return next(((c, r, after) for cls, c, r, after in STATUS_TABLE if isinstance(exc, cls)),
+                (grpc.StatusCode.INTERNAL, "INTERNAL", None))
+
+
+def reason_of(exc: BaseException) -> str:
+    """The ErrorInfo reason a call failing with ``exc`` gets (``UPSTREAM_UNREACHABLE``...):
+    the name logs give a failure, as the status and the metrics do."""
+    return _entry(exc)[1]
+
+
 def status_for(exc: Exception) -> grpc.Status:
     """Builds the rich status for one of our exceptions (or any other, as INTERNAL)."""
     if isinstance(exc, ReplayedStatus):  # a status made elsewhere (another replica's)
         error_reason_var.set(None)
         return _Status(exc.code, excerpt(exc.message, MAX_STATUS_MESSAGE),
                        exc.trailing + request_id_trailer() + load_trailer())
-    code, reason, retry_after = next(
-        ((c, r, after) for cls, c, r, after in STATUS_TABLE if isinstance(exc, cls)),
-        (grpc.StatusCode.INTERNAL, "INTERNAL", None),
-    )
+    code, reason, retry_after = _entry(exc)
     error_reason_var.set(reason)
     rid = request_id_var.get()
     metadata = {"request_id": rid}

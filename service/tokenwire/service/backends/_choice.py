@@ -205,8 +205,17 @@ class Call:
         left = sum(1 for upstream, _ in self._routes if upstream not in tried)
         if left:
             log.info("upstream %s failed before the first token (%s); %d other upstream(s) "
-                     "left for this call", self.upstream_name, type(exc).__name__, left)
+                     "left for this call", self.upstream_name, reason_of(exc), left)
         return left > 0
+
+
+def reason_of(exc: BaseException) -> str:
+    """The ErrorInfo reason (``UPSTREAM_UNREACHABLE``...) a log line names a failure by, as
+    the call's status and the metrics do. (Imported when a failure is logged: _status
+    imports the backends.)"""
+    from .._status import reason_of as reason
+
+    return reason(exc)
 
 
 def _renamed(request: StreamRequest, model: str) -> StreamRequest:

@@ -40,7 +40,7 @@ from .._exceptions import (
     excerpt,
 )
 from ._base import Backend, StreamRequest
-from ._choice import Call, Route, Upstream, choose, moves_on, spellings
+from ._choice import Call, Route, Upstream, choose, moves_on, reason_of, spellings
 from ._upstreams import (
     UpstreamsConfig,
     UpstreamsFile,
@@ -237,7 +237,7 @@ class Router:
                 if not moves_on(exc) or all(u in tried for u, _ in routes):
                     raise
                 log.info("embed on upstream %s failed (%s); trying the next upstream",
-                         upstream.name, type(exc).__name__)
+                         upstream.name, reason_of(exc))
                 continue
             finally:
                 upstream.in_flight -= 1

@@ -338,14 +338,23 @@ def _check_output_cap(request: Any, caller: Caller) -> None:
 
 def _log_access(method: str, rid: str, who: str, outcome: str, took: float,
                 metrics: Metrics | None) -> None:
-    """The call's access-log line, and its end in the metrics."""
-    log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", method, rid, who, outcome,
-             took * 1000, extra={"fields": {
-                 "method": method, "request_id": rid, "caller": who, "outcome": outcome,
-                 "ms": round(took * 1000, 1)}})
+    """The call's access-log line, and its end in the metrics, in one vocabulary: the bare
+    method name (``Generate``, ``Check``), the status code's name, and for a failed call
+    the ErrorInfo reason its status carries (``UPSTREAM_UNREACHABLE``)."""
+    name = method[method.rfind("/") + 1:]
+    reason = None if outcome == "OK" else error_reason_var.get()
+    ms = took * 1000
+    if reason is None:
+        log.info("rpc method=%s rid=%s caller=%s outcome=%s ms=%.1f", name, rid, who, outcome,
+                 ms, extra={"fields": {"method": name, "request_id": rid, "caller": who,
+                                       "outcome": outcome, "ms": round(ms, 1)}})
+    else:
+        log.info("rpc method=%s rid=%s caller=%s outcome=%s reason=%s ms=%.1f", name, rid, who,
+                 outcome, reason, ms, extra={"fields": {
+                     "method": name, "request_id": rid, "caller": who, "outcome": outcome,
+                     "reason": reason, "ms": round(ms, 1)}})
     if metrics is not None:
-        metrics.call_ended(method, outcome, None if outcome == "OK" else error_reason_var.get(),
-                           took)
+        metrics.call_ended(name, outcome, reason, took)
 
 
 class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
