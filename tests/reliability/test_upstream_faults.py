@@ -5,6 +5,7 @@ is down, NOT_SERVING, recovery on its own)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import statistics
 import time
 from typing import Any
@@ -73,13 +74,17 @@ async def test_busy_upstream_is_retried_before_the_first_token(
 
 
 async def test_connection_dropped_before_the_first_token_is_retried(
-        make_runtime: MakeRuntime, fake: FakeOllama) -> None:
+        make_runtime: MakeRuntime, fake: FakeOllama, caplog: pytest.LogCaptureFixture) -> None:
     _, channel = await _serve(make_runtime, upstream_retries=1, retry_backoff=0.05)
     async with channel:
         fake.set_fault(Fault(drop_after=0, times=1))
-        tokens = await generate_all(GenerationServiceStub(channel))
+        with caplog.at_level(logging.INFO, logger="tokenwire.service"):
+            tokens = await generate_all(GenerationServiceStub(channel))
         assert tokens[-1].done
         assert _posts(fake) == 2
+    # The log names the failure as the status and the metrics do: its ErrorInfo reason.
+    [line] = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert "failed before the first token (UPSTREAM_" in line, line
 
 
 async def test_no_retry_once_tokens_were_sent(make_runtime: MakeRuntime, fake: FakeOllama,

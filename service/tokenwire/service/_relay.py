@@ -32,6 +32,7 @@ from typing import Protocol
 
 from ._exceptions import FirstTokenTimeout, IdleTimeout, UpstreamError
 from .backends._base import Event, Final
+from .backends._choice import reason_of
 from .backends._transport import Response
 
 log = logging.getLogger("tokenwire.service")
@@ -238,7 +239,7 @@ class Relay:
                 if self._loop.time() + delay >= self._started_at + self._first_token_timeout:
                     raise
                 log.info("upstream attempt %d failed before the first token (%s); retrying in "
-                         "%.2fs", self.attempts, type(exc).__name__, delay)
+                         "%.2fs", self.attempts, reason_of(exc), delay)
                 await asyncio.sleep(delay)
 
     def _push(self, event: Event, size: int) -> bool:
