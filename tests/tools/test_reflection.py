@@ -9,7 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
@@ -101,3 +101,13 @@ async def test_the_server_answers_both_versions(tool_bin: Path, runtime: Runtime
     services, filename = await asyncio.to_thread(v1alpha_client)
     assert {V1_SERVICE_NAME, reflection.SERVICE_NAME, SERVICE_NAME} <= set(services)
     assert filename == "tokenwire/v1/generation.proto"
+
+    # And v1 itself answers on the server (the same messages on the wire: see above for a v1
+    # client of its own, grpcurl's).
+    async with grpc.aio.insecure_channel(runtime.target) as channel:
+        info = channel.stream_stream(
+            V1_METHOD, request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        answers = [a async for a in info(iter([reflection_pb2.ServerReflectionRequest(
+            list_services="")]), timeout=10)]
+    assert {s.name for s in answers[0].list_services_response.service} == set(services)
