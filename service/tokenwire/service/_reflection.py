@@ -11,7 +11,8 @@ service whose handler decodes requests and encodes responses with the v1alpha cl
 For v1 to describe itself (``grpcurl describe grpc.reflection.v1.ServerReflection``), its
 file descriptor is put in the default pool: v1alpha's descriptor with the package renamed,
 built once at import, so no copy of the .proto is kept here. Per call this costs nothing
-beyond what v1alpha costs.
+beyond what v1alpha costs. When grpcio-reflection ships v1 of its own, serve that instead
+(a test watches for it: its generated module and this descriptor could not share the pool).
 """
 
 from __future__ import annotations
