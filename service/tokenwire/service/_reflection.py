@@ -1,10 +1,10 @@
 """Server reflection in both of its versions: ``grpc.reflection.v1`` and ``v1alpha``.
 
-grpcio-reflection (1.85, the newest) serves only v1alpha, while grpcurl (1.9 and later),
-Postman and grpc-go's own clients ask for v1 first and fall back to v1alpha only when v1 is
-UNIMPLEMENTED. The two versions are one protocol: v1's reflection.proto is v1alpha's with
-the package renamed (same messages, fields, numbers and service; only the file options
-differ), so their bytes on the wire are the same.
+grpcio-reflection (1.85, the newest) serves only v1alpha, while grpcurl (the pinned 1.9.4,
+as tests/tools/test_reflection.py sees) and Postman ask for v1 first and fall back to
+v1alpha only when v1 is UNIMPLEMENTED. The two versions are one protocol: v1's
+reflection.proto is v1alpha's with the package renamed (same messages, fields, numbers and
+service; only the file options differ), so their bytes on the wire are the same.
 
 So one servicer, grpcio-reflection's own, answers both. v1 is registered as a second
 service whose handler decodes requests and encodes responses with the v1alpha classes.
