@@ -476,6 +476,7 @@ async def test_golden_grpcurl_json_encodes_the_same_bytes(
     target, received = recorder
     proc = await asyncio.create_subprocess_exec(
         str(polyglot_bin / "grpcurl"), "-plaintext", "-import-path", str(ROOT / "protos"),
+        "-import-path", str(ROOT / "third_party" / "googleapis"),
         "-proto", "tokenwire/v1/generation.proto", "-d", "@", target,
         "tokenwire.v1.GenerationService/Generate",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,

@@ -603,6 +603,7 @@ async def test_every_served_method_answers_garbage_with_invalid_argument(
         methods = await served_methods(channel, metadata)
         services = {path.split("/")[1] for path, _, _ in methods}
         assert {"tokenwire.v1.GenerationService", "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
                 "grpc.reflection.v1alpha.ServerReflection"} <= services
         got: dict[str, set[str]] = collections.defaultdict(set)
         for path, client_streaming, server_streaming in methods:

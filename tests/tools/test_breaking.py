@@ -9,13 +9,13 @@ its full history is all it needs: no branch names, remote refs or reflog):
    that brought protos/ in has no contract before it and is compared with itself. When a
    release tag ``v*`` is reachable from HEAD, only commits after the newest one are walked,
    and HEAD's contract is also compared with that release as a whole.
-2. Uncommitted changes (working tree, index, untracked files under protos/ or buf.yaml) are
+2. Uncommitted changes (working tree, index, untracked files among the contract files) are
    compared with HEAD: what you are about to commit must not break what is committed.
 3. A deliberate break (only before a release) says so in its commit message with a trailer
    ``Contract-Break: <why>``; that commit is then not held against its parent. Never use it
    after a release: the tag comparison has no such exemption.
 
-Baselines are exported with ``git archive`` (protos/ and buf.yaml) into a directory and given
+Baselines are exported with ``git archive`` (buf.yaml and its modules) into a directory and given
 to buf as a directory input, which avoids buf's own git input (clone depth, ref syntax).
 A shallow clone fails with a clear message instead of comparing with a wrong baseline.
 """
@@ -33,7 +33,9 @@ import pytest
 
 from tests.tools.conftest import ROOT
 
-CONTRACT = ("buf.yaml", "protos")
+#: The contract's files: buf.yaml and its modules (protos/ and the googleapis file it imports).
+THIRD_PARTY = "third_party/googleapis"
+CONTRACT = ("buf.yaml", "protos", THIRD_PARTY)
 TRAILER = "Contract-Break"
 
 
@@ -58,12 +60,18 @@ def _export(ref: str, dest: Path) -> Path:
                 tar.extractall(dest)  # our own repository's files
     if not (dest / "buf.yaml").exists():  # older than the buf config: use today's module layout
         shutil.copy(ROOT / "buf.yaml", dest / "buf.yaml")
+    if not (dest / THIRD_PARTY).exists():  # older than the googleapis import: today's copy
+        shutil.copytree(ROOT / THIRD_PARTY, dest / THIRD_PARTY)
     return dest
 
 
 def _breaking(buf: Path, current: Path, against: Path,
               error_format: str = "text") -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(buf), "breaking", str(current), "--against", str(against),
+    """buf breaking on the module protos/ of two workspaces: the googleapis module beside it
+    is only there for its imports (and a workspace that gained a module would not compare
+    module by module)."""
+    return subprocess.run([str(buf), "breaking", str(current / "protos"), "--against",
+                           str(against / "protos"),
                            "--error-format", error_format],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
 
@@ -147,6 +155,7 @@ def _probe(folder: Path, text: str) -> Path:
     (folder / "protos" / "tokenwire" / "v1").mkdir(parents=True)
     (folder / "protos" / "tokenwire" / "v1" / "probe.proto").write_text(text)
     shutil.copy(ROOT / "buf.yaml", folder / "buf.yaml")
+    shutil.copytree(ROOT / THIRD_PARTY, folder / THIRD_PARTY)
     return folder
 
 

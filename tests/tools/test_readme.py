@@ -76,7 +76,7 @@ async def test_readme_grpcurl_examples_run(tool_bin: Path, runtime: Runtime,
         assert proc.returncode == 0, f"{argv}: {err.decode()}"
         if "list" in args:
             assert out.decode().split() == [s.strip() for s in shown]
-        elif "grpc.health.v1.Health/Check" in args:
+        elif "grpc.health.v1.Health/Check" in args or "describe" in args:
             assert out.decode().split() == " ".join(shown).split()
 
 

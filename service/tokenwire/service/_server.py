@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from tokenwire.v1 import generation_pb2, generation_pb2_grpc
 
@@ -20,6 +19,7 @@ from ._address import AddressUnusable, describe_bind_failure
 from ._config import Settings, redact_url
 from ._health import HealthEndpoint, HealthMonitor
 from ._metrics import Metrics, MetricsEndpoint
+from ._reflection import enable_reflection
 from ._servicer import GenerationServicer, StreamSettings
 from ._validate import Limits
 from ._workers import WorkerLink
@@ -256,8 +256,7 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
         servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, _HEALTH_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection((SERVICE_NAME, _HEALTH_NAME), server)
     try:
         port = _bind(server, settings)
     except RuntimeError:  # gRPC's "Failed to bind", without the cause: find it

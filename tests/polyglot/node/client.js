@@ -17,11 +17,14 @@ const protobuf = require('protobufjs');
 const health = require('grpc-health-check');
 
 const PROTOS = process.env.TOKENWIRE_PROTOS || path.join(__dirname, '..', '..', '..', 'protos');
+// The googleapis protos that the google-proto-files package ships: google/api
+// (field_behavior.proto, imported by the contract) and google/rpc (below).
+const googleapis = path.dirname(require.resolve('google-proto-files/package.json'));
 
 // camelCase fields (topP, maxTokens) as usual in JS; int64 as strings and
 // enums as names, both lossless.
 const definition = protoLoader.loadSync('tokenwire/v1/generation.proto', {
-  includeDirs: [PROTOS],
+  includeDirs: [PROTOS, googleapis],
   longs: String,
   enums: String,
   defaults: false,
@@ -30,9 +33,8 @@ const definition = protoLoader.loadSync('tokenwire/v1/generation.proto', {
 const tokenwire = grpc.loadPackageDefinition(definition).tokenwire.v1;
 const HealthClient = grpc.makeClientConstructor(health.service, 'grpc.health.v1.Health');
 
-// google.rpc.Status and its details, from the googleapis protos that the
-// google-proto-files package ships (google/protobuf/* come with protobufjs).
-const googleapis = path.dirname(require.resolve('google-proto-files/package.json'));
+// google.rpc.Status and its details, from the googleapis protos
+// (google/protobuf/* come with protobufjs).
 const rpcTypes = new protobuf.Root();
 rpcTypes.resolvePath = (_origin, target) => path.join(googleapis, target);
 // keepCase: field names as in the .proto files (type_url, field_violations).
