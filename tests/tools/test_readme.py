@@ -81,7 +81,8 @@ async def test_readme_grpcurl_examples_run(tool_bin: Path, runtime: Runtime,
 
 
 async def test_readme_python_example_runs(runtime: Runtime, fake: FakeOllama) -> None:
-    (code,) = _blocks("python")
+    code = _blocks("python")[0]  # the Python client's first example (all run in tests/typing)
+    assert "from tokenwire.client import Client" in code
     code = code.replace("127.0.0.1:50051", runtime.target).replace(MODEL, "tiny")
     printed: list[str] = []
 
