@@ -93,7 +93,7 @@ async def test_readme_python_example_runs(runtime: Runtime, fake: FakeOllama) ->
     await asyncio.to_thread(exec, code, {"print": fake_print})
     output = "".join(printed)
     assert output.startswith("".join(fake.tokens))
-    assert f"{len(fake.tokens)} tokens, first one after" in output
+    assert f"{len(fake.tokens)} tokens, finish stop, first one after" in output
 
 
 def test_readme_configuration_table_is_complete() -> None:
