@@ -86,7 +86,7 @@ def _readme_generate_example() -> tuple[list[str], dict[str, Any]]:
     [block] = [b for b in re.findall(r"```sh\n(.*?)```", readme, flags=re.S)
                if "GenerationService/Generate" in b and "$ grpcurl" in b]
     command, _, shown = block.partition("GenerationService/Generate\n")
-    argv = shlex.split(command.split("$ grpcurl", 2)[-1].replace("\\\n", " ")
+    argv = shlex.split(command.split("$ grpcurl")[-1].replace("\\\n", " ")
                        + "GenerationService/Generate")
     final_text = shown[shown.rindex("{\n  \"done\": true"):]
     final_text = final_text[:final_text.index("\n}\n") + 3]
