@@ -26,6 +26,7 @@ from langchain_core.messages import (
     ToolMessage,
 )
 from langchain_core.tools import tool
+from pydantic import BaseModel
 
 from tests.conftest import MakeRuntime
 from tests.fakeollama import DEFAULT_TOKENS, FakeOllama, Fault
@@ -222,6 +223,38 @@ async def test_tool_choice_that_cannot_be_honoured_is_refused(chat: ChatTokenwir
         chat.bind_tools([add], tool_choice="any")
     await chat.bind_tools([add], tool_choice="none").ainvoke("hi")
     assert "tools" not in last_body(fake, "/api/chat")
+
+
+class Person(BaseModel):
+    """Someone."""
+
+    name: str
+    age: int
+
+
+async def test_structured_output_sends_the_schema_as_the_format(chat: ChatTokenwire,
+                                                                fake: FakeOllama) -> None:
+    fake.tokens = ['{"name": ', '"Ann", "age"', ': 3}']
+    person = await chat.with_structured_output(Person).ainvoke("Who?")
+    assert person == Person(name="Ann", age=3)
+    sent = last_body(fake, "/api/chat")["format"]
+    assert list(sent["properties"]) == ["name", "age"] and sent["required"] == ["name", "age"]
+
+    raw = await chat.with_structured_output(Person, method="json_mode",
+                                            include_raw=True).ainvoke("Who?")
+    assert last_body(fake, "/api/chat")["format"] == "json"
+    assert raw["parsed"] == Person(name="Ann", age=3) and raw["parsing_error"] is None
+    assert isinstance(raw["raw"], AIMessage)
+
+    fake.tokens = ["not json"]
+    broken = await chat.with_structured_output(Person, include_raw=True).ainvoke("Who?")
+    assert broken["parsed"] is None and broken["parsing_error"] is not None
+
+    fake.tokens = []
+    fake.tool_calls = [{"function": {"name": "Person", "arguments": {"name": "Bo", "age": 5}}}]
+    called = await chat.with_structured_output(Person, method="function_calling").ainvoke("?")
+    assert called == Person(name="Bo", age=5)
+    assert last_body(fake, "/api/chat")["tools"][0]["function"]["name"] == "Person"
 
 
 # -- cancellation ----------------------------------------------------------------------------

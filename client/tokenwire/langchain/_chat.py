@@ -33,6 +33,7 @@ from tokenwire.client import (
     build_options,
 )
 from tokenwire.langchain._messages import PROVIDER, ai_message, chunk_message, to_messages
+from tokenwire.langchain._structured import Method, structured
 from tokenwire.v1 import generation_pb2
 
 __all__ = ["ChatTokenwire"]
@@ -286,6 +287,28 @@ class ChatTokenwire(BaseChatModel):
                              "Chat RPC has no tool_choice (the model decides whether to "
                              "call a tool); use None, 'auto' or 'none'")
         return super().bind(tools=formatted, **kwargs)
+
+
+    def with_structured_output(
+        self,
+        schema: dict[str, Any] | type,
+        *,
+        include_raw: bool = False,
+        method: Method = "json_schema",
+        strict: bool | None = None,
+        **kwargs: Any,
+    ) -> Runnable[LanguageModelInput, Any]:
+        """Answers as ``schema`` (a Pydantic class, a TypedDict, a JSON Schema dict).
+
+        ``method="json_schema"`` (default) sends the schema as the request's ``format``:
+        the engine constrains decoding to it, so the answer always parses (``strict`` is
+        accepted and changes nothing). ``"json_mode"`` asks for any JSON. Tool-based
+        ``"function_calling"`` works when the model calls the tool; it cannot be forced
+        (see ``bind_tools``), so the result is None when it answers in text.
+        """
+        if kwargs:
+            raise TypeError(f"unexpected keyword argument(s) {sorted(kwargs)}")
+        return structured(self, schema, method, include_raw)
 
 
 def _result(message: AIMessage) -> ChatResult:
