@@ -11,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -39,6 +41,7 @@ from tokenwire.service import Runtime
 from tokenwire.v1 import generation_pb2 as pb
 
 ANSWER = "".join(DEFAULT_TOKENS)
+README = Path(__file__).resolve().parents[2] / "README.md"
 QUESTION = [SystemMessage("Answer briefly."), HumanMessage("Why is the sky blue?")]
 
 
@@ -341,6 +344,25 @@ async def test_with_retry_retries_what_the_client_says_is_retryable(
                                stop_after_attempt=2, wait_exponential_jitter=False)
     message = await retrying.ainvoke(QUESTION)
     assert message.content == ANSWER
+
+
+async def test_readme_langchain_example_runs(metered: Runtime, fake: FakeOllama) -> None:
+    """The README's LangChain example (its one ```py block), run as written against the
+    gateway (in a thread: it runs its own event loop)."""
+    (code,) = re.findall(r"```py\n(.*?)```", README.read_text(), flags=re.S)
+    code = code.replace("127.0.0.1:50051", metered.target).replace("smollm2:135m", "tiny")
+    printed: list[str] = []
+
+    def fake_print(*args: object, **kwargs: object) -> None:
+        printed.append(" ".join(map(str, args)) + str(kwargs.get("end", "\n")))
+
+    await asyncio.to_thread(exec, code, {"print": fake_print, "__name__": "readme"})
+    assert "".join(printed) == ANSWER + "\n"
+    assert len(printed) > 2  # streamed in pieces
+    sent = last_body(fake, "/api/chat")
+    assert "Rayleigh scattering" in sent["messages"][0]["content"]
+    assert "Paris" not in sent["messages"][0]["content"]
+    assert sent["options"] == {"temperature": 0, "seed": 42, "num_predict": 200}
 
 
 # -- construction and conversion (no server) -------------------------------------------------
