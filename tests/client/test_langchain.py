@@ -383,6 +383,18 @@ def test_constructor_fields_reach_the_client(monkeypatch: pytest.MonkeyPatch) ->
     assert model._identifying_params == {"model": "m", "target": "10.0.0.1:1,10.0.0.2:1"}
 
 
+def test_a_copy_has_channels_of_its_own() -> None:
+    model = ChatTokenwire(model="m", target="127.0.0.1:1", temperature=0.5)
+    first = model._sync_client()
+    copied = model.model_copy(update={"target": "127.0.0.1:2"})
+    deep = model.model_copy(deep=True)
+    assert copied._sync_client().target == "127.0.0.1:2" and first.target == "127.0.0.1:1"
+    assert deep._sync_client() is not first and deep.temperature == 0.5
+    assert model._sync_client() is first
+    for each in (model, copied, deep):
+        each.close()
+
+
 def test_max_retries_sets_the_channels_retry_policy() -> None:
     assert "retryPolicy" not in json.dumps(_service_config(0))
     assert _service_config(4)["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 5

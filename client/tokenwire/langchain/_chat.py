@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import grpc
 from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
@@ -148,6 +149,14 @@ class ChatTokenwire(BaseChatModel):
         return params
 
     # -- clients ------------------------------------------------------------------------
+
+    def __copy__(self) -> Self:
+        """A copy (``model_copy``) opens channels of its own: it may get another target."""
+        return type(self).model_construct(self.model_fields_set, **self.__dict__)
+
+    def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
+        return type(self).model_construct(self.model_fields_set,
+                                          **copy.deepcopy(self.__dict__, memo))
 
     def _client_args(self) -> dict[str, Any]:
         metadata = dict(self.grpc_metadata)
