@@ -21,8 +21,8 @@ from langchain_core.messages import (
     HumanMessage,
     SystemMessage,
     ToolMessage,
-    UsageMetadata,
 )
+from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import ToolCall, ToolCallChunk, invalid_tool_call, tool_call
 
 from tokenwire.client import Completion
