@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +71,19 @@ class Recorder(BaseCallbackHandler):
         self.tokens: list[str] = []
         self.errors: list[BaseException] = []
 
-    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
+    def on_llm_new_token(self, token: str, **kwargs: Any) -> None:  # type: ignore[override]
         self.tokens.append(token)
 
     def on_llm_error(self, error: BaseException, **kwargs: Any) -> None:
         self.errors.append(error)
 
 
-def joined(chunks: list[AIMessageChunk]) -> AIMessageChunk:
-    full = chunks[0]
-    for chunk in chunks[1:]:
+def joined(chunks: Sequence[BaseMessage]) -> AIMessageChunk:
+    """The chunks of a stream added up, as LangChain does."""
+    parts = [c for c in chunks if isinstance(c, AIMessageChunk)]
+    assert len(parts) == len(chunks)
+    full = parts[0]
+    for chunk in parts[1:]:
         full = full + chunk
     return full
 

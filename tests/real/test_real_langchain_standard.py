@@ -76,6 +76,9 @@ def gateway(real_ollama: RealOllama) -> Iterator[str]:
             reader.join(timeout=5)
 
 
+# Several generations per test (structured output: up to 80 tokens, three calls): on a
+# loaded machine one took 78 s, near the default 120 s limit.
+@pytest.mark.timeout(300)
 class TestChatTokenwireIntegration(ChatModelIntegrationTests):
     target = ""
     max_tokens = 0
