@@ -211,13 +211,13 @@ def ai_message(completion: Completion) -> AIMessage:
     extra: dict[str, Any] = {}
     if completion.thinking:
         extra["reasoning_content"] = completion.thinking
-    usage = completion.usage
+    usage = completion.usage.proto
     return AIMessage(
         content=completion.text,
         additional_kwargs=extra,
         tool_calls=calls,
         invalid_tool_calls=invalid,
-        usage_metadata=usage_metadata(usage) if usage is not None else None,
-        response_metadata=response_metadata(completion.model, completion.finish_reason,
+        usage_metadata=usage_metadata(usage),
+        response_metadata=response_metadata(completion.model, completion.finish_reason.proto,
                                             usage, completion.request_id),
     )
