@@ -42,6 +42,8 @@ from typing import Any
 
 from procstat import cpu_ticks  # bench/ is on sys.path: these run as scripts
 
+from tokenwire._server_entry import GRPC_EXPERIMENTS_DEFAULT
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -250,8 +252,10 @@ class Bench:
                                      "--max-concurrent-streams", "2048",
                                      *self.args.server_arg], gw_env)
         self.start(gateway)
+        # The grpc.aio floor runs with the gRPC settings tokenwire-server makes by default.
+        floor_env = {"GRPC_EXPERIMENTS": GRPC_EXPERIMENTS_DEFAULT, **env}
         self.start(Server("floor", [self.py, str(BENCH / "floor_grpc.py"), "--listen",
-                                    "127.0.0.1:{port}"], env))
+                                    "127.0.0.1:{port}"], floor_env))
         self.start(Server("gofloor", [str(self.bin / "floorgo"), "-listen", "127.0.0.1:{port}"],
                           env))
         if self.args.nginx:
