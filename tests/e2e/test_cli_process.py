@@ -122,6 +122,7 @@ async def test_server_on_a_port_in_use_says_so_in_one_line(fake: FakeOllama) -> 
         "s = socket.create_server(('127.0.0.1', 0))\n"
         "print(s.getsockname()[1], flush=True)\n"
         "sys.stdin.read()\n",  # holds the port until its stdin closes
+        "--redis-url=redis://:s3cret@127.0.0.1:6379",  # a command line can carry a password
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     try:
         assert holder.stdout is not None and holder.stdin is not None
@@ -130,10 +131,13 @@ async def test_server_on_a_port_in_use_says_so_in_one_line(fake: FakeOllama) -> 
             code, out, err = await _run(str(BIN / "tokenwire-server"), "--ollama-url", fake.url,
                                         "--listen", "127.0.0.1:0", flag, f"127.0.0.1:{port}")
             assert (code, out) == (2, ""), err
-            line, = err.splitlines()  # one line (the holder's command line made one)
+            line, = err.splitlines()
+            name = await asyncio.to_thread(Path(f"/proc/{holder.pid}/comm").read_text)
+            name = name.strip()
             assert line.startswith(
                 f"tokenwire-server: error: cannot listen on 127.0.0.1:{port} ({flag}): the "
-                f"address is in use by pid {holder.pid} ({sys.executable} -c import socket")
+                f"address is in use by pid {holder.pid} ({name});")
+            assert "s3cret" not in line  # the holder's name only, never its arguments
             assert line.endswith("; stop that process or choose another port")
     finally:
         holder.stdin.close()

@@ -6,6 +6,7 @@ import os
 import socket
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,23 @@ async def test_a_port_taken_after_the_check_is_still_explained(
     """gRPC's own bind failure (a RuntimeError without the cause) becomes the same error."""
     with pytest.raises(AddressUnusable, match=f"in use by pid {os.getpid()}"):
         await build_server(replace(FAST, ollama_url=fake.url, listen=f"127.0.0.1:{taken}"))
+
+
+def test_other_schemes_and_impossible_ports() -> None:
+    # gRPC's other schemes are not host:port, even when a path ends in ":<digits>"
+    check_listen("unix:///run/tokenwire:80", "--listen")
+    check_listen("unix-abstract:tokenwire:80", "--listen")
+    with pytest.raises(AddressUnusable, match=r"70000 is not a TCP port \(1 to 65535"):
+        check_listen("127.0.0.1:70000", "--listen")
+
+
+async def test_a_certificate_grpc_refuses_is_named_not_the_free_address(
+        tmp_path: Path, fake: FakeOllama) -> None:
+    """gRPC refuses an unusable certificate with the same "Failed to bind" as a taken port;
+    the address is free, so the message points at the TLS files."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(AddressUnusable, match="check --tls-cert and --tls-key"):
+        await build_server(replace(FAST, ollama_url=fake.url, listen="127.0.0.1:0",
+                                   tls_cert=str(cert), tls_key=str(key)))

@@ -22,6 +22,7 @@ __all__ = ["AddressUnusable", "check_listen", "describe_bind_failure"]
 
 _PROC = Path("/proc")
 _LISTEN = "0A"  # TCP_LISTEN in /proc/net/tcp's "st" column
+_NOT_TCP = ("unix:", "unix-abstract:", "vsock:")  # gRPC's other address schemes
 
 
 class AddressUnusable(OSError):
@@ -31,11 +32,17 @@ class AddressUnusable(OSError):
 
 def check_listen(listen: str, flag: str) -> None:
     """Raises ``AddressUnusable`` when ``host:port`` cannot be bound now. Port 0 (any
-    free port) and addresses that are not host:port (``unix:``) are not checked."""
+    free port) and addresses that are not host:port (``unix:``, ``unix-abstract:``,
+    ``vsock:``) are not checked."""
+    if listen.startswith(_NOT_TCP):
+        return
     host, sep, port_text = listen.rpartition(":")
     if not sep or not port_text.isdigit() or int(port_text) == 0:
         return
     port = int(port_text)
+    if port > 65535:
+        raise AddressUnusable(f"cannot listen on {listen} ({flag}): {port} is not a TCP port "
+                              "(1 to 65535, or 0 for any free one)")
     try:
         infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
@@ -58,13 +65,20 @@ def check_listen(listen: str, flag: str) -> None:
                               + _cause(error, ip, port))
 
 
-def describe_bind_failure(listen: str, flag: str) -> AddressUnusable:
+def describe_bind_failure(listen: str, flag: str, tls: bool = False) -> AddressUnusable:
     """The error to raise when gRPC could not bind ``listen``: the cause, found again by
-    ``check_listen`` (the address may have been taken after the check at start-up)."""
+    ``check_listen`` (the address may have been taken after the check at start-up). With
+    ``tls``, gRPC refuses a certificate or key it cannot use with the same error, so the
+    message names them too."""
     try:
         check_listen(listen, flag)
     except AddressUnusable as exc:
         return exc
+    if tls:
+        return AddressUnusable(
+            f"cannot listen on {listen} ({flag}): gRPC could not bind it; the address itself "
+            "is free, so check --tls-cert and --tls-key (a certificate and key gRPC cannot "
+            "use fail this way; run with GRPC_VERBOSITY=debug to see why)")
     return AddressUnusable(f"cannot listen on {listen} ({flag}): gRPC could not bind it "
                            "(run with GRPC_VERBOSITY=debug to see why)")
 
@@ -106,7 +120,7 @@ def holder_of(ip: str, port: int) -> str | None:
             except OSError:
                 continue
             if target in wanted:
-                return f"pid {pid} ({_command_line(pid)})"
+                return f"pid {pid} ({_command_name(pid)})"
     return "a process this user cannot see"
 
 
@@ -146,10 +160,11 @@ def _normal(address: ipaddress.IPv4Address | ipaddress.IPv6Address
     return address
 
 
-def _command_line(pid: str) -> str:
+def _command_name(pid: str) -> str:
+    """The holder's executable name only: its command line may carry secrets (a Redis
+    password in a URL, a key), and the message goes to logs. ``ps -p PID -o args`` shows
+    the rest to whoever may see it."""
     try:
-        raw = (_PROC / pid / "cmdline").read_bytes()
+        return (_PROC / pid / "comm").read_text().strip() or "no name"
     except OSError:
-        return "command line not readable"
-    text = " ".join(raw.replace(b"\0", b" ").decode(errors="replace").split())  # one line
-    return text if len(text) <= 120 else text[:117] + "..."
+        return "name not readable"

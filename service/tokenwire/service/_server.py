@@ -260,7 +260,8 @@ async def build_server(settings: Settings, *, upstream: Backend | None = None,
     try:
         port = _bind(server, settings)
     except RuntimeError:  # gRPC's "Failed to bind", without the cause: find it
-        raise describe_bind_failure(settings.listen, "--listen") from None
+        raise describe_bind_failure(settings.listen, "--listen",
+                                    tls=bool(settings.tls_cert)) from None
     if port == 0:
         raise OSError(f"cannot listen on {settings.listen}")
     monitor = HealthMonitor(health_servicer, router, (SERVICE_NAME,),
