@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import (
@@ -36,7 +37,7 @@ from tests.helpers import last_body, samples, scrape, value
 from tokenwire.client import DeadlineExceeded, NotFound, TokenwireError, Unavailable
 from tokenwire.langchain import ChatTokenwire
 from tokenwire.langchain._chat import _service_config
-from tokenwire.langchain._messages import to_messages
+from tokenwire.langchain._messages import chunk_message, to_messages
 from tokenwire.service import Runtime
 from tokenwire.v1 import generation_pb2 as pb
 
@@ -396,6 +397,33 @@ def test_a_copy_has_channels_of_its_own() -> None:
     assert model._sync_client() is first
     for each in (model, copied, deep):
         each.close()
+
+
+def test_a_deep_copy_shares_the_credentials() -> None:
+    credentials = grpc.ssl_channel_credentials()  # a gRPC object: it cannot be copied
+    model = ChatTokenwire(model="m", target="127.0.0.1:1", credentials=credentials)
+    deep = model.model_copy(deep=True)
+    assert deep.credentials is credentials and deep is not model
+
+
+def test_async_clients_of_ended_loops_are_let_go() -> None:
+    """Each asyncio.run is a new loop with a channel of its own; the ones of loops that
+    ended go when the next loop asks (they held their loop: a weak map never freed them)."""
+    model = ChatTokenwire(model="m", target="127.0.0.1:1")
+
+    async def ask() -> object:
+        return model._async_client()
+
+    clients = [asyncio.run(ask()) for _ in range(3)]
+    assert len({id(c) for c in clients}) == 3
+    assert len(model._aclients) == 1
+
+
+def test_a_finish_reason_newer_than_the_client_reads_other() -> None:
+    last = chunk_message(pb.Token(done=True, finish_reason=99, model="m"), None)  # type: ignore[arg-type]
+    assert last.response_metadata["finish_reason"] == "other"
+    stop = chunk_message(pb.Token(done=True, finish_reason=pb.FINISH_REASON_STOP), None)
+    assert stop.response_metadata["finish_reason"] == "stop"
 
 
 def test_max_retries_sets_the_channels_retry_policy() -> None:

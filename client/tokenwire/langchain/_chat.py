@@ -9,7 +9,6 @@ import asyncio
 import copy
 import json
 import threading
-import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal, Self
 
@@ -121,8 +120,9 @@ class ChatTokenwire(BaseChatModel):
     keep_alive: float | None = None
 
     _client: Client | None = PrivateAttr(default=None)
-    _aclients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncClient] = PrivateAttr(
-        default_factory=weakref.WeakKeyDictionary)
+    #: One async client per event loop (a grpc.aio channel belongs to its loop, and holds
+    #: it, so a weak mapping would never let go of either).
+    _aclients: dict[asyncio.AbstractEventLoop, AsyncClient] = PrivateAttr(default_factory=dict)
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     # -- LangChain's descriptors -------------------------------------------------------
@@ -155,6 +155,9 @@ class ChatTokenwire(BaseChatModel):
         return type(self).model_construct(self.model_fields_set, **self.__dict__)
 
     def __deepcopy__(self, memo: dict[int, Any] | None = None) -> Self:
+        memo = {} if memo is None else memo
+        if self.credentials is not None:  # a gRPC object: shared, it cannot be copied
+            memo[id(self.credentials)] = self.credentials
         return type(self).model_construct(self.model_fields_set,
                                           **copy.deepcopy(self.__dict__, memo))
 
@@ -177,6 +180,10 @@ class ChatTokenwire(BaseChatModel):
         loop = asyncio.get_running_loop()
         client = self._aclients.get(loop)
         if client is None:
+            # The channels of loops that have ended (each asyncio.run) cannot be closed any
+            # more: let them go, so neither they nor their loops pile up.
+            for ended in [other for other in self._aclients if other.is_closed()]:
+                del self._aclients[ended]
             client = self._aclients[loop] = AsyncClient(self.target, **self._client_args())
         return client
 

@@ -25,7 +25,7 @@ from langchain_core.messages import (
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.messages.tool import ToolCall, ToolCallChunk, invalid_tool_call, tool_call
 
-from tokenwire.client import Completion
+from tokenwire.client import Completion, FinishReason
 from tokenwire.v1 import generation_pb2
 
 __all__ = ["PROVIDER", "ai_message", "chunk_message", "response_metadata", "to_messages",
@@ -140,11 +140,11 @@ def response_metadata(model: str, finish_reason: generation_pb2.FinishReason,
                       ) -> dict[str, Any]:
     """``response_metadata`` of the answer: finish reason as a lower-case name ("stop",
     "length", "tool_calls"...), the model, and where tokenwire served it."""
-    name = generation_pb2.FinishReason.Name(finish_reason).removeprefix("FINISH_REASON_")
     metadata: dict[str, Any] = {
         "model_name": model,
         "model_provider": PROVIDER,
-        "finish_reason": name.lower(),
+        # A number newer than this client is "other", as in the client's own results.
+        "finish_reason": FinishReason.from_proto(finish_reason).value,
     }
     if usage is not None:
         metadata["engine_finish_reason"] = usage.engine_finish_reason
