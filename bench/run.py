@@ -263,8 +263,9 @@ class Bench:
         if self.args.baseline:
             old = self._baseline_tree()
             base_env = dict(gw_env)
-            base_env["PYTHONPATH"] = os.pathsep.join(
-                [str(old / "service"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+            base_env["PYTHONPATH"] = os.pathsep.join(  # its protos' generated code too
+                [str(old / "service"), str(old / "client"),
+                 env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
             # grpcio's own defaults, as before tokenwire-server chose its GRPC_EXPERIMENTS
             # (so `--baseline HEAD` measures that choice alone).
             base_env["GRPC_EXPERIMENTS"] = ""
@@ -310,13 +311,14 @@ http {{
                                 "-c", str(home / "nginx.conf")], env, port=port)
 
     def _baseline_tree(self) -> Path:
-        """``service/`` of the baseline revision, exported from git into the log dir."""
+        """``service/`` and ``client/`` of the baseline revision, exported from git into the
+        log dir."""
         out = self.logs / "baseline"
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
-        archive = subprocess.run(["git", "archive", self.args.baseline, "service"], cwd=ROOT,
-                                 capture_output=True, check=True).stdout
+        archive = subprocess.run(["git", "archive", self.args.baseline, "service", "client"],
+                                 cwd=ROOT, capture_output=True, check=True).stdout
         subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
         return out
 
