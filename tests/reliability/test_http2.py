@@ -60,11 +60,12 @@ def _literal(name: bytes, value: bytes) -> bytes:
     return b"\x00" + _integer(len(name), 7) + name + _integer(len(value), 7) + value
 
 
-def header_block(size: int) -> bytes:
-    """A request for Generate whose header block is ``size`` bytes, nearly all of it
-    one ``x-pad`` value; no END_STREAM will follow, so the call waits for a message."""
+def header_block(size: int, path: bytes = GENERATE) -> bytes:
+    """A request (for Generate, unless ``path`` says) whose header block is ``size``
+    bytes, nearly all of it one ``x-pad`` value; no END_STREAM will follow, so the call
+    waits for a message."""
     head = b"".join(_literal(k, v) for k, v in (
-        (b":method", b"POST"), (b":scheme", b"http"), (b":path", GENERATE),
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", path),
         (b":authority", b"tokenwire"), (b"content-type", b"application/grpc"),
         (b"te", b"trailers")))
     pad = size - len(head) - 12
@@ -184,6 +185,28 @@ async def test_header_flood_before_settings_ack_is_refused_and_freed(
     # grpc core refuses ~6 % of 1 MiB blocks itself (its soft limit); the rest are ours.
     assert refused >= CONNECTIONS * BLOCKS * 0.8, refused
     assert growth < CONNECTIONS * BLOCKS * BLOCK / (1 << 20) / 2, growth
+
+
+async def test_a_refused_call_to_a_made_up_method_is_logged_as_unknown(
+        fake: FakeOllama) -> None:
+    """The path is the caller's to choose: an oversized call to a method the server lacks
+    is refused like any other, but named "unknown" in the access log and the metrics,
+    so made-up names cannot grow their label values without bound."""
+    async with server_process(fake.url) as server:
+        peer = await Peer.connect(int(server.target.rpartition(":")[2]))
+        try:
+            for stream, path in ((1, b"/made.Up/Method-7f3a"), (3, GENERATE)):
+                peer.writer.write(headers_and_continuations(stream, header_block(BLOCK, path)))
+                await peer.writer.drain()
+            async with asyncio.timeout(10):
+                await peer.read_until(HEADERS, 2)
+            await server.wait_for("method=Generate ")
+        finally:
+            peer.close()
+    refused = [line for line in server.lines if "outcome=RESOURCE_EXHAUSTED" in line]
+    assert len(refused) == 2, refused
+    assert any("method=unknown " in line for line in refused), refused
+    assert not any("made.Up" in line or "Method-7f3a" in line for line in server.lines)
 
 
 # In a thread of its own (so in one of glibc's secondary arenas, as grpc core's threads

@@ -336,6 +336,10 @@ def _check_output_cap(request: Any, caller: Caller) -> None:
         options.max_tokens = cap
 
 
+#: What a refused call to a method this server does not serve is logged and counted as.
+_UNKNOWN_METHOD = "unknown"
+
+
 def _log_access(method: str, rid: str, who: str, outcome: str, took: float,
                 metrics: Metrics | None) -> None:
     """The call's access-log line, and its end in the metrics, in one vocabulary: the bare
@@ -398,7 +402,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         size = metadata_bytes(details.invocation_metadata)
         if size > MAX_METADATA_BYTES:  # before anything else, whatever the method
             self._sweep.refused(size)
-            return self._refuse_metadata(details.method,
+            # The path is the caller's to choose: a method this server lacks is "unknown"
+            # in the log and the metrics, so made-up names cannot add label values.
+            served = await continuation(details) is not None
+            return self._refuse_metadata(details.method if served else _UNKNOWN_METHOD,
                                          _request_id(details.invocation_metadata), size)
         handler = await continuation(details)
         if handler is None:
